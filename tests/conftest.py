@@ -1,0 +1,51 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data" / "mlds_hw2_1"
+
+
+@pytest.fixture
+def mlds():
+    """The real MLDS HW2-1 files in ../shared; the test is skipped only when that folder is absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"real MLDS data not found at {SHARED} (../shared beside the checkout)")
+    return SHARED
+
+
+TINY_CAPTIONS = {0: ["a cat is running", "the cat runs fast", "a cat runs"],
+                 1: ["a dog is jumping", "the dog jumps high", "a dog jumps"]}
+
+
+def write_tiny_mlds(root, videos=(24, 8), frames=6, dim=12, seed=0):
+    """A small MLDS-layout data set whose captions follow its features: class 1 clips have a bright feature 0."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in zip(("training", "testing"), videos):
+        feat_dir = root / f"{split}_data" / "feat"
+        feat_dir.mkdir(parents=True, exist_ok=True)
+        labels = []
+        for i in range(count):
+            label = i % 2
+            features = rng.uniform(0, 1, (frames, dim))
+            features[:, 0] += 3.0 * label
+            video_id = f"{split}_{i:03d}.avi"
+            np.save(feat_dir / f"{video_id}.npy", features)  # float64, as the real MLDS files
+            labels.append({"caption": TINY_CAPTIONS[label], "id": video_id})
+        (root / f"{split}_label.json").write_text(json.dumps(labels))
+        ids = "".join(e["id"] + "\n" for e in labels)
+        (root / f"{split}_id.txt").write_text(ids)
+        (root / f"{split}_data" / "id.txt").write_text(ids)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_tiny_mlds(tmp_path / "data")

@@ -1,0 +1,231 @@
+"""Train S2VT on data in the MLDS HW2-1 layout.
+
+    python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--resume]
+
+Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy, validates every epoch on
+PATH/testing_label.json with PATH/testing_data/feat, and writes checkpoints/<run>/ (see util/checkpoints.py):
+the last 3 checkpoints, the best by validation BLEU@1, config.json, vocab.json, history.csv and TensorBoard logs.
+Ctrl-C saves a checkpoint at the current step; --resume continues from it exactly.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import keras
+from tqdm import tqdm
+
+from model import ATTENTIONS, S2VT, S2VTConfig, caption_loss
+from sampling import SCHEDULES, teacher_forcing_schedule
+from util.atomic import atomic_path
+from util.bleu import corpus_bleu1
+from util.checkpoints import DEFAULT_ROOT, newest_run, read_run_config, restore, write_run_files
+from util.data import DataError, Split, encode_captions, epoch_pairs, make_dataset
+from util.vocab import Vocabulary
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True, help="folder in the MLDS HW2-1 layout")
+    parser.add_argument("--attention", choices=ATTENTIONS, default="bahdanau")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="inverse_sigmoid", help="teacher forcing")
+    parser.add_argument("--epochs", type=positive_int, default=100)
+    parser.add_argument("--batch-size", type=positive_int, default=250)
+    parser.add_argument("--hidden", type=positive_int, default=600, help="LSTM size, also the frame/word embeddings")
+    parser.add_argument("--frames", type=positive_int, default=80)
+    parser.add_argument("--max-caption-len", type=positive_int, default=50, help="tokens, <EOS> included")
+    parser.add_argument("--min-word-count", type=positive_int, default=3)
+    parser.add_argument("--dropout", type=float, default=0.5)
+    parser.add_argument("--feature-noise", type=float, default=0.1)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--clip-norm", type=float, default=5.0, help="global gradient-norm clip")
+    parser.add_argument("--pairs", choices=("all", "sample"), default="all",
+                        help="an epoch is every (video, caption) pair, or one random caption per video")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
+    parser.add_argument("--ckpt-dir", help="run folder (default checkpoints/<run>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir (default: newest)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    if not 0 <= args.dropout < 1:
+        parser.error("--dropout must be in [0, 1)")
+    if args.resume and not args.ckpt_dir:
+        args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
+    args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
+    return args
+
+
+def read_manifest(feat_dir):
+    path = Path(feat_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def greedy_captions(greedy_fn, vocab, split, batch_size):
+    captions = {}
+    for start in range(0, len(split.video_ids), batch_size):
+        words, _ = greedy_fn(tf.constant(split.features[start:start + batch_size], tf.float32))
+        for video_id, ids in zip(split.video_ids[start:start + batch_size], words.numpy()):
+            captions[video_id] = vocab.decode(ids)
+    return captions
+
+
+def train(args):
+    run_dir = Path(args.ckpt_dir)
+    data_dir = Path(args.data_dir)
+
+    # ---- data ----
+    train_split = Split(data_dir, "training", frames=args.frames)
+    feature_dim = train_split.features.shape[2]
+    manifest = read_manifest(data_dir / "training_data" / "feat")
+    test_split = None
+    if (data_dir / "testing_label.json").is_file():
+        test_split = Split(data_dir, "testing", frames=args.frames, feature_dim=feature_dim)
+    else:
+        print(f"warning: {data_dir / 'testing_label.json'} not found: no validation, the best checkpoint is the last")
+    if args.resume:
+        vocab = Vocabulary.load(run_dir / "vocab.json")
+    else:
+        vocab = Vocabulary.build((c for _, caps in train_split.labels for c in caps), args.min_word_count)
+    video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
+
+    # ---- model ----
+    config = S2VTConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
+                        frame_embed=args.hidden, word_embed=args.hidden, attention=args.attention,
+                        attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
+                        feature_noise=args.feature_noise)
+    if args.resume:
+        saved = read_run_config(run_dir)["model"]
+        differing = {k: (v, config.to_dict()[k]) for k, v in saved.items() if config.to_dict().get(k) != v}
+        if differing:
+            detail = ", ".join(f"{k}: {old} saved, {new} asked" for k, (old, new) in differing.items())
+            raise DataError(f"{run_dir}: cannot resume with another model configuration ({detail})")
+    model = S2VT(config)
+    model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
+    optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
+    optimizer.build(model.trainable_variables)
+    epoch_var = tf.Variable(0, dtype=tf.int64, name="epoch")  # epochs finished
+    batch_var = tf.Variable(0, dtype=tf.int64, name="batch_in_epoch")  # batches done in the unfinished epoch
+    best_var = tf.Variable(-1.0, dtype=tf.float64, name="best_bleu1")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, batch_in_epoch=batch_var,
+                                     best_bleu1=best_var)
+    last_manager = tf.train.CheckpointManager(checkpoint, str(run_dir / "last"), max_to_keep=3)
+    best_manager = tf.train.CheckpointManager(checkpoint, str(run_dir / "best"), max_to_keep=1)
+    if args.resume:
+        if not last_manager.latest_checkpoint:
+            raise DataError(f"{run_dir / 'last'}: no checkpoint to resume from")
+        restore(checkpoint, last_manager.latest_checkpoint)
+        print(f"resumed {last_manager.latest_checkpoint}: epoch {int(epoch_var) + 1}, batch {int(batch_var)}, "
+              f"step {int(optimizer.iterations)}")
+    else:
+        write_run_files(run_dir, config, vars(args), vocab, manifest)
+
+    signature = [tf.TensorSpec([None, args.frames, feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32)]
+
+    @tf.function(input_signature=signature + [tf.TensorSpec([], tf.float32), tf.TensorSpec([2], tf.int64)])
+    def train_step(frame_features, captions, teacher_forcing_prob, seed):
+        with tf.GradientTape() as tape:
+            logits, _, _ = model(frame_features, captions, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                              training=True)
+            loss = caption_loss(logits, captions)
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    @tf.function(input_signature=signature)
+    def eval_loss(frame_features, captions):
+        return caption_loss(model(frame_features, captions)[0], captions)
+
+    greedy = tf.function(model.greedy, input_signature=signature[:1])
+
+    # ---- loop ----
+    probs = teacher_forcing_schedule(args.epochs, args.schedule)
+    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+    history_path = run_dir / "history.csv"
+    history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
+    batches_per_epoch = None
+    started = time.perf_counter()
+    for epoch in range(int(epoch_var), args.epochs):
+        p = float(probs[epoch])
+        epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
+        batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
+        skip = int(batch_var)
+        dataset = make_dataset(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip)
+        bar = tqdm(dataset, total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   unit="batch", leave=False)
+        losses = []
+        try:
+            for frame_features, captions in bar:
+                seed = tf.constant([args.seed, int(optimizer.iterations)], tf.int64)
+                losses.append(float(train_step(frame_features, captions, tf.constant(p, tf.float32), seed)))
+                batch_var.assign_add(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", teacher_forcing=f"{p:.3f}")
+        except KeyboardInterrupt:
+            bar.close()
+            path = last_manager.save()
+            print(f"interrupted: saved {path} at epoch {epoch + 1}, batch {int(batch_var)}; "
+                  f"continue with --resume --ckpt-dir {run_dir}")
+            return 130
+        bar.close()
+
+        row = {"epoch": epoch + 1, "teacher_forcing_prob": p, "train_loss": float(np.mean(losses)) if losses else None}
+        if test_split is not None:
+            val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
+            val_losses = [float(eval_loss(f, c)) for f, c in
+                          make_dataset(test_split.features, val_videos, val_captions, args.batch_size)]
+            captions = greedy_captions(greedy, vocab, test_split, args.batch_size)
+            row.update(val_loss=float(np.mean(val_losses)), val_bleu1=corpus_bleu1(captions, test_split.references),
+                       example=f"{test_split.video_ids[0]}: {captions[test_split.video_ids[0]]}")
+        history.append(row)
+        with writer.as_default(step=epoch + 1):
+            for key, value in row.items():
+                if isinstance(value, float):
+                    tf.summary.scalar(key, value)
+        with atomic_path(history_path) as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+
+        epoch_var.assign(epoch + 1)
+        batch_var.assign(0)
+        last_manager.save()
+        score = row.get("val_bleu1", -float(row["train_loss"] or 0))
+        improved = score > float(best_var)
+        if improved:
+            best_var.assign(score)
+            best_manager.save()
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  teacher_forcing {p:.3f}"
+              + (f"  val_loss {row['val_loss']:.4f}  val_bleu1 {row['val_bleu1']:.4f}" if test_split else "")
+              + ("  *best*" if improved else ""), flush=True)
+        if test_split is not None:
+            print(f"  {row['example']}", flush=True)
+
+    elapsed = time.perf_counter() - started
+    best = f"best val BLEU@1 {float(best_var):.4f}" if test_split is not None else "no validation"
+    print(f"trained {args.epochs} epochs ({elapsed:.0f} s this session); {best}; run folder {run_dir}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except DataError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

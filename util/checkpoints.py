@@ -1,0 +1,94 @@
+"""Run folders and their checkpoints.
+
+    checkpoints/<run>/config.json   model config, training flags, feature manifest
+    checkpoints/<run>/vocab.json    the vocabulary, ids in order
+    checkpoints/<run>/last/         tf.train.CheckpointManager, the newest 3 (weights, optimizer, epoch, step)
+    checkpoints/<run>/best/         the best by the validation metric
+
+Checkpoints are TensorFlow checkpoints: loading one restores tensors and runs no code.
+"""
+import json
+from pathlib import Path
+
+import tensorflow as tf
+
+from model import S2VT, S2VTConfig
+from util.atomic import write_text_atomic
+from util.data import DataError
+from util.vocab import Vocabulary
+
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest):
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model": model_config.to_dict(), "train": train_args, "features": feature_manifest}
+    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1, default=str))
+    vocab.save(run_dir / "vocab.json")
+
+
+def read_run_config(run_dir):
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DataError(f"{path}: no config.json; not a run folder made by train.py")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+
+
+def newest_run(root=DEFAULT_ROOT):
+    """The run folder under root whose config.json was written last."""
+    runs = sorted(Path(root).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise DataError(f"{root}: no trained run found (train one with train.py, or give --checkpoint)")
+    return runs[-1].parent
+
+
+def resolve_checkpoint(path=None):
+    """(run_dir, checkpoint prefix) for a run folder, a best/ or last/ folder, or a checkpoint prefix.
+
+    A run folder gives its best checkpoint, else its newest; no path gives the newest run's."""
+    path = Path(path) if path else newest_run()
+    if path.is_dir():
+        for run_dir, folders in ((path, ("best", "last")), (path.parent, (path.name,))):
+            if (run_dir / "config.json").is_file():
+                for folder in folders:
+                    prefix = tf.train.latest_checkpoint(str(run_dir / folder))
+                    if prefix:
+                        return run_dir, prefix
+                raise DataError(f"{path}: holds no checkpoint")
+        raise DataError(f"{path}: not a run folder (no config.json)")
+    if Path(f"{path}.index").is_file():
+        return path.parent.parent, str(path)
+    raise DataError(f"{path}: no such checkpoint or run folder")
+
+
+def load_model(path=None):
+    """Restore a trained model for inference: (model, vocab, run config, checkpoint prefix)."""
+    run_dir, prefix = resolve_checkpoint(path)
+    config = read_run_config(run_dir)
+    vocab_path = run_dir / "vocab.json"
+    if not vocab_path.is_file():
+        raise DataError(f"{vocab_path}: vocabulary missing beside the checkpoint")
+    vocab = Vocabulary.load(vocab_path)
+    model_config = S2VTConfig(**config["model"])
+    if model_config.vocab_size != len(vocab):
+        raise DataError(f"{vocab_path}: {len(vocab)} words, but the model was built for {model_config.vocab_size}")
+    model = S2VT(model_config)
+    restore(tf.train.Checkpoint(model=model), prefix, partial=True)
+    return model, vocab, config, prefix
+
+
+def restore(checkpoint, prefix, partial=False):
+    """Restore, turning a corrupt or mismatched checkpoint into a one-line DataError."""
+    try:
+        status = checkpoint.restore(prefix)
+        if partial:
+            status.expect_partial()
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{prefix}: checkpoint cannot be restored into this model ({first_line})") from None
+    return status

@@ -1,0 +1,167 @@
+"""MLDS HW2-1 layout: labels JSON, id lists, per-video feature files, and the tf.data training pipeline.
+
+    DATA_DIR/training_label.json   [{"caption": [...], "id": "xxx.avi"}, ...]   (testing_label.json alike)
+    DATA_DIR/training_data/feat/<id>.npy   (frames, dim), float64 or float32   (testing_data/feat alike)
+    DATA_DIR/testing_id.txt, DATA_DIR/testing_data/id.txt   one id per line
+"""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from util.vocab import PAD
+
+
+class DataError(Exception):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+def load_labels(path):
+    """[(video_id, [caption, ...]), ...] from an MLDS labels JSON, checked entry by entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: labels file not found")
+    try:
+        entries = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: expected a non-empty JSON list of {{\"caption\": [...], \"id\": ...}}")
+    labels = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or "caption" not in entry:
+            raise DataError(f"{path}: entry {n} is not an object with a string \"id\" and a \"caption\" list")
+        captions = entry["caption"]
+        if not isinstance(captions, list) or not captions:
+            raise DataError(f"{path}: entry {n} ({entry['id']}) has an empty or non-list caption field")
+        if not all(isinstance(c, str) for c in captions):
+            raise DataError(f"{path}: entry {n} ({entry['id']}) has a caption that is not a string")
+        labels.append((entry["id"], captions))
+    return labels
+
+
+def read_ids(path):
+    """Video ids, one per line; blank lines, trailing white space and Windows line ends tolerated,
+    duplicates dropped with a warning."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: ids file not found")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: no ids in the file")
+    unique = list(dict.fromkeys(ids))
+    if len(unique) < len(ids):
+        warnings.warn(f"{path}: {len(ids) - len(unique)} duplicate ids, each captioned once", stacklevel=2)
+    return unique
+
+
+def find_feat_dir(ids_file):
+    """The MLDS feature folder for an ids file: <dir>/feat, <dir>/testing_data/feat or <dir>/training_data/feat."""
+    base = Path(ids_file).resolve().parent
+    stem = Path(ids_file).name.split("_")[0]
+    candidates = [base / "feat", base / f"{stem}_data" / "feat", base / "testing_data" / "feat"]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise DataError(f"{ids_file}: no feature folder found beside it (looked in "
+                    f"{', '.join(str(c) for c in candidates)}); give --feat-dir")
+
+
+def load_feature_file(path, frames=None, feature_dim=None):
+    """One (frames, dim) feature array as float32, never unpickling; shape and values checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: feature file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise DataError(f"{path}: not a plain .npy array ({error})") from None
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: unreadable or truncated .npy file ({error})") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise DataError(f"{path}: expected a 2-d float array (frames, dim), got {getattr(array, 'shape', '?')} "
+                        f"{getattr(array, 'dtype', '')}")
+    if frames is not None and array.shape[0] != frames:
+        raise DataError(f"{path}: has {array.shape[0]} frames, the model expects {frames}")
+    if feature_dim is not None and array.shape[1] != feature_dim:
+        raise DataError(f"{path}: features are {array.shape[1]}-d, the model expects {feature_dim}-d")
+    if not np.isfinite(array).all():
+        raise DataError(f"{path}: holds NaN or infinite values")
+    return array.astype(np.float32)
+
+
+def load_features(feat_dir, video_ids, frames=None, feature_dim=None, dtype=np.float16):
+    """Stack every video's features: (videos, frames, dim), float16 by default to halve memory."""
+    feat_dir = Path(feat_dir)
+    if not feat_dir.is_dir():
+        raise DataError(f"{feat_dir}: feature folder not found")
+    first = load_feature_file(feat_dir / f"{video_ids[0]}.npy", frames, feature_dim)
+    stacked = np.empty((len(video_ids),) + first.shape, dtype)
+    stacked[0] = first
+    for i, video_id in enumerate(video_ids[1:], 1):
+        array = load_feature_file(feat_dir / f"{video_id}.npy", first.shape[0], first.shape[1])
+        stacked[i] = array
+    return stacked
+
+
+class Split:
+    """One split in memory: video ids, their features, and their reference captions."""
+
+    def __init__(self, data_dir, name, frames=None, feature_dim=None):
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: data folder not found")
+        self.labels = load_labels(data_dir / f"{name}_label.json")
+        self.video_ids = [video_id for video_id, _ in self.labels]
+        self.references = {video_id: captions for video_id, captions in self.labels}
+        self.features = load_features(data_dir / f"{name}_data" / "feat", self.video_ids, frames, feature_dim)
+
+
+def encode_captions(labels, vocab, max_len):
+    """Every (video index, caption ids) pair: video_index (pairs,), caption_ids (pairs, max_len) <PAD>-padded."""
+    video_index, rows = [], []
+    for i, (_, captions) in enumerate(labels):
+        for caption in captions:
+            ids = vocab.encode(caption, max_len)
+            video_index.append(i)
+            rows.append(ids + [PAD] * (max_len - len(ids)))
+    return np.array(video_index, np.int32), np.array(rows, np.int32)
+
+
+def epoch_pairs(video_index, caption_ids, mode, seed, epoch):
+    """The (video, caption) pairs of one epoch in a fixed order for (seed, epoch).
+
+    mode "all": every pair, as the reference did (~24k on MSVD). mode "sample": one random caption per video.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if mode == "sample":
+        videos = np.unique(video_index)
+        starts = np.searchsorted(video_index, videos)
+        counts = np.diff(np.append(starts, len(video_index)))
+        chosen = starts + (rng.random(len(videos)) * counts).astype(int)
+    elif mode == "all":
+        chosen = np.arange(len(video_index))
+    else:
+        raise ValueError(f"pairs mode must be 'all' or 'sample', not {mode!r}")
+    chosen = chosen[rng.permutation(len(chosen))]
+    return video_index[chosen], caption_ids[chosen]
+
+
+def make_dataset(features, video_index, caption_ids, batch_size, skip_batches=0):
+    """tf.data over already-ordered pairs: batches of (frame_features float32, caption_ids cut to the batch's
+    longest caption), gathered from the in-memory features, prefetched."""
+    import tensorflow as tf
+
+    def gather(index, captions):
+        length = int(np.max(np.sum(captions != PAD, axis=1)))
+        return features[index].astype(np.float32), captions[:, :length]
+
+    def to_tensors(index, captions):
+        frame_features, trimmed = tf.numpy_function(gather, [index, captions], [tf.float32, tf.int32])
+        frame_features.set_shape([None, features.shape[1], features.shape[2]])
+        trimmed.set_shape([None, None])
+        return frame_features, trimmed
+
+    dataset = tf.data.Dataset.from_tensor_slices((video_index, caption_ids)).batch(batch_size)
+    return dataset.skip(skip_batches).map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -1,11 +1,14 @@
-"""Turn a folder of video clips into S2VT frame features: one (frames, dim) float32 .npy per clip.
+"""Turn a folder of video clips into S2VT frame features: one (frames, dim) .npy per clip.
 
-    python extract_features.py VIDEO_DIR FEAT_DIR [--frames 80] [--weights imagenet|none|PATH] [--batch-size 32]
+    python extract_features.py VIDEO_DIR FEAT_DIR [--frames 80] [--cnn vgg16] [--weights imagenet|none|PATH]
+                               [--batch-size 32] [--dtype float32] [--ids FILE] [--shard i/n]
 
 Defaults reproduce the MLDS/S2VT features: 80 uniformly sampled frames through VGG16 up to fc2 (fc7, 4096-d)
-with ImageNet weights. `--layer` picks an earlier VGG16 layer (run at `--image-size`, average-pooled to a
-`--pool`ed to a pyramid of `--grids`); the offline demo uses that (see README). FEAT_DIR/manifest.json records the settings,
-and re-running on the same FEAT_DIR with other settings is refused; clips already extracted are skipped.
+with ImageNet weights. `--cnn` also offers vgg19 (fc2, 4096-d), resnet50 and inception_v3 (global average pool,
+2048-d). For VGG, `--layer` picks an earlier layer, run at `--image-size` and `--pool`ed to a pyramid of
+`--grids`; the offline demo uses that (see README). FEAT_DIR/manifest.json records the settings: a re-run with
+other settings is refused, clips already extracted are skipped, and clips that cannot be read are listed in
+FEAT_DIR/failed.txt (exit status 1) while the rest go on.
 """
 import argparse
 import json
@@ -14,7 +17,10 @@ import queue
 import sys
 import threading
 import time
+import zlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -27,10 +33,38 @@ from util.atomic import atomic_path, write_text_atomic
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
 FC_LAYERS = ("fc1", "fc2")
+# name: (keras.applications constructor, preprocessing module, default layer, native input size)
+CNNS = {"vgg16": ("VGG16", "vgg16", "fc2", 224), "vgg19": ("VGG19", "vgg19", "fc2", 224),
+        "resnet50": ("ResNet50", "resnet50", "avg_pool", 224),
+        "inception_v3": ("InceptionV3", "inception_v3", "avg_pool", 299)}
 
 
 class VideoError(Exception):
     """A clip that cannot be read: the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """Everything that decides what a feature file holds; stored as FEAT_DIR/manifest.json."""
+    cnn: str = "vgg16"
+    layer: str = "fc2"
+    image_size: int = 224
+    pool: Optional[str] = None  # VGG conv layers only
+    grids: Optional[Tuple[int, ...]] = None  # VGG conv layers only
+    weights: str = "imagenet"  # imagenet, none or a weights file path
+    seed: Optional[int] = None  # weights "none" only
+    frames: int = 80
+    dtype: str = "float32"
+
+    def manifest(self, feature_dim):
+        return {**asdict(self), "grids": list(self.grids) if self.grids else None, "feature_dim": feature_dim}
+
+    @classmethod
+    def from_manifest(cls, manifest):
+        known = {k: v for k, v in manifest.items() if k in cls.__dataclass_fields__}
+        if known.get("grids"):
+            known["grids"] = tuple(known["grids"])
+        return cls(**known)
 
 
 def frame_indices(frame_count, frames):
@@ -59,6 +93,8 @@ def read_frames(path, frames, image_size):
                 break
             # Resize at once so a long or high-resolution clip never holds full-size frames in memory.
             decoded.append(cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA))
+    except cv2.error as error:
+        raise VideoError(f"{path}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
     finally:
         capture.release()
     if not decoded:
@@ -67,53 +103,74 @@ def read_frames(path, frames, image_size):
     return picked[..., ::-1]  # OpenCV decodes BGR; keras.applications preprocessing expects RGB
 
 
-def build_cnn(layer="fc2", weights="imagenet", image_size=224, pool="avg", grids=(2,), seed=0):
-    """VGG16 from keras.applications, cut at `layer`.
+def build_extractor(settings):
+    """The CNN from keras.applications as one function: uint8 frames (n, size, size, 3) -> features (n, dim).
 
-    A conv layer's map is pooled (avg or max) to each g x g grid in `grids` and the flattened grids are
+    A VGG conv layer's map is pooled (avg or max) to each g x g grid in `grids` and the flattened grids are
     concatenated: a spatial pyramid, so coarse grids keep what the object is and fine ones where it is.
     """
     import keras
+    import tensorflow as tf
 
-    if weights == "none":
-        weights = None
-        keras.utils.set_random_seed(seed)  # random weights must be the same in every run that shares a FEAT_DIR
-    if layer in FC_LAYERS:
-        base = keras.applications.VGG16(weights=weights, include_top=True)
-        return keras.Model(base.input, base.get_layer(layer).output, name=f"vgg16_{layer}")
-    base = keras.applications.VGG16(weights=weights, include_top=False, input_shape=(image_size, image_size, 3))
-    feature_map = base.get_layer(layer).output  # (batch, h, w, channels)
-    pooling = {"avg": keras.layers.AveragePooling2D, "max": keras.layers.MaxPooling2D}[pool]
-    pooled = []
-    for grid in grids:
-        size = feature_map.shape[1] // grid
-        pooled.append(keras.layers.Flatten()(pooling(size, strides=size)(feature_map)))  # (batch, grid*grid*channels)
-    output = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled)
-    return keras.Model(base.input, output, name=f"vgg16_{layer}_{pool}pyramid")
+    constructor, module, default_layer, native_size = CNNS[settings.cnn]
+    weights = None if settings.weights == "none" else settings.weights
+    if weights is None:
+        keras.utils.set_random_seed(settings.seed or 0)  # random weights are the same in every run sharing a FEAT_DIR
+    build = getattr(keras.applications, constructor)
+    if settings.layer == default_layer and default_layer in FC_LAYERS:
+        base = build(weights=weights, include_top=True)
+        cnn = keras.Model(base.input, base.get_layer(settings.layer).output)
+    elif settings.layer == default_layer:
+        cnn = build(weights=weights, include_top=False, pooling="avg",
+                    input_shape=(settings.image_size, settings.image_size, 3))
+    else:
+        base = build(weights=weights, include_top=False, input_shape=(settings.image_size, settings.image_size, 3))
+        feature_map = base.get_layer(settings.layer).output  # (batch, h, w, channels)
+        pooling = {"avg": keras.layers.AveragePooling2D, "max": keras.layers.MaxPooling2D}[settings.pool]
+        pooled = []
+        for grid in settings.grids:
+            size = feature_map.shape[1] // grid
+            pooled.append(keras.layers.Flatten()(pooling(size, strides=size)(feature_map)))  # (batch, grid*grid*c)
+        cnn = keras.Model(base.input, pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled))
+    preprocess = getattr(keras.applications, module).preprocess_input
+
+    @tf.function(input_signature=[tf.TensorSpec([None, settings.image_size, settings.image_size, 3], tf.uint8)])
+    def run(frames_rgb):
+        return cnn(preprocess(tf.cast(frames_rgb, tf.float32)), training=False)
+
+    return run, int(cnn.output.shape[-1])
 
 
-def list_videos(video_dir, ids_file=None):
+def in_shard(name, shard):
+    """Deterministic, disjoint partition by file name: shard (i, n) holds the names whose CRC32 % n == i."""
+    index, count = shard
+    return zlib.crc32(name.encode()) % count == index
+
+
+def list_videos(video_dir, ids_file=None, shard=(0, 1)):
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
-        raise SystemExit(f"error: {video_dir}: video directory not found")
+        raise VideoError(f"{video_dir}: video folder not found")
     if ids_file:
         names = [line.strip() for line in Path(ids_file).read_text().splitlines() if line.strip()]
-        return [video_dir / name for name in names]
-    return sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        paths = [video_dir / name for name in dict.fromkeys(names)]
+    else:
+        paths = sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    return [p for p in paths if in_shard(p.name, shard)]
 
 
-def check_manifest(feat_dir, settings):
+def check_manifest(feat_dir, manifest):
     """Write FEAT_DIR/manifest.json, or refuse when the one already there records other settings."""
     path = Path(feat_dir) / MANIFEST
     if path.exists():
         recorded = json.loads(path.read_text())
-        differing = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+        differing = {k: (recorded.get(k), v) for k, v in manifest.items() if recorded.get(k) != v}
         if differing:
             detail = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differing.items())
-            raise SystemExit(f"error: {path}: features there were made with other settings ({detail}); "
+            raise VideoError(f"{path}: features there were made with other settings ({detail}); "
                              "use another FEAT_DIR")
         return
-    write_text_atomic(path, json.dumps(settings, indent=1))
+    write_text_atomic(path, json.dumps(manifest, indent=1))
 
 
 def save_atomic(path, array):
@@ -121,8 +178,9 @@ def save_atomic(path, array):
         np.save(handle, array)
 
 
-def decoded_clips(video_paths, frames, image_size, skip):
-    """Yield (path, frames or VideoError) from a background thread, so decoding overlaps the CNN."""
+def decoded_clips(video_paths, frames, image_size, skip=lambda path: False):
+    """Yield (path, frames | VideoError | None if skipped) decoded in a background thread, so decoding overlaps
+    the CNN."""
     results = queue.Queue(maxsize=8)
 
     def decode_all():
@@ -141,57 +199,88 @@ def decoded_clips(video_paths, frames, image_size, skip):
         yield item
 
 
-def extract(video_paths, feat_dir, cnn, frames, image_size, batch_size):
-    """Extract every clip not yet in feat_dir. Returns (done, skipped, failures{name: reason}, frames_per_s).
+def extract(video_paths, settings, run_cnn, batch_size, on_clip, skip=lambda path: False, desc="extracting"):
+    """Run every clip through the CNN, calling on_clip(path, features) as each one completes.
 
-    Frames from consecutive clips fill fixed-size CNN batches across clip boundaries; a clip's features
-    are saved as soon as its last frame has been through the CNN.
+    Frames from consecutive clips fill fixed-size CNN batches across clip boundaries, so the CNN neither waits
+    for one clip's decoding nor runs half-empty batches. Returns (done, skipped, failures{name: why}, frames/s).
     """
-    import tensorflow as tf
-    import keras
-
-    feat_dir = Path(feat_dir)
-    output_path = lambda path: feat_dir / f"{path.name}.npy"
-    run_cnn = tf.function(lambda x: cnn(keras.applications.vgg16.preprocess_input(tf.cast(x, tf.float32)),
-                                        training=False), input_signature=[
-        tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
     done, skipped, failures, frame_total, started = 0, 0, {}, 0, time.perf_counter()
-    pending_frames, pending_clips, outputs = [], [], []  # frames waiting for the CNN; clips not yet complete
+    waiting = []  # uint8 frames not yet through the CNN
+    outputs = []  # features of frames through the CNN whose clip is not complete
+    clips = []  # clips whose features are not all out yet, in order
+    frames = settings.frames
 
-    def flush(final=False):
+    def run_batches(final=False):
         nonlocal done, frame_total
-        while pending_frames and (final or sum(len(f) for f in pending_frames) >= batch_size):
-            batch = np.concatenate(pending_frames)
-            take = batch[:batch_size]
-            rest = batch[batch_size:]
-            pending_frames[:] = [rest] if len(rest) else []
-            outputs.append(run_cnn(take).numpy())
-        produced = sum(len(o) for o in outputs)
-        while pending_clips and produced >= frames:
-            path = pending_clips.pop(0)
+        while waiting and (final or sum(len(w) for w in waiting) >= batch_size):
+            pending = np.concatenate(waiting)
+            waiting[:] = [pending[batch_size:]] if len(pending) > batch_size else []
+            outputs.append(run_cnn(pending[:batch_size]).numpy())
+        while clips and sum(len(o) for o in outputs) >= frames:
             features = np.concatenate(outputs)
-            save_atomic(output_path(path), features[:frames].astype(np.float32))
             outputs[:] = [features[frames:]] if len(features) > frames else []
-            produced -= frames
+            on_clip(clips.pop(0), features[:frames].astype(settings.dtype))
             done += 1
             frame_total += frames
 
-    progress = tqdm(total=len(video_paths), desc="extracting", unit="clip")
-    for path, clip in decoded_clips(video_paths, frames, image_size, lambda p: output_path(p).exists()):
+    progress = tqdm(total=len(video_paths), desc=desc, unit="clip")
+    for path, clip in decoded_clips(video_paths, frames, settings.image_size, skip):
         if clip is None:
             skipped += 1
         elif isinstance(clip, VideoError):
             failures[path.name] = str(clip)
             tqdm.write(f"failed: {clip}")
         else:
-            pending_frames.append(clip)
-            pending_clips.append(path)
-            flush()
+            waiting.append(clip)
+            clips.append(path)
+            run_batches()
         progress.update(1)
         progress.set_postfix(frames_per_s=f"{frame_total / (time.perf_counter() - started):.1f}")
-    flush(final=True)
+    run_batches(final=True)
     progress.close()
     return done, skipped, failures, frame_total / max(time.perf_counter() - started, 1e-9)
+
+
+def settings_from_args(args, parser):
+    _, _, default_layer, native_size = CNNS[args.cnn]
+    layer = args.layer or default_layer
+    if layer == default_layer:
+        pool, grids, image_size = None, None, native_size
+    elif args.cnn in ("vgg16", "vgg19"):
+        try:
+            grids = tuple(int(g) for g in args.grids.split(","))
+        except ValueError:
+            parser.error(f"--grids must be comma-separated whole numbers, not {args.grids!r}")
+        if min(grids) <= 0:
+            parser.error("--grids must be positive")
+        pool, image_size = args.pool, args.image_size or native_size
+    else:
+        parser.error(f"--layer is for vgg16/vgg19; {args.cnn} gives its {default_layer} output")
+    weights = args.weights
+    if weights not in ("imagenet", "none"):
+        if not Path(weights).is_file():
+            parser.error(f"--weights {weights}: no such weights file")
+        weights = str(Path(weights).resolve())
+    return FeatureSettings(cnn=args.cnn, layer=layer, image_size=image_size, pool=pool, grids=grids, weights=weights,
+                           seed=args.seed if weights == "none" else None, frames=args.frames, dtype=args.dtype)
+
+
+def parse_shard(text):
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like i/n, e.g. 0/4, not {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"needs 0 <= i < n, not {text!r}")
+    return index, count
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
+    return value
 
 
 def main(argv=None):
@@ -199,42 +288,40 @@ def main(argv=None):
     parser.add_argument("video_dir")
     parser.add_argument("feat_dir")
     parser.add_argument("--ids", help="extract only the clips listed in this file, one name per line")
-    parser.add_argument("--frames", type=int, default=80, help="frames sampled uniformly per clip (default 80)")
-    parser.add_argument("--weights", default="imagenet", help="imagenet, none (random) or a .weights.h5 path")
-    parser.add_argument("--layer", default="fc2", help="VGG16 layer: fc2 (default), fc1 or a conv/pool layer")
-    parser.add_argument("--image-size", type=int, default=224, help="input size for conv layers (fc layers: 224)")
-    parser.add_argument("--pool", choices=("avg", "max"), default="avg", help="pooling of a conv layer's map")
-    parser.add_argument("--grids", default="2", help="comma-separated pyramid grids for conv layers, e.g. 1,2")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--frames", type=positive_int, default=80, help="frames sampled uniformly per clip")
+    parser.add_argument("--cnn", choices=sorted(CNNS), default="vgg16")
+    parser.add_argument("--weights", default="imagenet", help="imagenet, none (seeded random) or a weights file")
+    parser.add_argument("--layer", help="VGG layer (default fc2) e.g. block3_pool; others use their avg pool")
+    parser.add_argument("--image-size", type=positive_int, help="input size for VGG conv layers")
+    parser.add_argument("--pool", choices=("avg", "max"), default="avg", help="pooling of a VGG conv layer's map")
+    parser.add_argument("--grids", default="2", help="comma-separated pyramid grids for VGG conv layers, e.g. 1,2")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this run's part of the clips")
     parser.add_argument("--seed", type=int, default=0, help="with --weights none: the random weights' seed")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    for name in ("frames", "batch_size", "image_size"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+    settings = settings_from_args(args, parser)
     try:
-        grids = tuple(int(g) for g in args.grids.split(","))
-    except ValueError:
-        parser.error(f"--grids must be comma-separated whole numbers, not {args.grids!r}")
-    if min(grids) <= 0:
-        parser.error("--grids must be positive")
-    if args.layer in FC_LAYERS:
-        args.image_size, args.pool, grids = 224, None, None
-
-    videos = list_videos(args.video_dir, args.ids)
-    feat_dir = Path(args.feat_dir)
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    cnn = build_cnn(args.layer, args.weights, args.image_size, args.pool, grids, args.seed)
-    settings = {"cnn": "vgg16", "layer": args.layer, "image_size": args.image_size,
-                "pool": args.pool, "grids": list(grids) if grids else None,
-                "weights": args.weights if args.weights in ("imagenet", "none") else Path(args.weights).name,
-                "seed": args.seed if args.weights == "none" else None,
-                "frames": args.frames, "dtype": "float32", "feature_dim": int(cnn.output.shape[-1])}
-    check_manifest(feat_dir, settings)
-    done, skipped, failures, fps = extract(videos, feat_dir, cnn, args.frames, args.image_size, args.batch_size)
+        videos = list_videos(args.video_dir, args.ids, args.shard)
+        feat_dir = Path(args.feat_dir)
+        feat_dir.mkdir(parents=True, exist_ok=True)
+        run_cnn, feature_dim = build_extractor(settings)
+        check_manifest(feat_dir, settings.manifest(feature_dim))
+    except VideoError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output_path = lambda path: feat_dir / f"{path.name}.npy"
+    done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
+                                           on_clip=lambda path, features: save_atomic(output_path(path), features),
+                                           skip=lambda path: output_path(path).exists())
+    failed_path = feat_dir / ("failed.txt" if args.shard == (0, 1) else f"failed.{args.shard[0]}of{args.shard[1]}.txt")
     if failures:
-        (feat_dir / "failed.txt").write_text("".join(f"{name}\t{why}\n" for name, why in failures.items()))
-    print(f"extracted {done}, skipped {skipped} (already there), failed {len(failures)}; "
-          f"{fps:.1f} frames/s; features in {feat_dir}")
+        write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
+    print(f"extracted {done}, skipped {skipped} (already there), failed {len(failures)}"
+          + (f" (see {failed_path})" if failures else "") + f"; {fps:.1f} frames/s; features in {feat_dir}")
     return 1 if failures else 0
 
 

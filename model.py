@@ -55,14 +55,19 @@ class LSTMWeights(keras.layers.Layer):
     def __init__(self, input_dims, units, **kwargs):
         super().__init__(**kwargs)
         self.units = units
-        init = keras.initializers.GlorotUniform()
-        self.kernels = [self.add_weight(shape=(dim, 4 * units), initializer=init, name=f"kernel_{i}")
-                        for i, dim in enumerate(input_dims)]
+        self.input_count = len(input_dims)
+        for i, dim in enumerate(input_dims):  # one attribute each: tf.train.Checkpoint does not see into lists
+            setattr(self, f"kernel_{i}", self.add_weight(shape=(dim, 4 * units), initializer="glorot_uniform",
+                                                         name=f"kernel_{i}"))
         self.recurrent_kernel = self.add_weight(shape=(units, 4 * units), initializer="orthogonal",
                                                 name="recurrent_kernel")
         forget_bias_one = tf.concat([tf.zeros([units]), tf.ones([units]), tf.zeros([2 * units])], 0)
         self.bias = self.add_weight(shape=(4 * units,), initializer=lambda shape, dtype=None: forget_bias_one,
                                     name="bias")
+
+    @property
+    def kernels(self):
+        return [getattr(self, f"kernel_{i}") for i in range(self.input_count)]
 
     def step(self, input_gates, h, c):
         """One step, given the inputs' share of the gate pre-activations (batch, 4*units)."""

@@ -42,7 +42,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder in the MLDS HW2-1 layout")
     parser.add_argument("--attention", choices=ATTENTIONS, default="bahdanau")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="inverse_sigmoid", help="teacher forcing")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="inverse_sigmoid",
+                        help="teacher-forcing probability per epoch (see sampling.py)")
+    parser.add_argument("--teacher-forcing-start", type=float, default=1.0, help="linear/constant schedules")
+    parser.add_argument("--teacher-forcing-end", type=float, default=0.0, help="linear schedule")
     parser.add_argument("--epochs", type=positive_int, default=100)
     parser.add_argument("--batch-size", type=positive_int, default=250)
     parser.add_argument("--hidden", type=positive_int, default=600, help="LSTM size, also the frame/word embeddings")
@@ -91,6 +94,12 @@ def train(args):
     train_split = Split(data_dir, "training", frames=args.frames)
     feature_dim = train_split.features.shape[2]
     manifest = read_manifest(data_dir / "training_data" / "feat")
+    test_manifest = read_manifest(data_dir / "testing_data" / "feat")
+    if manifest and test_manifest and manifest != test_manifest:
+        raise DataError(f"{data_dir / 'testing_data' / 'feat' / 'manifest.json'}: test features were made with other "
+                        f"settings than {data_dir / 'training_data' / 'feat' / 'manifest.json'}")
+    if args.resume and manifest != read_run_config(run_dir).get("features"):
+        raise DataError(f"{data_dir / 'training_data' / 'feat'}: features differ from those the run was trained on")
     test_split = None
     if (data_dir / "testing_label.json").is_file():
         test_split = Split(data_dir, "testing", frames=args.frames, feature_dim=feature_dim)
@@ -113,6 +122,7 @@ def train(args):
         if differing:
             detail = ", ".join(f"{k}: {old} saved, {new} asked" for k, (old, new) in differing.items())
             raise DataError(f"{run_dir}: cannot resume with another model configuration ({detail})")
+    keras.utils.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
     model = S2VT(config)
     model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
     optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
@@ -151,7 +161,7 @@ def train(args):
     greedy = tf.function(model.greedy, input_signature=signature[:1])
 
     # ---- loop ----
-    probs = teacher_forcing_schedule(args.epochs, args.schedule)
+    probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start, args.teacher_forcing_end)
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     history_path = run_dir / "history.csv"
     history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
@@ -217,11 +227,11 @@ def train(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        return train(args)
+        return train(parse_args(argv))
     except DataError as error:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -132,3 +132,10 @@ def test_config_refuses_unknown_attention_and_bad_sizes():
         S2VTConfig(vocab_size=10, attention="dot")
     with pytest.raises(ValueError, match="hidden"):
         S2VTConfig(vocab_size=10, hidden=0)
+
+
+def test_every_weight_is_saved_in_a_checkpoint(tmp_path):
+    model = make_model()
+    prefix = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    saved = [name for name, _ in tf.train.list_variables(prefix) if name.startswith("model/")]
+    assert len(saved) == len(model.weights) == 18

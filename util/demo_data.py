@@ -22,7 +22,7 @@ from tqdm import tqdm
 COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (220, 90, 30), "yellow": (30, 220, 230)}  # BGR
 SHAPES = ("square", "ring", "cross")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SIZES = {"small": (7, 9), "big": (13, 16)}  # half-width in pixels at FRAME_SIZE
+SIZES = {"small": (9, 11), "big": (15, 18)}  # half-width in pixels at FRAME_SIZE
 FRAME_SIZE = 96
 FRAMES_PER_CLIP = 24
 FPS = 12
@@ -121,7 +121,7 @@ def split_combinations(seed, held_out=8):
             return seen, picked
 
 
-def make_corpus(out_dir, train_videos=288, test_seen=16, seed=0):
+def make_corpus(out_dir, train_videos=480, test_seen=24, seed=0):
     """Write the demo corpus in the MLDS layout under out_dir; returns {split: [label dicts]}."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -164,8 +164,8 @@ def attribute_accuracy(captions, labels):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="where to write the corpus")
-    parser.add_argument("--train", type=int, default=288, help="training clips (default 288)")
-    parser.add_argument("--test-seen", type=int, default=16, help="test clips of seen combinations (default 16)")
+    parser.add_argument("--train", type=int, default=480, help="training clips (default 480)")
+    parser.add_argument("--test-seen", type=int, default=24, help="test clips of seen combinations (default 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", metavar="CAPTIONS", help="instead: score a captions file's attributes "
                         "against --labels")

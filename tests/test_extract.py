@@ -1,0 +1,198 @@
+"""extract_features.py on real H.264 clips, lying headers, short clips, shards, kills, broken files; infer --video."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+import extract_features
+import infer
+import train
+from conftest import ROOT
+from util.demo_data import make_corpus
+
+# Small, fast settings for tests: seeded random VGG16 up to block1_pool at 32 px, globally pooled (64-d).
+FAST = ["--weights", "none", "--layer", "block1_pool", "--image-size", "32", "--pool", "max", "--grids", "1",
+        "--batch-size", "16"]
+
+
+def write_clip(path, values, size=(48, 40), fourcc="MJPG"):
+    """A clip whose frame i is a flat grey of values[i], so a sampled frame tells which one it was."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 10, size)
+    for value in values:
+        writer.write(np.full((size[1], size[0], 3), value, np.uint8))
+    writer.release()
+
+
+def test_real_clips_give_80_by_4096_features(mlds, tmp_path):
+    video_dir = mlds / "testing_data" / "video"
+    ids = tmp_path / "ids.txt"
+    ids.write_text(sorted(os.listdir(video_dir))[0] + "\n")
+    out = tmp_path / "feat"
+    assert extract_features.main([str(video_dir), str(out), "--weights", "none", "--ids", str(ids)]) == 0
+    (feature_file,) = out.glob("*.avi.npy")
+    features = np.load(feature_file)
+    assert features.shape == (80, 4096) and features.dtype == np.float32 and np.isfinite(features).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cnn"] == "vgg16" and manifest["layer"] == "fc2" and manifest["feature_dim"] == 4096
+
+
+def test_real_clips_decode_and_sample_uniformly(mlds):
+    clip = sorted((mlds / "testing_data" / "video").iterdir())[0]
+    frames = extract_features.read_frames(clip, 80, 64)
+    assert frames.shape == (80, 64, 64, 3) and frames.dtype == np.uint8 and frames.std() > 5
+
+
+def test_frame_count_comes_from_decoding_not_a_lying_header(tmp_path):
+    path = tmp_path / "liar.avi"
+    write_clip(path, [10 * i for i in range(20)])
+    data = bytearray(path.read_bytes())
+    avih = data.index(b"avih")
+    data[avih + 24:avih + 28] = (1000).to_bytes(4, "little")  # avih.dwTotalFrames
+    strh = data.index(b"strh")
+    data[strh + 40:strh + 44] = (1000).to_bytes(4, "little")  # strh.dwLength
+    path.write_bytes(bytes(data))
+    capture = cv2.VideoCapture(str(path))
+    header_count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+    capture.release()
+    assert header_count != 20  # the header lies
+    frames = extract_features.read_frames(path, 5, 16)
+    expected = np.array([10 * i for i in np.linspace(0, 19, 5).round().astype(int)])
+    np.testing.assert_allclose(frames.reshape(5, -1).mean(1), expected, atol=3)
+
+
+def test_a_short_clip_repeats_frames(tmp_path):
+    path = tmp_path / "short.avi"
+    write_clip(path, [0, 60, 120, 180, 240])
+    frames = extract_features.read_frames(path, 12, 16)
+    means = frames.reshape(12, -1).mean(1)
+    assert frames.shape[0] == 12
+    np.testing.assert_allclose(means, [60 * i for i in extract_features.frame_indices(5, 12)], atol=3)
+    assert len(np.unique(means.round(-1))) == 5 and np.all(np.diff(means) >= -3)
+
+
+def test_shards_partition_the_collection(mlds):
+    video_dir = mlds / "testing_data" / "video"
+    everything = {p.name for p in extract_features.list_videos(video_dir)}
+    first = {p.name for p in extract_features.list_videos(video_dir, shard=(0, 2))}
+    second = {p.name for p in extract_features.list_videos(video_dir, shard=(1, 2))}
+    assert first | second == everything and not first & second and first and second
+    assert first == {p.name for p in extract_features.list_videos(video_dir, shard=(0, 2))}  # deterministic
+
+
+def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path):
+    make_corpus(tmp_path / "corpus", train_videos=24, test_seen=0, seed=3)
+    video_dir = tmp_path / "corpus" / "training_data" / "video"
+    command = [sys.executable, str(ROOT / "extract_features.py"), str(video_dir)]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(command + [str(clean), *FAST, "--frames", "40"], check=True, capture_output=True)
+    process = subprocess.Popen(command + [str(killed), *FAST, "--frames", "40"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(killed.glob("*.avi.npy"))) < 3 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    partial = len(list(killed.glob("*.avi.npy")))
+    assert partial < 24, "the run finished before it could be killed"
+    result = subprocess.run(command + [str(killed), *FAST, "--frames", "40"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert f"skipped {partial}" in result.stdout
+    names = sorted(p.name for p in clean.glob("*.npy"))
+    assert names == sorted(p.name for p in killed.glob("*.npy")) and len(names) == 24
+    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temp file left behind
+    for name in names:
+        np.testing.assert_array_equal(np.load(clean / name), np.load(killed / name))
+
+
+def test_broken_files_are_reported_and_the_rest_complete(mlds, tmp_path, capsys):
+    video_dir = tmp_path / "videos"
+    video_dir.mkdir()
+    good = sorted((mlds / "testing_data" / "video").iterdir())[:2]
+    for clip in good:
+        shutil.copy(clip, video_dir / clip.name)
+    (video_dir / "empty.avi").write_bytes(b"")
+    (video_dir / "notes.avi").write_text("this is not a video\n" * 50)
+    truncated = video_dir / "truncated.avi"
+    truncated.write_bytes(good[0].read_bytes()[:3000])
+    out = tmp_path / "feat"
+    assert extract_features.main([str(video_dir), str(out), *FAST, "--frames", "8"]) == 1
+    printed = capsys.readouterr()
+    assert "extracted 2" in printed.out and "failed 3" in printed.out
+    failed = (out / "failed.txt").read_text()
+    assert "empty.avi" in failed and "0 bytes" in failed and "notes.avi" in failed and "truncated.avi" in failed
+    assert sorted(p.name for p in out.glob("*.npy")) == sorted(f"{c.name}.npy" for c in good)
+
+
+def test_other_settings_on_the_same_feature_folder_are_refused(tmp_path, capsys):
+    write_clip(tmp_path / "clip.avi", range(0, 200, 20))
+    out = tmp_path / "feat"
+    assert extract_features.main([str(tmp_path), str(out), *FAST, "--frames", "4"]) == 0
+    capsys.readouterr()
+    assert extract_features.main([str(tmp_path), str(out), *FAST, "--frames", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "frames: 4 there, 6 asked" in err
+
+
+def test_float16_output(tmp_path):
+    write_clip(tmp_path / "clip.avi", range(0, 200, 20))
+    assert extract_features.main([str(tmp_path), str(tmp_path / "feat"), *FAST, "--frames", "4",
+                                  "--dtype", "float16"]) == 0
+    assert np.load(tmp_path / "feat" / "clip.avi.npy").dtype == np.float16
+
+
+@pytest.fixture(scope="module")
+def tiny_video_run(tmp_path_factory):
+    """A tiny model trained on features extract_features.py made from demo clips."""
+    root = tmp_path_factory.mktemp("videos")
+    make_corpus(root, train_videos=16, test_seen=0, seed=2)
+    for split in ("training", "testing"):
+        assert extract_features.main([str(root / f"{split}_data" / "video"), str(root / f"{split}_data" / "feat"),
+                                      *FAST, "--frames", "4"]) == 0
+    run_dir = root / "run"
+    assert train.main(["--data-dir", str(root), "--ckpt-dir", str(run_dir), "--frames", "4", "--hidden", "16",
+                       "--batch-size", "16", "--epochs", "1", "--min-word-count", "1"]) == 0
+    return root, run_dir
+
+
+def test_infer_captions_raw_video_files(tiny_video_run, capsys):
+    root, run_dir = tiny_video_run
+    clips = sorted((root / "testing_data" / "video").iterdir())[:2]
+    capsys.readouterr()
+    assert infer.main(["--video", *map(str, clips), "--checkpoint", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(",", 1)[0] for line in lines] == [str(c) for c in clips]
+    assert all(line.split(",", 1)[1].strip() for line in lines)
+
+
+def test_infer_video_reports_missing_and_broken_clips(tiny_video_run, tmp_path, capsys):
+    root, run_dir = tiny_video_run
+    good = sorted((root / "testing_data" / "video").iterdir())[0]
+    broken = tmp_path / "broken.avi"
+    broken.write_text("not a video")
+    capsys.readouterr()
+    code = infer.main(["--video", str(good), str(broken), str(tmp_path / "missing.mp4"), "--checkpoint", str(run_dir)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out.startswith(f"{good},")
+    assert "broken.avi: not a video" in captured.err and "missing.mp4: no such file" in captured.err
+
+
+def test_infer_refuses_features_made_with_other_settings(tiny_video_run, tmp_path, capsys):
+    root, run_dir = tiny_video_run
+    feat_dir = tmp_path / "feat"
+    shutil.copytree(root / "testing_data" / "feat", feat_dir)
+    manifest = json.loads((feat_dir / "manifest.json").read_text())
+    manifest.update(cnn="resnet50", feature_dim=2048)
+    (feat_dir / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    code = infer.main([str(root / "testing_id.txt"), str(tmp_path / "out.txt"), "--checkpoint", str(run_dir),
+                       "--feat-dir", str(feat_dir)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "resnet50" in err

@@ -1,0 +1,234 @@
+"""util.release: export a tiny trained run, serve it from a local HTTP server, fetch it back (or refuse it)."""
+import hashlib
+import io
+import json
+import tarfile
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+import infer
+import train
+from conftest import write_tiny_mlds
+from util.checkpoints import resolve_checkpoint
+from util.data import DataError
+from util.release import checkpoint_location, export_release, fetch_release, main, sha256_of
+
+TINY = [  # as in test_roundtrip.py
+    "--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]
+
+
+class Server:
+    """A local HTTP server on 127.0.0.1 serving bytes by path, counting the requests for each path."""
+
+    def __init__(self):
+        self.files, self.short = {}, set()
+        self.requests = Counter()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests[self.path] += 1
+                if self.path not in server.files:
+                    self.send_error(404)
+                    return
+                data = server.files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                # a "short" path announces the whole file but the connection drops halfway
+                self.wfile.write(data[:len(data) // 2] if self.path in server.short else data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve(self, path, data, short=False):
+        self.files[path] = data
+        if short:
+            self.short.add(path)
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = Server()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A tiny run trained for one epoch and exported: data, run (folders), bundle (path), sha256."""
+    root = tmp_path_factory.mktemp("release")
+    data = write_tiny_mlds(root / "data")
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(root / "run"), *TINY, "--epochs", "1"]) == 0
+    bundle = root / "tiny.tar.gz"
+    digest, size, _ = export_release(root / "run", bundle)
+    assert (digest, size) == (sha256_of(bundle), bundle.stat().st_size)
+    return SimpleNamespace(data=data, run=root / "run", bundle=bundle, sha256=digest)
+
+
+def bundle_files(bundle):
+    with tarfile.open(bundle) as tar:
+        return {member.name: tar.extractfile(member).read() for member in tar}
+
+
+def pack(files, extra_members=()):
+    """A .tar.gz of {name: bytes}, then the given TarInfo members (links, odd names) filled with x's."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        for member in extra_members:
+            tar.addfile(member, io.BytesIO(b"x" * member.size))
+    return buffer.getvalue()
+
+
+def with_manifest(files):
+    """files with MANIFEST.json rewritten to match them, so only the later checks can catch a change."""
+    listed = {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()
+              if n != "MANIFEST.json"}
+    return {**files, "MANIFEST.json": json.dumps({"files": listed}).encode()}
+
+
+def test_export_bundle_layout(release):
+    files = bundle_files(release.bundle)
+    assert {"config.json", "vocab.json", "feature_manifest.json", "metrics.json", "MANIFEST.json",
+            "best/checkpoint"} <= set(files)
+    assert any(n.startswith("best/ckpt-") and n.endswith(".index") for n in files)
+    assert any(".data-" in n for n in files)
+    assert json.loads(files["MANIFEST.json"]) == json.loads(with_manifest(files)["MANIFEST.json"])
+    metrics = json.loads(files["metrics.json"])
+    assert metrics["last"]["epoch"] == 1 and metrics["epoch"] == 1
+    assert metrics["best_val_bleu1"] == metrics["last"]["val_bleu1"]
+
+
+def test_download_then_infer_writes_captions(release, server, tmp_path, capsys):
+    url = server.serve("/good/tiny.tar.gz", release.bundle.read_bytes())
+    run_dir = fetch_release(url, directory=tmp_path / "checkpoints", sha256=release.sha256)
+    assert run_dir == tmp_path / "checkpoints" / "tiny"
+    prefix = resolve_checkpoint(release.run)[1]  # a local prefix is not mistaken for a release name
+    assert [checkpoint_location(s) for s in (None, str(run_dir), prefix)] == [None, str(run_dir), prefix]
+    assert resolve_checkpoint(run_dir)[0] == run_dir
+    assert json.loads((run_dir / "SOURCE.json").read_text())["sha256"] == release.sha256
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["tiny"]  # no partial folder left
+    ids = release.data / "testing_id.txt"
+    for name, checkpoint in (("released", run_dir), ("original", release.run)):
+        assert infer.main([str(ids), str(tmp_path / f"{name}.txt"), "--checkpoint", str(checkpoint)]) == 0
+    lines = (tmp_path / "released.txt").read_text().splitlines()
+    assert [line.split(",", 1)[0] for line in lines] == ids.read_text().split()
+    # one epoch may still caption with nothing at all, so compare with the run's own captions instead
+    assert lines == (tmp_path / "original.txt").read_text().splitlines()
+
+
+def test_second_use_of_a_name_makes_no_request(release, server, tmp_path, capsys):
+    url = server.serve("/cached/tiny-v1.tar.gz", release.bundle.read_bytes())
+    registry = tmp_path / "releases.json"
+    registry.write_text(json.dumps([{"name": "tiny-v1", "url": url, "sha256": release.sha256,
+                                     "size": release.bundle.stat().st_size,
+                                     "trained_on": "tiny", "metrics": {}, "created": "2025-01-01T00:00:00Z"}]))
+    args = ["download", "tiny-v1", "--dir", str(tmp_path / "checkpoints"), "--registry", str(registry)]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "checkpoints" / "tiny-v1")] * 2  # progress on stderr
+    assert server.requests["/cached/tiny-v1.tar.gz"] == 1
+    assert fetch_release(url, tmp_path / "checkpoints", release.sha256) == tmp_path / "checkpoints" / "tiny-v1"
+    assert server.requests["/cached/tiny-v1.tar.gz"] == 1
+
+
+def test_wrong_sha256_is_refused_and_deleted(release, server, tmp_path, capsys):
+    url = server.serve("/wrong/tiny.tar.gz", release.bundle.read_bytes())
+    assert main(["download", url, "--sha256", "0" * 64, "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "sha256 mismatch" in err and release.sha256 in err and "deleted" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("served, with_hash, message", [
+    ("cut", True, "sha256 mismatch"),
+    ("cut", False, "truncated or corrupt"),
+    ("dropped", False, "retrieval incomplete"),
+    ("garbage", False, "truncated or corrupt"),
+])
+def test_truncated_or_corrupt_download_is_refused(release, server, tmp_path, served, with_hash, message):
+    data = release.bundle.read_bytes()
+    body = {"cut": data[:len(data) // 2], "dropped": data, "garbage": b"not an archive" * 100}[served]
+    url = server.serve(f"/{served}/{with_hash}/tiny.tar.gz", body, short=served == "dropped")
+    with pytest.raises(DataError, match=message):
+        fetch_release(url, tmp_path, release.sha256 if with_hash else None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_404_is_refused(server, tmp_path, capsys):
+    url = server.serve("/present.tar.gz", b"")
+    assert main(["download", url.replace("present", "missing"), "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "404" in err and "download failed" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def tar_member(name, kind=tarfile.REGTYPE, linkname=""):
+    member = tarfile.TarInfo(name)
+    member.type, member.linkname = kind, linkname
+    member.size = 4 if kind == tarfile.REGTYPE else 0
+    return member
+
+
+def unsafe_members(kind, outside):
+    """Tar members that would write the file `outside`, two levels above the unpacking folder."""
+    return {"dotdot": [tar_member("../../../" + outside.name)],
+            "absolute": [tar_member(str(outside))],
+            "symlink": [tar_member("link", tarfile.SYMTYPE, str(outside.parent)), tar_member("link/" + outside.name)],
+            "hardlink": [tar_member("hard", tarfile.LNKTYPE, str(outside))]}[kind]
+
+
+@pytest.mark.parametrize("kind, refusal", [("dotdot", "points outside"), ("absolute", "points outside"),
+                                           ("symlink", "link or special file"), ("hardlink", "link or special file")])
+def test_unsafe_archive_member_is_refused_and_nothing_written_outside(release, server, tmp_path, kind, refusal):
+    checkpoints = tmp_path / "a" / "checkpoints"  # unpacking happens in checkpoints/.<name>.*.partial/run/
+    outside = tmp_path / "a" / "escaped.txt"
+    archive = pack(bundle_files(release.bundle), unsafe_members(kind, outside))
+    url = server.serve(f"/unsafe/{kind}/tiny.tar.gz", archive)
+    with pytest.raises(DataError, match=refusal):
+        fetch_release(url, checkpoints, hashlib.sha256(archive).hexdigest())
+    assert not outside.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "checkpoints"]
+
+
+@pytest.mark.parametrize("change, refusal", [
+    ("vocab", "words, but the model was built for"),        # vocab.json no longer fits config.json
+    ("vocab+config", "cannot be restored into this model"),  # both agree, but the weights are for another size
+    ("unlisted", "differs from its MANIFEST.json entry"),    # a file changed without its manifest entry
+])
+def test_bundle_whose_vocab_does_not_fit_its_weights_is_refused(release, server, tmp_path, change, refusal):
+    files = bundle_files(release.bundle)
+    words = json.loads(files["vocab.json"]) + ["zebra"]
+    files["vocab.json"] = json.dumps(words).encode()
+    if change == "vocab+config":
+        config = json.loads(files["config.json"])
+        config["model"]["vocab_size"] = len(words)
+        files["config.json"] = json.dumps(config).encode()
+    archive = pack(files if change == "unlisted" else with_manifest(files))
+    url = server.serve(f"/tampered/{change}/tiny.tar.gz", archive)
+    with pytest.raises(DataError, match=refusal):
+        fetch_release(url, tmp_path, hashlib.sha256(archive).hexdigest())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_url_without_hash_warns_and_records_it(release, server, tmp_path, capsys):
+    url = server.serve("/nohash/tiny-nohash.tgz", release.bundle.read_bytes())
+    assert main(["download", url, "--dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "no sha256 given" in err and f"--sha256 {release.sha256}" in err
+    source = json.loads((tmp_path / "tiny-nohash" / "SOURCE.json").read_text())
+    assert source["url"] == url and source["sha256"] == release.sha256 and source["sha256_given"] is False

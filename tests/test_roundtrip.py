@@ -1,0 +1,79 @@
+"""train.py -> checkpoint -> resume -> infer.py on a tiny configuration."""
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import infer
+import train
+
+TINY = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]
+
+
+def run_train(data, run_dir, *extra):
+    return train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), *TINY, *extra])
+
+
+def checkpoint_value(prefix, name):
+    return tf.train.load_variable(prefix, f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def weights(prefix):
+    return {n: tf.train.load_variable(prefix, n) for n, _ in tf.train.list_variables(prefix) if n.startswith("model/")}
+
+
+def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(tiny_data, straight, "--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5") == 0
+    assert run_train(tiny_data, resumed, "--epochs", "2", "--schedule", "constant", "--teacher-forcing-start", "0.5") == 0
+    first = tf.train.latest_checkpoint(str(resumed / "last"))
+    assert checkpoint_value(first, "epoch") == 2
+    steps_per_epoch = checkpoint_value(first, "optimizer/_iterations") // 2
+    assert steps_per_epoch == 72 // 8  # 24 videos x 3 captions, batch 8
+
+    assert run_train(tiny_data, resumed, "--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5",
+                     "--resume") == 0
+    assert "resumed" in capsys.readouterr().out
+    latest = tf.train.latest_checkpoint(str(resumed / "last"))
+    assert checkpoint_value(latest, "epoch") == 3
+    assert checkpoint_value(latest, "optimizer/_iterations") == 3 * steps_per_epoch
+    history = pd.read_csv(resumed / "history.csv")
+    assert list(history["epoch"]) == [1, 2, 3]
+    # the resumed run ends with the same weights as the uninterrupted one
+    reference = weights(tf.train.latest_checkpoint(str(straight / "last")))
+    for name, value in weights(latest).items():
+        np.testing.assert_allclose(value, reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for name in ("config.json", "vocab.json", "best", "tensorboard"):
+        assert (resumed / name).exists()
+
+    out = tmp_path / "out.txt"
+    ids = (tiny_data / "testing_id.txt").read_text().split()
+    assert infer.main([str(tiny_data / "testing_id.txt"), str(out), "--checkpoint", str(resumed)]) == 0
+    lines = out.read_text().splitlines()
+    assert [line.split(",", 1)[0] for line in lines] == ids
+    assert all(line.split(",", 1)[1].strip() for line in lines)
+
+
+def test_resume_refuses_another_model_size(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_data, run_dir, "--epochs", "1") == 0
+    capsys.readouterr()
+    assert train.main(["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY[:0], "--hidden", "32",
+                       "--frames", "6", "--batch-size", "8", "--min-word-count", "1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden: 16 saved, 32 asked" in err and str(run_dir) in err
+
+
+def test_infer_refuses_an_unknown_id(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_data, run_dir, "--epochs", "1") == 0
+    capsys.readouterr()
+    ids = tmp_path / "ids.txt"
+    ids.write_text("testing_000.avi\nno_such_video.avi\n")
+    out = tmp_path / "out.txt"
+    code = infer.main([str(ids), str(out), "--checkpoint", str(run_dir),
+                       "--feat-dir", str(tiny_data / "testing_data" / "feat")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_such_video.avi.npy" in err and "not found" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -1,0 +1,340 @@
+"""Released checkpoints: pack a run into one verified .tar.gz, and fetch one back by name or URL.
+
+    python -m util.release export RUN_DIR OUT.tar.gz [--which best|last]
+    python -m util.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
+
+A bundle holds, at its top level:
+
+    best/ckpt-N.index, best/ckpt-N.data-*, best/checkpoint   the chosen checkpoint (of best/ or last/)
+    config.json, vocab.json                                  as in the run folder
+    feature_manifest.json                                    config.json's "features" (may be null)
+    metrics.json                                             history.csv's last row, the best val_bleu1
+    MANIFEST.json                                            sha256 and size of every other file
+
+so the extracted folder is a run folder for util.checkpoints.load_model. The registry (releases.json) is a JSON
+list of {name, url, sha256, size, trained_on, metrics, created}. A download is checked against its sha256, unpacked
+member by member (plain files and folders only, nothing outside), checked against MANIFEST.json and restored into
+the model once, in a hidden folder beside the target, and only then renamed to DIR/<name>: a reader never sees a
+half-unpacked release. DIR/<name>/SOURCE.json records where it came from; a second fetch of it makes no request.
+"""
+import argparse
+import contextlib
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.parse
+import warnings
+import zlib
+from pathlib import Path, PurePosixPath
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import tensorflow as tf
+
+from util.atomic import atomic_path
+from util.checkpoints import DEFAULT_ROOT, load_model, read_run_config
+from util.data import DataError
+
+DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
+BUNDLE_MANIFEST = "MANIFEST.json"
+SOURCE_FILE = "SOURCE.json"
+URL_SCHEMES = ("http", "https", "file")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_of(path):
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+# ---- export ----
+
+def export_release(run_dir, out_path, which="best"):
+    """Pack run_dir's newest `which` checkpoint into the bundle out_path; returns (sha256, size, registry entry)."""
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    config = read_run_config(run_dir)
+    prefix = tf.train.latest_checkpoint(str(run_dir / which))
+    if not prefix:
+        raise DataError(f"{run_dir / which}: holds no checkpoint")
+    if not out_path.parent.is_dir():
+        raise DataError(f"{out_path}: output folder {out_path.parent} does not exist")
+    checkpoint_name = Path(prefix).name
+    metrics = run_metrics(run_dir, prefix, which)
+
+    # each bundle file comes from a Path (streamed: checkpoints can be large) or from bytes made here
+    sources = {f"best/{path.name}": path for path in sorted(Path(prefix).parent.glob(f"{checkpoint_name}.*"))}
+    # the state file names the checkpoint relative to its folder, so the bundle works wherever it is unpacked
+    sources["best/checkpoint"] = (f'model_checkpoint_path: "{checkpoint_name}"\n'
+                                  f'all_model_checkpoint_paths: "{checkpoint_name}"\n').encode()
+    sources["config.json"] = run_dir / "config.json"
+    sources["vocab.json"] = run_dir / "vocab.json"
+    sources["feature_manifest.json"] = json.dumps(config.get("features"), indent=1).encode()
+    sources["metrics.json"] = json.dumps(metrics, indent=1).encode()
+    sources[BUNDLE_MANIFEST] = json.dumps({"files": {name: _file_entry(source) for name, source in sources.items()}},
+                                          indent=1).encode()
+    with atomic_path(out_path) as tmp:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for name, source in sources.items():
+                if isinstance(source, Path):
+                    tar.add(source, arcname=name, filter=_plain_member)
+                else:
+                    member = _plain_member(tarfile.TarInfo(name))
+                    member.size = len(source)
+                    tar.addfile(member, io.BytesIO(source))
+    digest, size = sha256_of(out_path), out_path.stat().st_size
+    entry = {"name": out_path.name.removesuffix(".tar.gz"), "url": "", "sha256": digest, "size": size,
+             "trained_on": Path(str(config.get("train", {}).get("data_dir", ""))).name, "metrics": metrics,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return digest, size, entry
+
+
+def _file_entry(source):
+    if isinstance(source, Path):
+        return {"sha256": sha256_of(source), "size": source.stat().st_size}
+    return {"sha256": hashlib.sha256(source).hexdigest(), "size": len(source)}
+
+
+def _plain_member(member):
+    """No owner names or ids from this machine in the bundle."""
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    member.mode, member.mtime = 0o644, int(time.time())
+    return member
+
+
+def run_metrics(run_dir, prefix, which):
+    """Validation metrics for metrics.json: history.csv's last row, the best val_bleu1, the exported epoch."""
+    history_path = Path(run_dir) / "history.csv"
+    rows = []
+    if history_path.is_file():
+        with open(history_path, newline="") as file:
+            rows = [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(file)]
+    scores = [row["val_bleu1"] for row in rows if isinstance(row.get("val_bleu1"), float)]
+    return {"last": rows[-1] if rows else None, "best_val_bleu1": max(scores, default=None), "checkpoint": which,
+            "epoch": int(tf.train.load_variable(prefix, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))}
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text or None
+
+
+# ---- registry ----
+
+def load_registry(path=DEFAULT_REGISTRY):
+    """{name: entry} from a releases.json list of {name, url, sha256, size, trained_on, metrics, created}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: release registry not found")
+    try:
+        entries = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a JSON list of {{name, url, sha256, ...}}")
+    registry = {}
+    for n, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "url", "sha256"))):
+            raise DataError(f"{path}: entry {n} lacks a string name, url or sha256")
+        _check_name(entry["name"], path)
+        _check_sha256(entry["sha256"], f"{path}: {entry['name']}")
+        if entry["name"] in registry:
+            raise DataError(f"{path}: release {entry['name']} listed twice")
+        registry[entry["name"]] = entry
+    return registry
+
+
+def _check_name(name, where):
+    if not _NAME.fullmatch(name):
+        raise DataError(f"{where}: {name!r} is not a release name (letters, digits, '.', '_', '-')")
+    return name
+
+
+def _check_sha256(digest, where):
+    if not _SHA256.fullmatch(digest):
+        raise DataError(f"{where}: {digest!r} is not a sha256 (64 lowercase hex digits)")
+    return digest
+
+
+# ---- download ----
+
+def fetch_release(spec, directory=None, sha256=None, registry=None):
+    """The run folder DIR/<name> of a release given by registry name or URL, downloaded and checked if not there yet."""
+    directory = Path(directory) if directory else DEFAULT_ROOT
+    sha256 = _check_sha256(sha256.lower(), "--sha256") if sha256 else None
+    if urllib.parse.urlsplit(spec).scheme in URL_SCHEMES:
+        url = spec
+        name = _check_name(PurePosixPath(urllib.parse.urlsplit(url).path).name.removesuffix(".tar.gz")
+                           .removesuffix(".tgz"), url)
+    else:
+        registry_path = Path(registry) if registry else DEFAULT_REGISTRY
+        # a missing default registry just means no names; a registry asked for must exist
+        releases = load_registry(registry_path) if registry or registry_path.is_file() else {}
+        if spec not in releases:
+            raise DataError(f"{spec}: not a local checkpoint, a URL, or a release name in {registry_path}")
+        name, url = spec, releases[spec]["url"]
+        if sha256 and sha256 != releases[spec]["sha256"]:
+            raise DataError(f"{spec}: --sha256 {sha256} differs from the registry's {releases[spec]['sha256']}")
+        sha256 = releases[spec]["sha256"]
+    target = directory / name
+    if target.exists():
+        return _already_fetched(target, url, sha256)
+    directory.mkdir(parents=True, exist_ok=True)
+    # download and unpack in a hidden folder beside the target, so the final rename is atomic
+    work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=directory))
+    try:
+        archive = _download(url, sha256, work)
+        digest = sha256_of(archive)
+        run_dir = _unpack(archive, work / "run", url)
+        _verify_bundle(run_dir, url)
+        (run_dir / SOURCE_FILE).write_text(json.dumps({"name": name, "url": url, "sha256": digest,
+                                                       "sha256_given": sha256 is not None,
+                                                       "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                                      indent=1))
+        try:
+            run_dir.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            return _already_fetched(target, url, sha256)  # another process fetched it meanwhile
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if sha256 is None:
+        warnings.warn(f"{url}: no sha256 given, so the download was not verified; its sha256 is {digest} "
+                      f"(recorded in {target / SOURCE_FILE}; pass --sha256 {digest} next time)", stacklevel=2)
+    return target
+
+
+def checkpoint_location(spec):
+    """What infer.py's --checkpoint names: a local run folder or checkpoint prefix as it is (None: the newest run),
+    else a URL or registry name, fetched."""
+    if spec is None or Path(spec).exists() or Path(f"{spec}.index").is_file():
+        return spec
+    return fetch_release(spec)
+
+
+def _already_fetched(target, url, sha256):
+    """An earlier fetch of the same release, or an error if target holds something else."""
+    try:
+        source = json.loads((target / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{target}: exists but was not fetched by util.release; remove it or choose --dir") from None
+    same = source.get("sha256") == sha256 if sha256 else source.get("url") == url
+    if not same:
+        raise DataError(f"{target}: holds another release ({source.get('url')}, sha256 {source.get('sha256')}); "
+                        f"remove it or choose --dir")
+    return target
+
+
+def _download(url, sha256, folder):
+    """Download url into folder with keras.utils.get_file, checking its sha256 when one is given."""
+    fname = "release.tar.gz"
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # get_file's progress bar; stdout may carry captions
+            return Path(keras.utils.get_file(fname, origin=url, file_hash=sha256, hash_algorithm="sha256",
+                                             cache_dir=str(folder.parent), cache_subdir=str(folder)))
+    except ValueError as error:
+        if not (folder / fname).is_file():
+            raise DataError(f"{url}: download failed ({error})") from None
+        # get_file's hash mismatch leaves the file; it is deleted with `folder`
+        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {sha256_of(folder / fname)}); "
+                        f"the download was refused and deleted") from None
+    except Exception as error:  # get_file turns HTTP and network errors into plain Exceptions
+        raise DataError(f"{url}: download failed ({str(error).splitlines()[0]})") from None
+
+
+def _unpack(archive, out_dir, url):
+    """Extract plain files and folders only, each checked to stay inside out_dir before it is written."""
+    out_dir.mkdir()
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(out_dir, members=_safe_members(tar, url), filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{url}: not a complete .tar.gz archive, truncated or corrupt ({error})") from None
+    return out_dir
+
+
+def _safe_members(tar, url):
+    for member in tar:
+        path = PurePosixPath(member.name)
+        if path.is_absolute() or ".." in path.parts:
+            raise DataError(f"{url}: refused: archive member {member.name!r} points outside the release folder")
+        if not (member.isfile() or member.isdir()):
+            raise DataError(f"{url}: refused: archive member {member.name!r} is a link or special file")
+        yield member
+
+
+def _verify_bundle(run_dir, url):
+    """Every file as listed in MANIFEST.json, and a vocabulary and config that fit the weights."""
+    try:
+        listed = json.loads((run_dir / BUNDLE_MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, dict):
+        raise DataError(f"{url}: refused: no readable {BUNDLE_MANIFEST} in the archive")
+    present = {path.relative_to(run_dir).as_posix(): path for path in run_dir.rglob("*")
+               if path.is_file() and path.name != BUNDLE_MANIFEST}
+    if set(listed) != set(present):
+        raise DataError(f"{url}: refused: files missing {sorted(set(listed) - set(present))} or unlisted "
+                        f"{sorted(set(present) - set(listed))} in {BUNDLE_MANIFEST}")
+    for name, path in present.items():
+        if listed[name] != {"sha256": sha256_of(path), "size": path.stat().st_size}:
+            raise DataError(f"{url}: refused: {name} differs from its {BUNDLE_MANIFEST} entry")
+    try:
+        load_model(run_dir)  # checks vocab.json against config.json and restores the weights into that model
+    except DataError as error:
+        raise DataError(f"{url}: refused: {error}") from None
+    except (ValueError, TypeError, KeyError) as error:
+        raise DataError(f"{url}: refused: config.json or vocab.json is malformed ({error})") from None
+
+
+# ---- command line ----
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m util.release", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="pack a run folder's checkpoint into one .tar.gz")
+    export.add_argument("run_dir")
+    export.add_argument("out", help="the bundle to write, e.g. s2vt-mlds.tar.gz")
+    export.add_argument("--which", choices=("best", "last"), default="best", help="which checkpoint to pack")
+    download = commands.add_parser("download", help="fetch a release by registry name or URL")
+    download.add_argument("spec", metavar="NAME|URL")
+    download.add_argument("--sha256", help="expected sha256 of the archive (a registry name brings its own)")
+    download.add_argument("--dir", default=str(DEFAULT_ROOT), help="where DIR/<name> goes (default checkpoints/)")
+    download.add_argument("--registry", help="releases.json to resolve names in (default checkpoints/releases.json)")
+    args = parser.parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if args.command == "export":
+                digest, size, entry = export_release(args.run_dir, args.out, args.which)
+                print(f"wrote {args.out}\nsha256 {digest}\nsize {size}\n"
+                      f"registry entry (fill in url):\n{json.dumps(entry, indent=1)}")
+            else:
+                print(fetch_release(args.spec, args.dir, args.sha256, args.registry))
+            code = 0
+        except DataError as error:
+            print(f"error: {error}", file=sys.stderr)
+            code = 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

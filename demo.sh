@@ -16,7 +16,7 @@ for split in training testing; do
     --layer block3_pool --image-size 96 --pool max --grids 1,2 --batch-size 64
 done
 python train.py --data-dir "$DATA" --run "$RUN" --frames 12 --hidden 128 --batch-size 32 --epochs 20 \
-  --learning-rate 2e-3 --dropout 0.3 --schedule linear --teacher-forcing-start 1.0 --teacher-forcing-end 0.6
+  --learning-rate 2e-3 --dropout 0.3 --schedule linear --teacher-forcing-start 1.0 --teacher-forcing-end 0.8
 python infer.py "$DATA/testing_id.txt" out.txt --checkpoint "checkpoints/$RUN"
 python -m util.bleu out.txt --labels "$DATA/testing_label.json" | tail -1 | sed 's/^/MLDS BLEU@1 on the demo test split: /'
 python -m util.demo_data --check out.txt --labels "$DATA/testing_label.json"

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
+from util.data import DataError, read_feature_manifest, read_ids, warnings_as_lines
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
@@ -106,7 +107,7 @@ def read_frames(path, frames, image_size):
 def build_extractor(settings):
     """The CNN from keras.applications as one function: uint8 frames (n, size, size, 3) -> features (n, dim).
 
-    A VGG conv layer's map is pooled (avg or max) to each g x g grid in `grids` and the flattened grids are
+    A VGG conv layer's map is pooled (avg, max or both) to each g x g grid in `grids` and the flattened grids are
     concatenated: a spatial pyramid, so coarse grids keep what the object is and fine ones where it is.
     """
     import keras
@@ -126,11 +127,12 @@ def build_extractor(settings):
     else:
         base = build(weights=weights, include_top=False, input_shape=(settings.image_size, settings.image_size, 3))
         feature_map = base.get_layer(settings.layer).output  # (batch, h, w, channels)
-        pooling = {"avg": keras.layers.AveragePooling2D, "max": keras.layers.MaxPooling2D}[settings.pool]
+        poolings = {"avg": keras.layers.AveragePooling2D, "max": keras.layers.MaxPooling2D}
         pooled = []
         for grid in settings.grids:
             size = feature_map.shape[1] // grid
-            pooled.append(keras.layers.Flatten()(pooling(size, strides=size)(feature_map)))  # (batch, grid*grid*c)
+            for pool in settings.pool.split("+"):  # avg keeps how much of a thing there is, max what is there
+                pooled.append(keras.layers.Flatten()(poolings[pool](size, strides=size)(feature_map)))  # (batch, g*g*c)
         cnn = keras.Model(base.input, pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled))
     preprocess = getattr(keras.applications, module).preprocess_input
 
@@ -152,8 +154,7 @@ def list_videos(video_dir, ids_file=None, shard=(0, 1)):
     if not video_dir.is_dir():
         raise VideoError(f"{video_dir}: video folder not found")
     if ids_file:
-        names = [line.strip() for line in Path(ids_file).read_text().splitlines() if line.strip()]
-        paths = [video_dir / name for name in dict.fromkeys(names)]
+        paths = [video_dir / name for name in read_ids(ids_file)]
     else:
         paths = sorted(p for p in video_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
     return [p for p in paths if in_shard(p.name, shard)]
@@ -162,8 +163,8 @@ def list_videos(video_dir, ids_file=None, shard=(0, 1)):
 def check_manifest(feat_dir, manifest):
     """Write FEAT_DIR/manifest.json, or refuse when the one already there records other settings."""
     path = Path(feat_dir) / MANIFEST
-    if path.exists():
-        recorded = json.loads(path.read_text())
+    recorded = read_feature_manifest(feat_dir)
+    if recorded is not None:
         differing = {k: (recorded.get(k), v) for k, v in manifest.items() if recorded.get(k) != v}
         if differing:
             detail = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differing.items())
@@ -171,6 +172,14 @@ def check_manifest(feat_dir, manifest):
                              "use another FEAT_DIR")
         return
     write_text_atomic(path, json.dumps(manifest, indent=1))
+
+
+def make_folder(path):
+    """mkdir -p, a failure (e.g. a file of that name) as a DataError naming the path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{path}: cannot create the feature folder ({error.strerror})") from None
 
 
 def save_atomic(path, array):
@@ -224,21 +233,21 @@ def extract(video_paths, settings, run_cnn, batch_size, on_clip, skip=lambda pat
             done += 1
             frame_total += frames
 
-    progress = tqdm(total=len(video_paths), desc=desc, unit="clip")
-    for path, clip in decoded_clips(video_paths, frames, settings.image_size, skip):
-        if clip is None:
-            skipped += 1
-        elif isinstance(clip, VideoError):
-            failures[path.name] = str(clip)
-            tqdm.write(f"failed: {clip}")
-        else:
-            waiting.append(clip)
-            clips.append(path)
-            run_batches()
-        progress.update(1)
-        progress.set_postfix(frames_per_s=f"{frame_total / (time.perf_counter() - started):.1f}")
-    run_batches(final=True)
-    progress.close()
+    # cleared when done or failed, so stderr keeps only the error lines; the caller prints a summary
+    with tqdm(total=len(video_paths), desc=desc, unit="clip", leave=False) as progress:
+        for path, clip in decoded_clips(video_paths, frames, settings.image_size, skip):
+            if clip is None:
+                skipped += 1
+            elif isinstance(clip, VideoError):
+                failures[path.name] = str(clip)
+                tqdm.write(f"error: {clip}", file=sys.stderr)
+            else:
+                waiting.append(clip)
+                clips.append(path)
+                run_batches()
+            progress.update(1)
+            progress.set_postfix(frames_per_s=f"{frame_total / (time.perf_counter() - started):.1f}")
+        run_batches(final=True)
     return done, skipped, failures, frame_total / max(time.perf_counter() - started, 1e-9)
 
 
@@ -293,7 +302,8 @@ def main(argv=None):
     parser.add_argument("--weights", default="imagenet", help="imagenet, none (seeded random) or a weights file")
     parser.add_argument("--layer", help="VGG layer (default fc2) e.g. block3_pool; others use their avg pool")
     parser.add_argument("--image-size", type=positive_int, help="input size for VGG conv layers")
-    parser.add_argument("--pool", choices=("avg", "max"), default="avg", help="pooling of a VGG conv layer's map")
+    parser.add_argument("--pool", choices=("avg", "max", "avg+max"), default="avg",
+                        help="pooling of a VGG conv layer's map (avg+max: both, concatenated)")
     parser.add_argument("--grids", default="2", help="comma-separated pyramid grids for VGG conv layers, e.g. 1,2")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
@@ -302,24 +312,25 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     settings = settings_from_args(args, parser)
+    feat_dir = Path(args.feat_dir)
+    output_path = lambda path: feat_dir / f"{path.name}.npy"
+    failed_path = feat_dir / ("failed.txt" if args.shard == (0, 1) else f"failed.{args.shard[0]}of{args.shard[1]}.txt")
     try:
-        videos = list_videos(args.video_dir, args.ids, args.shard)
-        feat_dir = Path(args.feat_dir)
-        feat_dir.mkdir(parents=True, exist_ok=True)
+        with warnings_as_lines():
+            videos = list_videos(args.video_dir, args.ids, args.shard)
+        make_folder(feat_dir)
         run_cnn, feature_dim = build_extractor(settings)
         check_manifest(feat_dir, settings.manifest(feature_dim))
-    except VideoError as error:
+        done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
+                                               on_clip=lambda path, features: save_atomic(output_path(path), features),
+                                               skip=lambda path: output_path(path).exists())
+        if failures:
+            write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
+    except (VideoError, DataError) as error:  # a DataError: a bad --ids file or manifest, or a failed write
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output_path = lambda path: feat_dir / f"{path.name}.npy"
-    done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
-                                           on_clip=lambda path, features: save_atomic(output_path(path), features),
-                                           skip=lambda path: output_path(path).exists())
-    failed_path = feat_dir / ("failed.txt" if args.shard == (0, 1) else f"failed.{args.shard[0]}of{args.shard[1]}.txt")
-    if failures:
-        write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
     print(f"extracted {done}, skipped {skipped} (already there), failed {len(failures)}"
           + (f" (see {failed_path})" if failures else "") + f"; {fps:.1f} frames/s; features in {feat_dir}")
     return 1 if failures else 0

@@ -141,12 +141,15 @@ class S2VT(keras.Model):
         self.built = True
 
     def adapt_features(self, features):
-        """Set the standardisation from training features (videos, frames, dim); all-constant dims get std 1."""
+        """Set the standardisation from training features (videos, frames, dim).
+
+        The variance gets a floor of 10% of the mean variance, so a nearly constant dimension (common in ReLU
+        features) is not blown up into huge outliers that saturate the LSTMs."""
         flat = features.reshape(-1, features.shape[-1])  # (videos * frames, dim)
         mean = flat.mean(0, dtype="float64")
-        std = flat.std(0, dtype="float64")
+        variance = flat.var(0, dtype="float64")
         self.feature_mean.assign(mean.astype("float32"))
-        self.feature_std.assign(np.where(std > 1e-6, std, 1.0).astype("float32"))
+        self.feature_std.assign(np.sqrt(variance + 0.1 * variance.mean() + 1e-12).astype("float32"))
 
     # ---- randomness: stateless, so (weights, batch, seed) fixes the result ----
     @staticmethod
@@ -264,6 +267,117 @@ class S2VT(keras.Model):
             (0, state, tf.fill([batch], BOS), tf.zeros([batch], tf.bool), words_ta, weights_ta))
         words = tf.transpose(words_ta.gather(tf.range(steps)))  # (batch, steps)
         return words, tf.transpose(weights_ta.gather(tf.range(steps)), [1, 0, 2])
+
+    def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
+        """Beam search, all videos and all their beams decoded together; beam_size=1 gives exactly greedy().
+
+        A hypothesis's log-probability is the sum of its words' (<EOS> included), and it is ranked by
+        log_prob / length**length_penalty, the length counting <EOS>. Each step extends every live hypothesis by
+        every word; of each video's 2*beam_size best extensions, those among the first beam_size that end in <EOS>
+        join the video's finished pool (its beam_size best by rank), and the beam_size best that do not end stay
+        live. A video stops when its pool is full, the search when every video has stopped or max_len words were
+        written. A video with fewer than n_best finished captions is topped up with its best unfinished ones,
+        ranked after the finished.
+
+        Returns, with steps the length of the longest returned hypothesis:
+          words      (batch, n_best, steps) int32, best first, <PAD>-filled after each <EOS>;
+          scores     (batch, n_best) float32, the ranking scores log_prob / length**length_penalty;
+          log_probs  (batch, n_best) float32, the summed log-probabilities;
+          attention  (batch, steps, frames) float32, the best hypothesis's attention weights, zero after its end.
+        """
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"need 1 <= n_best <= beam_size, not n_best={n_best}, beam_size={beam_size}")
+        max_len = max_len or self.config.max_caption_len
+        beam, vocab = beam_size, self.config.vocab_size
+        batch = tf.shape(frame_features)[0]
+        # Rows are video-major, row = video * beam + k: each video's encoding computed once, repeated per beam.
+        encoded = {name: tf.repeat(value, beam, axis=0) for name, value in self.encode(frame_features).items()}
+        frames = tf.shape(encoded["outputs"])[1]
+        word_table = self.word_gate_table()
+        first_rows = tf.range(batch)[:, None] * beam  # (batch, 1)
+        neg_inf = tf.constant(-np.inf)
+
+        def rank(log_probs, length):
+            return log_probs / tf.pow(tf.cast(length, tf.float32), length_penalty)
+
+        def is_full(pool):
+            return tf.reduce_all(pool["rank"] > neg_inf, axis=1)  # (batch,)
+
+        def body(t, state, words, live_scores, pool, tokens_ta, parents_ta, weights_ta):
+            logits, weights, state = self.decode_step(state, words, word_table, encoded)
+            log_probs = tf.reshape(tf.nn.log_softmax(logits), [batch, beam, vocab])
+            totals = tf.reshape(live_scores[:, :, None] + log_probs, [batch, beam * vocab])
+            # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
+            candidate_scores, candidate_ids = tf.math.top_k(totals, 2 * beam)  # (batch, 2*beam), best first
+            candidate_parents, candidate_words = candidate_ids // vocab, candidate_ids % vocab
+            ends = tf.equal(candidate_words, EOS)
+
+            finishing = ends & (tf.range(2 * beam) < beam) & (candidate_scores > neg_inf) & ~is_full(pool)[:, None]
+            arrivals = {"rank": tf.where(finishing, rank(candidate_scores, t + 1), neg_inf),
+                        "log_prob": candidate_scores, "end": tf.fill(tf.shape(candidate_ids), t),
+                        "parent": candidate_parents}
+            _, kept = tf.math.top_k(tf.concat([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
+            pool = {name: tf.gather(tf.concat([pool[name], arrivals[name]], 1), kept, batch_dims=1) for name in pool}
+
+            live_scores, continuing = tf.math.top_k(tf.where(ends, neg_inf, candidate_scores), beam)  # (batch, beam)
+            parents = tf.gather(candidate_parents, continuing, batch_dims=1)
+            new_words = tf.gather(candidate_words, continuing, batch_dims=1)
+            rows = tf.reshape(first_rows + parents, [-1])  # (batch*beam,)
+            state = {name: tf.gather(value, rows) for name, value in state.items()}
+            return (t + 1, state, tf.reshape(new_words, [-1]), live_scores, pool, tokens_ta.write(t, new_words),
+                    parents_ta.write(t, parents), weights_ta.write(t, tf.reshape(weights, [batch, beam, frames])))
+
+        # At step 0 only beam 0 is live, so a video's beams do not all grow the same hypotheses.
+        live_scores = tf.tile(tf.concat([[0.0], tf.fill([beam - 1], neg_inf)], 0)[None], [batch, 1])
+        empty_pool = {"rank": tf.fill([batch, beam], neg_inf), "log_prob": tf.fill([batch, beam], neg_inf),
+                      "end": tf.zeros([batch, beam], tf.int32), "parent": tf.zeros([batch, beam], tf.int32)}
+        state = {name: encoded[name] for name in ("h1", "c1", "h2", "c2")}
+        steps, _, _, live_scores, pool, tokens_ta, parents_ta, weights_ta = tf.while_loop(
+            lambda t, state, words, live_scores, pool, *_: (t < max_len) & ~tf.reduce_all(is_full(pool)), body,
+            (0, state, tf.fill([batch * beam], BOS), live_scores, empty_pool,
+             tf.TensorArray(tf.int32, size=max_len), tf.TensorArray(tf.int32, size=max_len),
+             tf.TensorArray(tf.float32, size=max_len)))
+        tokens = tokens_ta.gather(tf.range(steps))  # (steps, batch, beam)
+        parents = parents_ta.gather(tf.range(steps))  # (steps, batch, beam)
+        weights = weights_ta.gather(tf.range(steps))  # (steps, batch, beam, frames), by the beam that was extended
+
+        pool["word"] = tf.fill([batch, beam], EOS)
+        live = {"rank": rank(live_scores, steps), "log_prob": live_scores, "end": tf.fill([batch, beam], steps - 1),
+                "parent": parents[-1], "word": tokens[-1]}  # both already sorted best first
+        finished_count = tf.reduce_sum(tf.cast(pool["rank"] > neg_inf, tf.int32), 1, keepdims=True)  # (batch, 1)
+        place = tf.range(n_best)[None]  # (1, n_best)
+        pick = tf.where(place < finished_count, place, beam + place - finished_count)  # (batch, n_best)
+        best = {name: tf.gather(tf.concat([pool[name], live[name]], 1), pick, batch_dims=1) for name in pool}
+
+        words, attention = self._backtrack(best, tokens, parents, weights, steps)
+        length = tf.reduce_max(best["end"]) + 1
+        return words[:, :, :length], best["rank"], best["log_prob"], attention[:, 0, :length]
+
+    @staticmethod
+    def _backtrack(hypotheses, tokens, parents, weights, steps):
+        """Follow beam back-pointers from each hypothesis's last word to its first.
+
+        hypotheses: dict of (batch, n) tensors "end" (step of the last word), "word" (that word) and "parent"
+        (the beam it extended); tokens, parents (steps, batch, beam) and weights (steps, batch, beam, frames) as
+        recorded by beam_search. Returns word ids (batch, n, steps) and attention (batch, n, steps, frames),
+        <PAD> and zeros after each end.
+        """
+        end = hypotheses["end"]
+
+        def body(s, beam_index, words_ta, attention_ta):
+            at_end, inside = tf.equal(s, end), s <= end
+            word = tf.where(at_end, hypotheses["word"], tf.gather(tokens[s], beam_index, batch_dims=1))
+            parent = tf.where(at_end, hypotheses["parent"], tf.gather(parents[s], beam_index, batch_dims=1))
+            attention = tf.gather(weights[s], parent, batch_dims=1)  # (batch, n, frames)
+            words_ta = words_ta.write(s, tf.where(inside, word, PAD))
+            attention_ta = attention_ta.write(s, tf.where(inside[:, :, None], attention, 0.0))
+            return s - 1, tf.where(inside, parent, beam_index), words_ta, attention_ta
+
+        _, _, words_ta, attention_ta = tf.while_loop(
+            lambda s, *_: s >= 0, body,
+            (steps - 1, tf.zeros_like(end), tf.TensorArray(tf.int32, size=steps),
+             tf.TensorArray(tf.float32, size=steps)))
+        return tf.transpose(words_ta.stack(), [1, 2, 0]), tf.transpose(attention_ta.stack(), [1, 2, 0, 3])
 
 
 def caption_loss(logits, caption_ids):

@@ -10,6 +10,8 @@ import sys
 
 import numpy as np
 
+from util.data import DataError
+
 SCHEDULES = ("inverse_sigmoid", "linear", "constant")
 
 
@@ -52,13 +54,20 @@ def main(argv=None):
     parser.add_argument("--start", type=float, default=1.0, help="linear/constant: first probability")
     parser.add_argument("--end", type=float, default=0.0, help="linear: last probability")
     parser.add_argument("--out", default="util/sigmoid.png", help="PNG of the curve (default util/sigmoid.png)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if args.epochs <= 0:
         parser.error("--epochs must be positive")
     probs = teacher_forcing_schedule(args.epochs, args.schedule, args.start, args.end)
     for epoch, p in enumerate(probs, 1):
         print(f"epoch {epoch:4d}  teacher_forcing_prob {p:.4f}")
-    plot_schedule(probs, args.schedule, args.out)
+    try:
+        plot_schedule(probs, args.schedule, args.out)
+    except DataError as error:  # an --out that cannot be written
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(f"{args.schedule}: {probs[0]:.4f} ... {probs[-1]:.4f} over {args.epochs} epochs; plot in {args.out}")
     return 0
 

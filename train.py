@@ -4,14 +4,17 @@
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy, validates every epoch on
 PATH/testing_label.json with PATH/testing_data/feat, and writes checkpoints/<run>/ (see util/checkpoints.py):
-the last 3 checkpoints, the best by validation BLEU@1, config.json, vocab.json, history.csv and TensorBoard logs.
-Ctrl-C saves a checkpoint at the current step; --resume continues from it exactly.
+the last 3 checkpoints, the best by a validation metric, config.json, vocab.json, history.csv, curves.png and
+TensorBoard logs.
+Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
 """
 import argparse
-import json
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,9 +28,10 @@ from tqdm import tqdm
 from model import ATTENTIONS, S2VT, S2VTConfig, caption_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util.atomic import atomic_path
-from util.bleu import corpus_bleu1
-from util.checkpoints import DEFAULT_ROOT, newest_run, read_run_config, restore, write_run_files
-from util.data import DataError, Split, encode_captions, epoch_pairs, make_dataset
+from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_config, restore, write_run_files
+from util.data import DataError, Split, encode_captions, epoch_pairs, make_dataset, read_feature_manifest
+from util.evaluate import evaluate
+from util.plots import plot_training_curves
 from util.vocab import Vocabulary
 
 
@@ -58,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--clip-norm", type=float, default=5.0, help="global gradient-norm clip")
     parser.add_argument("--pairs", choices=("all", "sample"), default="all",
                         help="an epoch is every (video, caption) pair, or one random caption per video")
+    parser.add_argument("--select-metric", choices=("bleu1", "bleu4", "cider"), default="bleu1",
+                        help="validation metric that picks the best checkpoint (bleu1 = the MLDS course BLEU@1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
     parser.add_argument("--ckpt-dir", help="run folder (default checkpoints/<run>)")
@@ -72,9 +78,29 @@ def parse_args(argv=None):
     return args
 
 
-def read_manifest(feat_dir):
-    path = Path(feat_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+@contextmanager
+def ctrl_c_stops_between_batches():
+    """Yield an Event that Ctrl-C sets, for the loop to stop and save between batches rather than take a
+    KeyboardInterrupt inside TensorFlow, which can corrupt its memory (an abort, "free(): invalid next size").
+    A second Ctrl-C raises KeyboardInterrupt at once."""
+    stop = threading.Event()
+
+    def request_stop(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupted(path, epoch_var, batch_var, run_dir):
+    print(f"interrupted: saved {path} at epoch {int(epoch_var) + 1}, batch {int(batch_var)}; "
+          f"continue with --resume --ckpt-dir {run_dir}")
+    return 130
 
 
 def greedy_captions(greedy_fn, vocab, split, batch_size):
@@ -86,6 +112,25 @@ def greedy_captions(greedy_fn, vocab, split, batch_size):
     return captions
 
 
+def make_train_step(model, optimizer):
+    """One optimisation step as a tf.function: (features, captions, teacher_forcing_prob, seed) -> loss.
+    bench.py times this same function."""
+    cfg = model.config
+
+    @tf.function(input_signature=[tf.TensorSpec([None, cfg.frames, cfg.feature_dim], tf.float32),
+                                  tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.float32),
+                                  tf.TensorSpec([2], tf.int64)])
+    def train_step(frame_features, captions, teacher_forcing_prob, seed):
+        with tf.GradientTape() as tape:
+            logits, _, _ = model(frame_features, captions, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                                 training=True)
+            loss = caption_loss(logits, captions)
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    return train_step
+
+
 def train(args):
     run_dir = Path(args.ckpt_dir)
     data_dir = Path(args.data_dir)
@@ -93,8 +138,8 @@ def train(args):
     # ---- data ----
     train_split = Split(data_dir, "training", frames=args.frames)
     feature_dim = train_split.features.shape[2]
-    manifest = read_manifest(data_dir / "training_data" / "feat")
-    test_manifest = read_manifest(data_dir / "testing_data" / "feat")
+    manifest = read_feature_manifest(data_dir / "training_data" / "feat")
+    test_manifest = read_feature_manifest(data_dir / "testing_data" / "feat")
     if manifest and test_manifest and manifest != test_manifest:
         raise DataError(f"{data_dir / 'testing_data' / 'feat' / 'manifest.json'}: test features were made with other "
                         f"settings than {data_dir / 'training_data' / 'feat' / 'manifest.json'}")
@@ -106,7 +151,7 @@ def train(args):
     else:
         print(f"warning: {data_dir / 'testing_label.json'} not found: no validation, the best checkpoint is the last")
     if args.resume:
-        vocab = Vocabulary.load(run_dir / "vocab.json")
+        vocab = load_vocab(run_dir)
     else:
         vocab = Vocabulary.build((c for _, caps in train_split.labels for c in caps), args.min_word_count)
     video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
@@ -129,9 +174,9 @@ def train(args):
     optimizer.build(model.trainable_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, name="epoch")  # epochs finished
     batch_var = tf.Variable(0, dtype=tf.int64, name="batch_in_epoch")  # batches done in the unfinished epoch
-    best_var = tf.Variable(-1.0, dtype=tf.float64, name="best_bleu1")
+    best_var = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")  # of --select-metric
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, batch_in_epoch=batch_var,
-                                     best_bleu1=best_var)
+                                     best_score=best_var)
     last_manager = tf.train.CheckpointManager(checkpoint, str(run_dir / "last"), max_to_keep=3)
     best_manager = tf.train.CheckpointManager(checkpoint, str(run_dir / "best"), max_to_keep=1)
     if args.resume:
@@ -144,15 +189,7 @@ def train(args):
         write_run_files(run_dir, config, vars(args), vocab, manifest)
 
     signature = [tf.TensorSpec([None, args.frames, feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32)]
-
-    @tf.function(input_signature=signature + [tf.TensorSpec([], tf.float32), tf.TensorSpec([2], tf.int64)])
-    def train_step(frame_features, captions, teacher_forcing_prob, seed):
-        with tf.GradientTape() as tape:
-            logits, _, _ = model(frame_features, captions, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
-                              training=True)
-            loss = caption_loss(logits, captions)
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
+    train_step = make_train_step(model, optimizer)
 
     @tf.function(input_signature=signature)
     def eval_loss(frame_features, captions):
@@ -167,61 +204,66 @@ def train(args):
     history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
     batches_per_epoch = None
     started = time.perf_counter()
-    for epoch in range(int(epoch_var), args.epochs):
-        p = float(probs[epoch])
-        epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
-        batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
-        skip = int(batch_var)
-        dataset = make_dataset(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip)
-        bar = tqdm(dataset, total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
-                   unit="batch", leave=False)
-        losses = []
-        try:
+    with ctrl_c_stops_between_batches() as stop:
+        for epoch in range(int(epoch_var), args.epochs):
+            p = float(probs[epoch])
+            epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
+            batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
+            skip = int(batch_var)
+            dataset = make_dataset(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip)
+            bar = tqdm(dataset, total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       unit="batch", leave=False)
+            losses = []
             for frame_features, captions in bar:
+                if stop.is_set():
+                    break
                 seed = tf.constant([args.seed, int(optimizer.iterations)], tf.int64)
                 losses.append(float(train_step(frame_features, captions, tf.constant(p, tf.float32), seed)))
                 batch_var.assign_add(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", teacher_forcing=f"{p:.3f}")
-        except KeyboardInterrupt:
             bar.close()
-            path = last_manager.save()
-            print(f"interrupted: saved {path} at epoch {epoch + 1}, batch {int(batch_var)}; "
-                  f"continue with --resume --ckpt-dir {run_dir}")
-            return 130
-        bar.close()
+            if stop.is_set() and int(batch_var) < batches_per_epoch:
+                return interrupted(last_manager.save(), epoch_var, batch_var, run_dir)
 
-        row = {"epoch": epoch + 1, "teacher_forcing_prob": p, "train_loss": float(np.mean(losses)) if losses else None}
-        if test_split is not None:
-            val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
-            val_losses = [float(eval_loss(f, c)) for f, c in
-                          make_dataset(test_split.features, val_videos, val_captions, args.batch_size)]
-            captions = greedy_captions(greedy, vocab, test_split, args.batch_size)
-            row.update(val_loss=float(np.mean(val_losses)), val_bleu1=corpus_bleu1(captions, test_split.references),
-                       example=f"{test_split.video_ids[0]}: {captions[test_split.video_ids[0]]}")
-        history.append(row)
-        with writer.as_default(step=epoch + 1):
-            for key, value in row.items():
-                if isinstance(value, float):
-                    tf.summary.scalar(key, value)
-        with atomic_path(history_path) as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
+            row = {"epoch": epoch + 1, "teacher_forcing_prob": p,
+                   "train_loss": float(np.mean(losses)) if losses else None}
+            if test_split is not None:
+                val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
+                val_losses = [float(eval_loss(f, c)) for f, c in
+                              make_dataset(test_split.features, val_videos, val_captions, args.batch_size)]
+                captions = greedy_captions(greedy, vocab, test_split, args.batch_size)
+                scores = evaluate(captions, test_split.references, use_java=False)  # no Java start-up every epoch
+                row.update(val_loss=float(np.mean(val_losses)), val_bleu1=scores["mlds_bleu1"],
+                           val_bleu4=scores["bleu4"], val_cider=scores["cider"],
+                           example=f"{test_split.video_ids[0]}: {captions[test_split.video_ids[0]]}")
+            history.append(row)
+            with writer.as_default(step=epoch + 1):
+                for key, value in row.items():
+                    if isinstance(value, float):
+                        tf.summary.scalar(key, value)
+            with atomic_path(history_path) as tmp:
+                pd.DataFrame(history).to_csv(tmp, index=False)
+            plot_training_curves(history_path, run_dir / "curves.png")
 
-        epoch_var.assign(epoch + 1)
-        batch_var.assign(0)
-        last_manager.save()
-        score = row.get("val_bleu1", -float(row["train_loss"] or 0))
-        improved = score > float(best_var)
-        if improved:
-            best_var.assign(score)
-            best_manager.save()
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  teacher_forcing {p:.3f}"
-              + (f"  val_loss {row['val_loss']:.4f}  val_bleu1 {row['val_bleu1']:.4f}" if test_split else "")
-              + ("  *best*" if improved else ""), flush=True)
-        if test_split is not None:
-            print(f"  {row['example']}", flush=True)
+            epoch_var.assign(epoch + 1)
+            batch_var.assign(0)
+            last_manager.save()
+            score = row[f"val_{args.select_metric}"] if test_split is not None else -float(row["train_loss"] or 0)
+            improved = score > float(best_var)
+            if improved:
+                best_var.assign(score)
+                best_manager.save()
+            print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  teacher_forcing {p:.3f}"
+                  + (f"  val_loss {row['val_loss']:.4f}  BLEU@1 {row['val_bleu1']:.4f}  BLEU-4 {row['val_bleu4']:.4f}"
+                     f"  CIDEr {row['val_cider']:.4f}" if test_split else "")
+                  + ("  *best*" if improved else ""), flush=True)
+            if test_split is not None:
+                print(f"  {row['example']}", flush=True)
+            if stop.is_set() and epoch + 1 < args.epochs:  # Ctrl-C in an epoch's last batch, validation or saving
+                return interrupted(last_manager.latest_checkpoint, epoch_var, batch_var, run_dir)
 
     elapsed = time.perf_counter() - started
-    best = f"best val BLEU@1 {float(best_var):.4f}" if test_split is not None else "no validation"
+    best = f"best val {args.select_metric} {float(best_var):.4f}" if test_split is not None else "no validation"
     print(f"trained {args.epochs} epochs ({elapsed:.0f} s this session); {best}; run folder {run_dir}")
     return 0
 
@@ -235,6 +277,11 @@ def main(argv=None):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C: the last checkpoint stands
+        if debug:
+            raise
+        print("interrupted: nothing new saved; --resume continues from the last checkpoint", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

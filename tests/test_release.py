@@ -100,6 +100,13 @@ def with_manifest(files):
     return {**files, "MANIFEST.json": json.dumps({"files": listed}).encode()}
 
 
+def the_error(capsys):
+    """The one `error: ` line on stderr (the download progress goes there too)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    return errors[0]
+
+
 def test_export_bundle_layout(release):
     files = bundle_files(release.bundle)
     assert {"config.json", "vocab.json", "feature_manifest.json", "metrics.json", "MANIFEST.json",
@@ -148,8 +155,7 @@ def test_second_use_of_a_name_makes_no_request(release, server, tmp_path, capsys
 def test_wrong_sha256_is_refused_and_deleted(release, server, tmp_path, capsys):
     url = server.serve("/wrong/tiny.tar.gz", release.bundle.read_bytes())
     assert main(["download", url, "--sha256", "0" * 64, "--dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    err = the_error(capsys)
     assert "sha256 mismatch" in err and release.sha256 in err and "deleted" in err
     assert list(tmp_path.iterdir()) == []
 
@@ -172,8 +178,8 @@ def test_truncated_or_corrupt_download_is_refused(release, server, tmp_path, ser
 def test_404_is_refused(server, tmp_path, capsys):
     url = server.serve("/present.tar.gz", b"")
     assert main(["download", url.replace("present", "missing"), "--dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "404" in err and "download failed" in err
+    err = the_error(capsys)
+    assert "404" in err and "download failed" in err
     assert list(tmp_path.iterdir()) == []
 
 

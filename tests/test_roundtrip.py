@@ -43,8 +43,9 @@ def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp
     reference = weights(tf.train.latest_checkpoint(str(straight / "last")))
     for name, value in weights(latest).items():
         np.testing.assert_allclose(value, reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    for name in ("config.json", "vocab.json", "best", "tensorboard"):
+    for name in ("config.json", "vocab.json", "best", "tensorboard", "curves.png"):
         assert (resumed / name).exists()
+    assert {"val_loss", "val_bleu1", "val_bleu4", "val_cider", "teacher_forcing_prob"} <= set(history.columns)
 
     out = tmp_path / "out.txt"
     ids = (tiny_data / "testing_id.txt").read_text().split()
@@ -77,3 +78,29 @@ def test_infer_refuses_an_unknown_id(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no_such_video.avi.npy" in err and "not found" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_infer_beam_search_n_best_and_attention_plots(tiny_data, tmp_path):
+    import json
+
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_data, run_dir, "--epochs", "2") == 0
+    ids_file = tiny_data / "testing_id.txt"
+    greedy_out, beam_out = tmp_path / "greedy.txt", tmp_path / "beam.txt"
+    assert infer.main([str(ids_file), str(greedy_out), "--checkpoint", str(run_dir)]) == 0
+    assert infer.main([str(ids_file), str(beam_out), "--checkpoint", str(run_dir), "--beam-size", "3",
+                       "--n-best", "2", "--length-penalty", "0.5", "--attention-dir", str(tmp_path / "att")]) == 0
+    ids = ids_file.read_text().split()
+    n_best = json.loads((tmp_path / "beam.txt.nbest.json").read_text())
+    assert list(n_best) == ids
+    beam_lines = dict(line.split(",", 1) for line in beam_out.read_text().splitlines())
+    for video_id, hypotheses in n_best.items():
+        assert len(hypotheses) == 2 and hypotheses[0]["score"] >= hypotheses[1]["score"]
+        assert hypotheses[0]["caption"] == beam_lines[video_id]
+    pngs = sorted(p.name for p in (tmp_path / "att").glob("*.png"))
+    assert pngs == sorted(f"{i}.png" for i in ids)
+    assert (tmp_path / "att" / pngs[0]).read_bytes()[:4] == b"\x89PNG"
+    # beam size 1 is greedy decoding
+    one_out = tmp_path / "one.txt"
+    assert infer.main([str(ids_file), str(one_out), "--checkpoint", str(run_dir), "--beam-size", "1"]) == 0
+    assert one_out.read_text() == greedy_out.read_text()

@@ -43,8 +43,12 @@ def read_captions(path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: captions file not found")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
     captions = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         if "," not in line:
@@ -58,12 +62,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="MLDS course BLEU@1 of a captions file")
     parser.add_argument("captions", help="file of 'video_id,caption' lines")
     parser.add_argument("--labels", required=True, help="labels JSON, e.g. testing_label.json")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
         references = dict(load_labels(args.labels))
         captions = read_captions(args.captions)
         score = corpus_bleu1(captions, references)
     except (DataError, KeyError) as error:
+        if args.debug:
+            raise
         print(f"error: {args.captions}: {error}" if isinstance(error, KeyError) else f"error: {error}",
               file=sys.stderr)
         return 2

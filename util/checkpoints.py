@@ -22,7 +22,10 @@ DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 
 def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest):
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"{run_dir}: cannot create the run folder ({error.strerror})") from None
     config = {"model": model_config.to_dict(), "train": train_args, "features": feature_manifest}
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1, default=str))
     vocab.save(run_dir / "vocab.json")
@@ -40,7 +43,8 @@ def read_run_config(run_dir):
 
 def newest_run(root=DEFAULT_ROOT):
     """The run folder under root whose config.json was written last."""
-    runs = sorted(Path(root).glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    runs = sorted((p for p in Path(root).glob("*/config.json") if not (p.parent / "SOURCE.json").is_file()),
+                  key=lambda p: p.stat().st_mtime)  # fetched releases are used only when named
     if not runs:
         raise DataError(f"{root}: no trained run found (train one with train.py, or give --checkpoint)")
     return runs[-1].parent
@@ -65,17 +69,29 @@ def resolve_checkpoint(path=None):
     raise DataError(f"{path}: no such checkpoint or run folder")
 
 
+def load_vocab(run_dir):
+    """The run's vocab.json, checked to be a word list starting with the special tokens."""
+    path = Path(run_dir) / "vocab.json"
+    if not path.is_file():
+        raise DataError(f"{path}: vocabulary missing beside the checkpoint")
+    try:
+        return Vocabulary.load(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as error:
+        raise DataError(f"{path}: not a vocabulary written by train.py ({error})") from None
+
+
 def load_model(path=None):
     """Restore a trained model for inference: (model, vocab, run config, checkpoint prefix)."""
     run_dir, prefix = resolve_checkpoint(path)
     config = read_run_config(run_dir)
-    vocab_path = run_dir / "vocab.json"
-    if not vocab_path.is_file():
-        raise DataError(f"{vocab_path}: vocabulary missing beside the checkpoint")
-    vocab = Vocabulary.load(vocab_path)
-    model_config = S2VTConfig(**config["model"])
+    vocab = load_vocab(run_dir)
+    try:
+        model_config = S2VTConfig(**config["model"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{run_dir / 'config.json'}: no valid \"model\" section ({error})") from None
     if model_config.vocab_size != len(vocab):
-        raise DataError(f"{vocab_path}: {len(vocab)} words, but the model was built for {model_config.vocab_size}")
+        raise DataError(f"{run_dir / 'vocab.json'}: {len(vocab)} words, but the model was built for "
+                        f"{model_config.vocab_size}")
     model = S2VT(model_config)
     restore(tf.train.Checkpoint(model=model), prefix, partial=True)
     return model, vocab, config, prefix
@@ -88,7 +104,14 @@ def restore(checkpoint, prefix, partial=False):
         if partial:
             status.expect_partial()
         status.assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"{prefix}: checkpoint cannot be restored into this model ({first_line})") from None
+    except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated .data file
+        raise DataError(f"{prefix}: checkpoint files are missing, truncated or corrupt ({_summary(error)})") from None
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"{prefix}: checkpoint cannot be restored into this model ({_summary(error)})") from None
     return status
+
+
+def _summary(error):
+    """The first line of a TensorFlow error, without the variable values it may print."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(", value=")[0] if text else type(error).__name__

@@ -5,16 +5,20 @@
     DATA_DIR/testing_id.txt, DATA_DIR/testing_data/id.txt   one id per line
 """
 import json
+import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from util.vocab import PAD
 
+NPY_MAGIC = b"\x93NUMPY"
+
 
 class DataError(Exception):
-    """Bad input data; the message names the file and what is wrong."""
+    """Bad input data or an unusable path; the message names the file and what is wrong."""
 
 
 def load_labels(path):
@@ -41,13 +45,26 @@ def load_labels(path):
     return labels
 
 
+@contextmanager
+def warnings_as_lines():
+    """Print each warning raised inside as one `warning: message` line on stderr, as the command lines do."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+
+
 def read_ids(path):
     """Video ids, one per line; blank lines, trailing white space and Windows line ends tolerated,
     duplicates dropped with a warning."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: ids file not found")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
     if not ids:
         raise DataError(f"{path}: no ids in the file")
     unique = list(dict.fromkeys(ids))
@@ -68,24 +85,41 @@ def find_feat_dir(ids_file):
                     f"{', '.join(str(c) for c in candidates)}); give --feat-dir")
 
 
+def read_feature_manifest(feat_dir):
+    """FEAT_DIR/manifest.json as extract_features.py wrote it (its settings and dimension), or None if absent."""
+    path = Path(feat_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object of feature settings")
+    return manifest
+
+
 def load_feature_file(path, frames=None, feature_dim=None):
     """One (frames, dim) feature array as float32, never unpickling; shape and values checked."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: feature file not found")
+    with open(path, "rb") as file:
+        if file.read(len(NPY_MAGIC)) != NPY_MAGIC:  # else np.load reports a text file as pickled data
+            raise DataError(f"{path}: not a .npy file (no NUMPY header)")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as error:
-        raise DataError(f"{path}: not a plain .npy array ({error})") from None
+        raise DataError(f"{path}: not a plain, complete .npy array ({error})") from None
     except (OSError, EOFError) as error:
         raise DataError(f"{path}: unreadable or truncated .npy file ({error})") from None
     if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"{path}: expected a 2-d float array (frames, dim), got {getattr(array, 'shape', '?')} "
                         f"{getattr(array, 'dtype', '')}")
     if frames is not None and array.shape[0] != frames:
-        raise DataError(f"{path}: has {array.shape[0]} frames, the model expects {frames}")
+        raise DataError(f"{path}: has {array.shape[0]} frames, expected {frames}")
     if feature_dim is not None and array.shape[1] != feature_dim:
-        raise DataError(f"{path}: features are {array.shape[1]}-d, the model expects {feature_dim}-d")
+        raise DataError(f"{path}: features are {array.shape[1]}-d, expected {feature_dim}-d")
     if not np.isfinite(array).all():
         raise DataError(f"{path}: holds NaN or infinite values")
     return array.astype(np.float32)
@@ -96,11 +130,16 @@ def load_features(feat_dir, video_ids, frames=None, feature_dim=None, dtype=np.f
     feat_dir = Path(feat_dir)
     if not feat_dir.is_dir():
         raise DataError(f"{feat_dir}: feature folder not found")
-    first = load_feature_file(feat_dir / f"{video_ids[0]}.npy", frames, feature_dim)
+    first_path = feat_dir / f"{video_ids[0]}.npy"
+    first = load_feature_file(first_path, frames, feature_dim)
     stacked = np.empty((len(video_ids),) + first.shape, dtype)
     stacked[0] = first
     for i, video_id in enumerate(video_ids[1:], 1):
-        array = load_feature_file(feat_dir / f"{video_id}.npy", first.shape[0], first.shape[1])
+        path = feat_dir / f"{video_id}.npy"
+        array = load_feature_file(path, frames, feature_dim)
+        if array.shape != first.shape:
+            raise DataError(f"{path}: shape {array.shape} differs from {first_path.name}'s {first.shape}; "
+                            "the folder mixes features of different kinds")
         stacked[i] = array
     return stacked
 

@@ -121,7 +121,7 @@ def split_combinations(seed, held_out=8):
             return seen, picked
 
 
-def make_corpus(out_dir, train_videos=480, test_seen=24, seed=0):
+def make_corpus(out_dir, train_videos=720, test_seen=24, seed=0):
     """Write the demo corpus in the MLDS layout under out_dir; returns {split: [label dicts]}."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
@@ -164,7 +164,7 @@ def attribute_accuracy(captions, labels):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="where to write the corpus")
-    parser.add_argument("--train", type=int, default=480, help="training clips (default 480)")
+    parser.add_argument("--train", type=int, default=720, help="training clips (default 720)")
     parser.add_argument("--test-seen", type=int, default=24, help="test clips of seen combinations (default 24)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", metavar="CAPTIONS", help="instead: score a captions file's attributes "

@@ -48,7 +48,7 @@ def plot_training_curves(history_csv, out_png):
     epochs = history["epoch"].to_numpy()
     style = {"marker": "o", "markersize": 3} if len(epochs) <= 40 else {}
     fig = Figure(figsize=(14, 4))
-    loss_ax, metric_ax, forcing_ax = fig.subplots(1, 3)
+    loss_ax, metric_ax, forcing_ax = fig.subplots(1, 3, sharex=True)  # one epoch axis, also when a panel is empty
 
     for column, label in (("train_loss", "train (dropout, scheduled sampling)"), ("val_loss", "validation")):
         if column in history and history[column].notna().any():

@@ -1,0 +1,145 @@
+"""Benchmark training, inference and feature extraction on synthetic inputs; prints one JSON object.
+
+    python bench.py [--what train|infer|extract] [--config reference|demo] [--batch-size 50] [--beam-size 5]
+                    [--device cpu|gpu] [--runs 5]
+
+Each figure is the median of --runs timed runs after --warmup untimed ones. Training uses the model's real
+training step (scheduled sampling at p=0.5, dropout, feature noise) with caption lengths drawn like MSVD's
+(about 7 words on average, at most 50 tokens); peak_rss_mib is the process's peak resident memory.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+CONFIGS = {  # model sizes; vocabulary 3000 is MSVD's order of magnitude
+    "reference": dict(feature_dim=4096, frames=80, hidden=600, vocab_size=3000),
+    "demo": dict(feature_dim=1280, frames=12, hidden=128, vocab_size=40),
+}
+
+
+def caption_batch(rng, batch_size, vocab_size, max_len=50):
+    """Token ids (batch, longest) ending in <EOS>, lengths ~ MSVD: words = 2 + Poisson(5), cut at max_len - 1."""
+    from util.vocab import EOS, PAD
+
+    lengths = np.minimum(2 + rng.poisson(5, batch_size), max_len - 1) + 1  # + <EOS>
+    captions = np.full((batch_size, lengths.max()), PAD, np.int32)
+    for row, length in zip(captions, lengths):
+        row[:length - 1] = rng.integers(4, vocab_size, length - 1)
+        row[length - 1] = EOS
+    return captions
+
+
+def timed(function, runs, warmup):
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_model(config):
+    from model import S2VT, S2VTConfig
+
+    sizes = CONFIGS[config]
+    return S2VT(S2VTConfig(vocab_size=sizes["vocab_size"], feature_dim=sizes["feature_dim"], frames=sizes["frames"],
+                           hidden=sizes["hidden"], frame_embed=sizes["hidden"], word_embed=sizes["hidden"],
+                           attention_dim=sizes["hidden"]))
+
+
+def features(rng, batch_size, config):
+    sizes = CONFIGS[config]
+    return np.maximum(rng.normal(0, 1, (batch_size, sizes["frames"], sizes["feature_dim"])), 0).astype(np.float32)
+
+
+def bench_train(args):
+    import keras
+    import tensorflow as tf
+    from train import make_train_step
+
+    rng = np.random.default_rng(0)
+    model = build_model(args.config)
+    optimizer = keras.optimizers.Adam(1e-4, global_clipnorm=5.0)
+    optimizer.build(model.trainable_variables)
+    train_step = make_train_step(model, optimizer)
+    batches = [(tf.constant(features(rng, args.batch_size, args.config)),
+                tf.constant(caption_batch(rng, args.batch_size, CONFIGS[args.config]["vocab_size"])))
+               for _ in range(4)]
+    state = {"i": 0}
+
+    def step():
+        frame_features, captions = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        float(train_step(frame_features, captions, tf.constant(0.5), tf.constant([0, state["i"]], tf.int64)))
+
+    seconds = timed(step, args.runs, args.warmup)
+    return {"samples_per_s": args.batch_size / seconds, "step_s": seconds}
+
+
+def bench_infer(args):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    model = build_model(args.config)
+    sizes = CONFIGS[args.config]
+    signature = [tf.TensorSpec([None, sizes["frames"], sizes["feature_dim"]], tf.float32)]
+    if args.beam_size == 1:
+        decode = tf.function(model.greedy, input_signature=signature)
+    else:
+        decode = tf.function(lambda f: model.beam_search(f, args.beam_size), input_signature=signature)
+    batch = tf.constant(features(rng, args.batch_size, args.config))
+    seconds = timed(lambda: [t.numpy() for t in tf.nest.flatten(decode(batch))], args.runs, args.warmup)
+    return {"captions_per_s": args.batch_size / seconds, "beam_size": args.beam_size}
+
+
+def bench_extract(args):
+    import tensorflow as tf
+    import extract_features
+
+    settings = extract_features.FeatureSettings(weights="none", seed=0)  # VGG16 fc2, as users run it
+    run_cnn, _ = extract_features.build_extractor(settings)
+    frames = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8))
+    seconds = timed(lambda: run_cnn(frames).numpy(), max(1, args.runs // 2), 1)
+    return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=("train", "infer", "extract"), help="default: all")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="reference")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    if min(args.batch_size, args.beam_size, args.runs) <= 0 or args.warmup < 0:
+        parser.error("--batch-size, --beam-size and --runs must be positive, --warmup not negative")
+    import tensorflow as tf
+
+    if args.device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    elif not tf.config.list_physical_devices("GPU"):
+        parser.error("--device gpu: TensorFlow sees no GPU")
+    benches = {"train": bench_train, "infer": bench_infer, "extract": bench_extract}
+    result = {"config": args.config, "batch_size": args.batch_size, "device": args.device,
+              "tensorflow": tf.__version__}
+    for what in ([args.what] if args.what else benches):
+        result.update(benches[what](args))
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

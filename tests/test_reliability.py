@@ -1,0 +1,682 @@
+"""Every bad input gets one line `error: PATH: what`, exit status 2 and no traceback; interruptions lose nothing.
+
+One test or parametrized case per case of the project's reliability table. The command lines run in this process
+(their main(argv)), so an exception escaping one fails the test with its traceback; Ctrl-C and kill -9 run them as
+child processes. Tests run as root here, where chmod cannot make a folder unwritable, so "unwritable" is a folder
+given as the output file, or a PermissionError raised where the temp file is made.
+"""
+import ast
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import extract_features
+import infer
+import sampling
+import train
+from conftest import ROOT, write_tiny_mlds
+from model import S2VT, S2VTConfig
+from util import bleu, evaluate, release
+from util.checkpoints import restore
+
+# a tiny run with dropout, feature noise and scheduled sampling all on; 24 videos x 3 captions = 18 batches of 4
+TRAIN = ["--hidden", "16", "--frames", "6", "--batch-size", "4", "--learning-rate", "0.01", "--min-word-count", "1",
+         "--dropout", "0.3", "--feature-noise", "0.1", "--schedule", "constant", "--teacher-forcing-start", "0.5",
+         "--epochs", "2"]
+BATCHES_PER_EPOCH = 18
+# what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
+VIDEO_SETTINGS = extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
+                                                  weights="none", seed=0, frames=6)
+FEATURE_DIM = 64
+
+
+def shown_lines(text):
+    """The lines a terminal shows: a progress bar is redrawn after \\r and cleared on close, so it is no line."""
+    return [line.rsplit("\r", 1)[-1] for line in text.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+
+
+def run_cli(main, argv, capsys):
+    """(exit status, stdout, stderr) of a command line's main(argv); argparse's SystemExit becomes its status."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error(result, path, what, code=2):
+    """Exit status `code`, and stderr one `error: PATH: ...what...` line, no traceback."""
+    status, _, err = result
+    lines = shown_lines(err)
+    assert status == code, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {path}"), lines[0]
+    assert what in lines[0], lines[0]
+
+
+def assert_usage_error(result, option):
+    """argparse's way: exit status 2, the usage, then one `PROG: error: ...` line naming the option."""
+    status, _, err = result
+    assert status == 2 and "Traceback" not in err
+    last = shown_lines(err)[-1]
+    assert re.match(r"\S+: error: ", last) and option in last, last
+
+
+def no_temp_files(folder):
+    return not [p for p in folder.rglob(".*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny MLDS data whose features claim to come from VIDEO_SETTINGS (so the run can caption raw clips), no
+    validation labels (faster), and the uninterrupted 2-epoch run the Ctrl-C test compares with."""
+    root = tmp_path_factory.mktemp("reliability")
+    data = write_tiny_mlds(root / "data", dim=FEATURE_DIM)
+    (data / "testing_label.json").unlink()
+    manifest = json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM))
+    for split in ("training", "testing"):
+        (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
+    run_dir = root / "straight"
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), *TRAIN]) == 0
+    return data, run_dir
+
+
+@pytest.fixture
+def no_java(monkeypatch):
+    """util.evaluate without Java: no METEOR, no 10 s start-up."""
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A fresh tiny data set to spoil."""
+    return write_tiny_mlds(tmp_path / "data", dim=FEATURE_DIM)
+
+
+def train_cli(data, tmp_path, *extra):
+    return ["--data-dir", data, "--ckpt-dir", tmp_path / "run", *TRAIN, *extra]
+
+
+def copy_run(run_dir, tmp_path):
+    return shutil.copytree(run_dir, tmp_path / "run")
+
+
+# ---- data ----
+
+def test_data_dir_missing(tmp_path, capsys):
+    assert_one_error(run_cli(train.main, train_cli(tmp_path / "nowhere", tmp_path), capsys), tmp_path / "nowhere",
+                     "data folder not found")
+
+
+@pytest.mark.parametrize("content, what", [
+    (None, "labels file not found"),
+    ("{not json", "not valid JSON"),
+    ('{"id": "a.avi", "caption": ["a cat"]}', "expected a non-empty JSON list"),
+    ('[{"caption": ["a cat"]}]', 'entry 0 is not an object with a string "id"'),
+    ('[{"id": "training_000.avi", "caption": []}]', "empty or non-list caption"),
+    ('[{"id": "training_000.avi", "caption": ["a cat", 7]}]', "caption that is not a string"),
+], ids=["missing", "not-json", "not-a-list", "no-id", "empty-captions", "non-string-caption"])
+@pytest.mark.parametrize("cli", ["train", "bleu", "evaluate"])
+def test_bad_labels_file(data, tmp_path, capsys, content, what, cli):
+    labels = data / "training_label.json"
+    if content is None:
+        labels.unlink()
+    else:
+        labels.write_text(content)
+    captions = tmp_path / "out.txt"
+    captions.write_text("training_000.avi,a cat\n")
+    main, argv = {"train": (train.main, train_cli(data, tmp_path)),
+                  "bleu": (bleu.main, [captions, "--labels", labels]),
+                  "evaluate": (evaluate.main, [captions, "--labels", labels])}[cli]
+    assert_one_error(run_cli(main, argv, capsys), labels, what)
+
+
+def test_labelled_video_without_feature_file(data, tmp_path, capsys):
+    missing = data / "training_data" / "feat" / "training_005.avi.npy"
+    missing.unlink()
+    assert_one_error(run_cli(train.main, train_cli(data, tmp_path), capsys), missing, "feature file not found")
+
+
+def spoil_truncated(path):
+    path.write_bytes(path.read_bytes()[:-40])
+
+
+def spoil_header(path):
+    path.write_bytes(path.read_bytes()[:60])
+
+
+def spoil_shape(path):
+    np.save(path, np.ones((6, FEATURE_DIM, 2)))
+
+
+def spoil_frames(path):
+    np.save(path, np.ones((5, FEATURE_DIM)))
+
+
+def spoil_nan(path):
+    np.save(path, np.full((6, FEATURE_DIM), np.nan))
+
+
+def spoil_inf(path):
+    array = np.ones((6, FEATURE_DIM))
+    array[3, 7] = np.inf
+    np.save(path, array)
+
+
+def spoil_pickled(path):
+    np.save(path, np.array([{"features": 1}], dtype=object), allow_pickle=True)
+
+
+def spoil_text(path):
+    path.write_text("0.1 0.2 0.3\n")
+
+
+@pytest.mark.parametrize("spoil, what", [
+    (spoil_truncated, "not a plain, complete .npy array"),
+    (spoil_header, "not a plain, complete .npy array"),
+    (spoil_shape, "expected a 2-d float array"),
+    (spoil_frames, "has 5 frames, expected 6"),
+    (spoil_nan, "NaN or infinite"),
+    (spoil_inf, "NaN or infinite"),
+    (spoil_pickled, "Object arrays cannot be loaded when allow_pickle=False"),
+    (spoil_text, "not a .npy file"),
+], ids=["truncated", "cut-header", "3-d", "5-frames", "nan", "inf", "pickled", "text"])
+def test_bad_feature_file(data, tmp_path, capsys, spoil, what):
+    path = data / "training_data" / "feat" / "training_005.avi.npy"
+    spoil(path)
+    assert_one_error(run_cli(train.main, train_cli(data, tmp_path), capsys), path, what)
+
+
+def test_feature_folder_mixing_dimensions(data, tmp_path, capsys):
+    odd = data / "training_data" / "feat" / "training_007.avi.npy"
+    np.save(odd, np.ones((6, 32)))
+    assert_one_error(run_cli(train.main, train_cli(data, tmp_path), capsys), odd,
+                     f"differs from training_000.avi.npy's (6, {FEATURE_DIM}); the folder mixes features")
+
+
+def test_empty_ids_file(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    ids = tmp_path / "ids.txt"
+    ids.write_text("\n  \r\n")
+    assert_one_error(run_cli(infer.main, [ids, tmp_path / "out.txt", "--checkpoint", run_dir,
+                                          "--feat-dir", data / "testing_data" / "feat"], capsys), ids, "no ids")
+
+
+def test_ids_with_windows_line_ends_work(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"testing_001.avi\r\ntesting_000.avi \r\n\r\n")
+    out = tmp_path / "out.txt"
+    code, _, err = run_cli(infer.main, [ids, out, "--checkpoint", run_dir, "--feat-dir",
+                                        data / "testing_data" / "feat"], capsys)
+    assert code == 0 and not shown_lines(err)
+    assert [line.split(",")[0] for line in out.read_text().splitlines()] == ["testing_001.avi", "testing_000.avi"]
+
+
+def test_duplicate_ids_are_captioned_once_with_a_warning(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    ids = tmp_path / "ids.txt"
+    ids.write_text("testing_000.avi\ntesting_001.avi\ntesting_000.avi\n")
+    out = tmp_path / "out.txt"
+    code, _, err = run_cli(infer.main, [ids, out, "--checkpoint", run_dir, "--feat-dir",
+                                        data / "testing_data" / "feat"], capsys)
+    assert code == 0 and shown_lines(err) == [f"warning: {ids}: 1 duplicate ids, each captioned once"]
+    assert [line.split(",")[0] for line in out.read_text().splitlines()] == ["testing_000.avi", "testing_001.avi"]
+
+
+def test_unknown_id_in_infer(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    ids = tmp_path / "ids.txt"
+    ids.write_text("testing_000.avi\nno_such_video.avi\n")
+    out = tmp_path / "out.txt"
+    feat_dir = data / "testing_data" / "feat"
+    assert_one_error(run_cli(infer.main, [ids, out, "--checkpoint", run_dir, "--feat-dir", feat_dir], capsys),
+                     feat_dir / "no_such_video.avi.npy", "feature file not found")
+    assert not out.exists()
+
+
+# ---- checkpoints ----
+
+@pytest.mark.parametrize("cli", ["infer", "train --resume"])
+def test_checkpoint_dir_empty(tiny, tmp_path, capsys, cli):
+    data, _ = tiny
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if cli == "infer":
+        argv = [data / "testing_id.txt", tmp_path / "out.txt", "--checkpoint", empty]
+        assert_one_error(run_cli(infer.main, argv, capsys), empty, "not a run folder (no config.json)")
+    else:
+        argv = ["--data-dir", data, "--ckpt-dir", empty, *TRAIN, "--resume"]
+        assert_one_error(run_cli(train.main, argv, capsys), empty / "config.json", "not a run folder made by train.py")
+
+
+def another_vocab(run):
+    words = json.loads((run / "vocab.json").read_text())
+    (run / "vocab.json").write_text(json.dumps(words + ["zebra"]))
+    return run / "vocab.json", "words, but the model was built for"
+
+
+def another_config(run):
+    config = json.loads((run / "config.json").read_text())
+    config["model"].update(hidden=32, frame_embed=32, word_embed=32, attention_dim=32)
+    (run / "config.json").write_text(json.dumps(config))
+    return run / "best", "cannot be restored into this model (Received incompatible tensor with shape"
+
+
+def another_attention(run):
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["attention"] = "luong"
+    (run / "config.json").write_text(json.dumps(config))
+    return run / "best", "cannot be restored into this model (Found 1 Python objects that were not bound"
+
+
+def unknown_config_key(run):
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["layers"] = 4
+    (run / "config.json").write_text(json.dumps(config))
+    return run / "config.json", "no valid \"model\" section"
+
+
+def vocab_not_json(run):
+    (run / "vocab.json").write_text('["<PAD>", "<BOS>"')
+    return run / "vocab.json", "not a vocabulary written by train.py"
+
+
+@pytest.mark.parametrize("change", [another_vocab, another_config, another_attention, unknown_config_key,
+                                    vocab_not_json], ids=lambda f: f.__name__)
+def test_checkpoint_from_another_vocab_or_config(tiny, tmp_path, capsys, change):
+    data, run_dir = tiny
+    path, what = change(copy_run(run_dir, tmp_path))
+    assert_one_error(run_cli(infer.main, [data / "testing_id.txt", tmp_path / "out.txt", "--checkpoint",
+                                          tmp_path / "run"], capsys), path, what)
+
+
+@pytest.mark.parametrize("suffix", ["index", "data-00000-of-00001"])
+@pytest.mark.parametrize("cut", ["half", "empty"])
+def test_corrupted_checkpoint_file(tiny, tmp_path, capsys, suffix, cut):
+    data, run_dir = tiny
+    run = copy_run(run_dir, tmp_path)
+    (part,) = (run / "best").glob(f"ckpt-*.{suffix}")
+    content = part.read_bytes()
+    part.write_bytes(content[:len(content) // 2] if cut == "half" else b"")
+    out = tmp_path / "out.txt"
+    assert_one_error(run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run], capsys),
+                     run / "best" / part.name.split(".")[0], "checkpoint files are missing, truncated or corrupt")
+    assert not out.exists()
+
+
+def test_resume_with_another_hidden_size(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    run = copy_run(run_dir, tmp_path)
+    argv = ["--data-dir", data, "--ckpt-dir", run, *TRAIN, "--hidden", "32", "--resume"]
+    assert_one_error(run_cli(train.main, argv, capsys), run, "cannot resume with another model configuration "
+                                                              "(hidden: 16 saved, 32 asked")
+
+
+# ---- output ----
+
+@pytest.mark.parametrize("cli", ["infer", "evaluate --json", "sampling --out", "release export"])
+def test_output_in_a_missing_folder(tiny, tmp_path, capsys, no_java, cli):
+    data, run_dir = tiny
+    target = tmp_path / "no" / "such" / "out"
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"testing_{i:03d}.avi,a cat runs\n" for i in range(8)))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([{"id": f"testing_{i:03d}.avi", "caption": ["a cat runs"]} for i in range(8)]))
+    main, argv, what = {
+        "infer": (infer.main, [data / "testing_id.txt", target, "--checkpoint", run_dir], "does not exist"),
+        "evaluate --json": (evaluate.main, [captions, "--labels", labels, "--json", target],
+                            "cannot write (No such file or directory)"),
+        "sampling --out": (sampling.main, ["--epochs", "4", "--out", target],
+                           "cannot write (No such file or directory)"),
+        "release export": (release.main, ["export", run_dir, target], "does not exist")}[cli]
+    assert_one_error(run_cli(main, argv, capsys), target, what)
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("cli", ["infer", "evaluate --json", "sampling --out"])
+def test_output_path_is_a_folder(tiny, tmp_path, capsys, no_java, cli):
+    data, run_dir = tiny
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    captions = tmp_path / "captions.txt"
+    captions.write_text("testing_000.avi,a cat runs\n")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([{"id": "testing_000.avi", "caption": ["a cat runs"]}]))
+    main, argv, what = {
+        "infer": (infer.main, [data / "testing_id.txt", folder, "--checkpoint", run_dir], "is a folder"),
+        "evaluate --json": (evaluate.main, [captions, "--labels", labels, "--json", folder],
+                            "cannot write (Is a directory)"),
+        "sampling --out": (sampling.main, ["--epochs", "4", "--out", folder], "cannot write (Is a directory)")}[cli]
+    assert_one_error(run_cli(main, argv, capsys), folder, what)
+    assert list(folder.iterdir()) == [] and no_temp_files(tmp_path)
+
+
+def test_output_without_write_permission(tiny, tmp_path, capsys, monkeypatch):
+    """As root, chmod 0o500 does not stop writes: the temp file's creation raises PermissionError instead."""
+    data, run_dir = tiny
+    out = tmp_path / "out.txt"
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    assert_one_error(run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run_dir], capsys), out,
+                     "cannot write (Permission denied)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_replaced_whole(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    out = tmp_path / "out.txt"
+    out.write_text("old content\n" * 1000)
+    code, _, err = run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run_dir], capsys)
+    assert code == 0 and not shown_lines(err)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 8 and all(line.startswith("testing_") for line in lines)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+# ---- video ----
+
+def write_clip(path, frames, size=(48, 40)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    for value in range(frames):
+        writer.write(np.full((size[1], size[0], 3), 20 * value, np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda path: path.write_bytes(b""), "empty file (0 bytes)"),
+    (lambda path: path.write_text("this is a text file, not a video\n" * 40), "not a video OpenCV can open"),
+], ids=["zero-byte", "text-named-avi"])
+def test_unreadable_clip(tiny, tmp_path, capsys, make, what):
+    _, run_dir = tiny
+    clip = tmp_path / "clip.avi"
+    make(clip)
+    result = run_cli(infer.main, ["--video", clip, "--checkpoint", run_dir], capsys)
+    assert_one_error(result, clip, what)
+    assert result[1] == ""
+
+
+@pytest.mark.parametrize("frames, size", [(1, (48, 40)), (3, (4000, 3000))], ids=["one-frame", "4000x3000"])
+def test_clip_that_works(tiny, tmp_path, capsys, frames, size):
+    _, run_dir = tiny
+    clip = write_clip(tmp_path / "clip.avi", frames, size)
+    code, out, err = run_cli(infer.main, ["--video", clip, "--checkpoint", run_dir], capsys)
+    assert code == 0 and not shown_lines(err)
+    assert out.startswith(f"{clip},") and len(out.splitlines()) == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads peak memory from Linux's /proc")
+def test_high_resolution_clip_is_downscaled_frame_by_frame(tmp_path):
+    """Peak memory while reading 12 frames of 4000x3000 stays under what 6 full frames would take (36 MB each)."""
+    clip = write_clip(tmp_path / "big.avi", 12, (4000, 3000))
+    # VmHWM, this process's peak resident memory: unlike ru_maxrss it does not count the forked pytest before exec
+    script = textwrap.dedent(f"""
+        import re, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import extract_features
+        peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+        before = peak()
+        frames = extract_features.read_frames({str(clip)!r}, 6, 224)
+        print(frames.shape, peak() - before)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    shape, growth_kib = result.stdout.rsplit(" ", 1)
+    full_frame = 4000 * 3000 * 3
+    print(f"reading 12 frames of 4000x3000: peak memory grew {int(growth_kib) / 1024:.0f} MiB "
+          f"(one full frame is {full_frame / 2**20:.0f} MiB)")
+    assert shape == "(6, 224, 224, 3)"
+    assert int(growth_kib) * 1024 < 6 * full_frame
+
+
+# ---- arguments ----
+
+BAD_ARGUMENTS = [("train", "--batch-size", "0"), ("train", "--batch-size", "-4"), ("train", "--epochs", "0"),
+                 ("train", "--epochs", "-1"), ("train", "--frames", "0"), ("train", "--frames", "-80"),
+                 ("train", "--attention", "transformer"), ("train", "--schedule", "cosine"),
+                 ("infer", "--batch-size", "0"), ("infer", "--batch-size", "-1"),
+                 ("extract_features", "--batch-size", "0"), ("extract_features", "--frames", "-1"),
+                 ("sampling", "--epochs", "0"), ("sampling", "--schedule", "cosine")]
+
+
+@pytest.mark.parametrize("cli, option, value", BAD_ARGUMENTS, ids=[" ".join(case) for case in BAD_ARGUMENTS])
+def test_bad_argument(tmp_path, capsys, cli, option, value):
+    main, required = {"train": (train.main, ["--data-dir", tmp_path]),
+                      "infer": (infer.main, [tmp_path / "ids.txt", tmp_path / "out.txt"]),
+                      "extract_features": (extract_features.main, [tmp_path, tmp_path / "feat"]),
+                      "sampling": (sampling.main, ["--out", tmp_path / "plot.png"])}[cli]
+    assert_usage_error(run_cli(main, [*required, option, value], capsys), option)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+# ---- interruption ----
+
+def weights(prefix):
+    return {n: tf.train.load_variable(prefix, n) for n, _ in tf.train.list_variables(prefix) if n.startswith("model/")}
+
+
+def checkpoint_value(prefix, name):
+    return int(tf.train.load_variable(prefix, f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def interrupt_mid_epoch(command):
+    """Run command, send SIGINT once its progress bar shows 4 batches of epoch 1 done.
+    Returns (exit status, stdout, the end of stderr)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored
+    progress = re.compile(rb"epoch 1/2: [^\r\n]*\| +([4-9]|1\d)/%d " % BATCHES_PER_EPOCH)
+
+    seen = [b""]
+
+    def watch_stderr():
+        sent = False
+        while chunk := os.read(process.stderr.fileno(), 65536):
+            seen[0] = (seen[0] + chunk)[-4096:]
+            if not sent and progress.search(seen[0]):
+                process.send_signal(signal.SIGINT)
+                sent = True
+
+    watcher = threading.Thread(target=watch_stderr, daemon=True)
+    watcher.start()
+    out = process.stdout.read().decode()
+    watcher.join(timeout=30)
+    return process.wait(timeout=60), out, seen[0].decode(errors="replace")
+
+
+def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny, tmp_path):
+    data, straight = tiny
+    run = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--ckpt-dir", str(run), *TRAIN]
+    code, out, err = interrupt_mid_epoch(command)
+    assert code == 130 and "interrupted: saved" in out, out + err
+    saved = tf.train.latest_checkpoint(str(run / "last"))
+    epoch, batch = checkpoint_value(saved, "epoch"), checkpoint_value(saved, "batch_in_epoch")
+    assert epoch < 2 and 0 < batch < BATCHES_PER_EPOCH  # mid-epoch
+    assert checkpoint_value(saved, "optimizer/_iterations") == epoch * BATCHES_PER_EPOCH + batch
+
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run), *TRAIN, "--resume"]) == 0
+    resumed = weights(tf.train.latest_checkpoint(str(run / "last")))
+    reference = weights(tf.train.latest_checkpoint(str(straight / "last")))
+    assert resumed.keys() == reference.keys()
+    difference = max(float(np.max(np.abs(resumed[n] - reference[n]))) for n in reference)
+    print(f"interrupted at epoch {epoch + 1}, batch {batch}; resumed weights differ by at most {difference:.3g}")
+    assert difference <= 1e-6
+
+
+# forks one child per trial from a process that imported TensorFlow but never ran it (a fresh interpreter per trial
+# would spend 10 s importing it); each child saves an S2VT checkpoint, every weight set to the save count, in a
+# loop until it is killed, and writes "s" before and "e" after each save, so the last letter tells where it died
+SAVE_IN_A_LOOP = """
+import os, random, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+from model import S2VT, S2VTConfig
+
+CONFIG = S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64)  # 3 MB
+root, trials = sys.argv[2], int(sys.argv[3])
+random.seed(0)
+in_save = 0
+for trial in range(trials):
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(ready)
+        model = S2VT(CONFIG)
+        step = tf.Variable(0, dtype=tf.int64)
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step), f"{root}/{trial}", 3)
+        while True:
+            step.assign_add(1)
+            for variable in model.variables:
+                variable.assign(tf.fill(variable.shape, float(step.numpy())))
+            os.write(tell, b"s")
+            manager.save()
+            os.write(tell, b"e")
+    os.close(tell)
+    while os.read(ready, 1) != b"e":  # the first checkpoint is complete
+        pass
+    time.sleep(random.uniform(0, 0.3))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    told = b""
+    while chunk := os.read(ready, 65536):
+        told += chunk
+    in_save += told.endswith(b"s")
+    os.close(ready)
+print(in_save)
+"""
+
+
+def test_kill_9_during_checkpoint_saves_leaves_a_loadable_checkpoint(tmp_path):
+    trials = 20
+    result = subprocess.run([sys.executable, "-c", SAVE_IN_A_LOOP, str(ROOT), str(tmp_path), str(trials)],
+                            check=True, capture_output=True, text=True, timeout=300)
+    in_save = int(result.stdout)
+    whole = 0
+    for trial in range(trials):
+        prefix = tf.train.latest_checkpoint(str(tmp_path / str(trial)))
+        model = S2VT(S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64))
+        step = tf.Variable(0, dtype=tf.int64)
+        restore(tf.train.Checkpoint(model=model, step=step), prefix)  # a DataError if it cannot
+        whole += all(np.all(v.numpy() == float(step.numpy())) for v in model.variables)  # none half old, half new
+    print(f"kill -9 during checkpoint saves: {whole}/{trials} latest checkpoints restore whole; "
+          f"{in_save} of the kills landed inside CheckpointManager.save()")
+    assert whole == trials and in_save > 0
+
+
+@pytest.fixture
+def full_disk(tmp_path, monkeypatch):
+    """(folder, fill): after fill(), writing under folder fails with ENOSPC. A real 1 MiB tmpfs filled up when this
+    process may mount one (root in most containers); otherwise writes are monkeypatched to fail half-way."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    except FileNotFoundError:
+        mounted = False
+
+    def fill():
+        if mounted:
+            with open(folder / "filler", "wb", buffering=0) as filler:
+                with pytest.raises(OSError) as error:
+                    while True:
+                        filler.write(b"\0" * 4096)
+                assert error.value.errno == errno.ENOSPC
+        else:
+            def write_half_then_fail(*args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            real_write_text, real_save = type(folder).write_text, np.save
+            monkeypatch.setattr(type(folder), "write_text", lambda self, text, *a, **k: (
+                real_write_text(self, text[:len(text) // 2]), write_half_then_fail()))
+            monkeypatch.setattr(np, "save", lambda file, array, *a, **k: (
+                real_save(file, array[:len(array) // 2]), write_half_then_fail()))
+
+    yield folder, fill
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_disk_full_while_writing_captions(tiny, full_disk, capsys):
+    data, run_dir = tiny
+    folder, fill = full_disk
+    out = folder / "out.txt"
+    out.write_text("old captions\n")
+    fill()
+    assert_one_error(run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run_dir], capsys), out,
+                     "cannot write (No space left on device)")
+    assert out.read_text() == "old captions\n" and no_temp_files(folder)
+
+
+def test_disk_full_while_writing_a_feature_file(full_disk, tmp_path, capsys):
+    folder, fill = full_disk
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_clip(videos / "clip.avi", 8)
+    (folder / "manifest.json").write_text(json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM)))
+    fill()
+    argv = [videos, folder, "--weights", "none", "--layer", "block1_pool", "--image-size", "32", "--pool", "max",
+            "--grids", "1", "--frames", "6"]
+    assert_one_error(run_cli(extract_features.main, argv, capsys), folder / "clip.avi.npy",
+                     "cannot write (No space left on device)")
+    assert not (folder / "clip.avi.npy").exists() and no_temp_files(folder)
+
+
+# ---- security ----
+
+def project_sources():
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in ("checkpoints", "demo_data")]
+        yield from (Path(folder) / name for name in files if name.endswith(".py"))
+
+
+def calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def test_np_load_never_unpickles():
+    """Every np.load outside the tests says allow_pickle=False (util.data.load_feature_file is the one reader)."""
+    loads = []
+    for path in project_sources():
+        if "tests" in path.relative_to(ROOT).parts:
+            continue  # tests load files they wrote themselves
+        for node, name in calls(ast.parse(path.read_text())):
+            if name in ("np.load", "numpy.load"):
+                loads.append(path.name)
+                flags = {k.arg: k.value for k in node.keywords}
+                assert isinstance(flags.get("allow_pickle"), ast.Constant) and flags["allow_pickle"].value is False, \
+                    f"{path}:{node.lineno}: np.load without allow_pickle=False"
+    assert "data.py" in loads
+
+
+def test_no_eval_exec_or_pickle_on_input():
+    for path in project_sources():
+        tree = ast.parse(path.read_text())
+        for node, name in calls(tree):
+            assert name not in ("eval", "exec", "compile", "__import__"), f"{path}:{node.lineno}: {name}()"
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not {"pickle", "marshal", "shelve", "dill"} & {m.split(".")[0] for m in modules}, \
+                    f"{path}:{node.lineno}: imports a code-running deserializer"

@@ -317,6 +317,8 @@ def main(argv=None):
     download.add_argument("--sha256", help="expected sha256 of the archive (a registry name brings its own)")
     download.add_argument("--dir", default=str(DEFAULT_ROOT), help="where DIR/<name> goes (default checkpoints/)")
     download.add_argument("--registry", help="releases.json to resolve names in (default checkpoints/releases.json)")
+    for command in (export, download):
+        command.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -329,6 +331,8 @@ def main(argv=None):
                 print(fetch_release(args.spec, args.dir, args.sha256, args.registry))
             code = 0
         except DataError as error:
+            if args.debug:
+                raise
             print(f"error: {error}", file=sys.stderr)
             code = 2
     for warning in caught:

@@ -1,12 +1,9 @@
-import json
-import warnings
-
 import numpy as np
 import pytest
 
 from util.data import (DataError, encode_captions, epoch_pairs, find_feat_dir, load_feature_file, load_features,
                        load_labels, make_dataset, read_ids)
-from util.vocab import PAD, Vocabulary
+from util.vocab import Vocabulary
 
 
 def test_real_float64_features_load_as_float32(mlds):

@@ -1,7 +1,6 @@
 """train.py -> checkpoint -> resume -> infer.py on a tiny configuration."""
 import numpy as np
 import pandas as pd
-import pytest
 import tensorflow as tf
 
 import infer

@@ -198,6 +198,8 @@ def train(args):
     greedy = tf.function(model.greedy, input_signature=signature[:1])
 
     # ---- loop ----
+    if test_split is not None:
+        val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
     probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start, args.teacher_forcing_end)
     writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
     history_path = run_dir / "history.csv"
@@ -228,7 +230,6 @@ def train(args):
             row = {"epoch": epoch + 1, "teacher_forcing_prob": p,
                    "train_loss": float(np.mean(losses)) if losses else None}
             if test_split is not None:
-                val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
                 val_losses = [float(eval_loss(f, c)) for f, c in
                               make_dataset(test_split.features, val_videos, val_captions, args.batch_size)]
                 captions = greedy_captions(greedy, vocab, test_split, args.batch_size)

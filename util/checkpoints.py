@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from model import S2VT, S2VTConfig
 from util.atomic import write_text_atomic
-from util.data import DataError
+from util.data import DataError, read_json
 from util.vocab import Vocabulary
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -33,12 +33,7 @@ def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest):
 
 def read_run_config(run_dir):
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise DataError(f"{path}: no config.json; not a run folder made by train.py")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    return read_json(path, "no config.json; not a run folder made by train.py")
 
 
 def newest_run(root=DEFAULT_ROOT):

@@ -21,15 +21,21 @@ class DataError(Exception):
     """Bad input data or an unusable path; the message names the file and what is wrong."""
 
 
+def read_json(path, missing="file not found"):
+    """Parse a JSON file; a missing or unparsable file is a DataError naming it (`missing` says what was sought)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+
+
 def load_labels(path):
     """[(video_id, [caption, ...]), ...] from an MLDS labels JSON, checked entry by entry."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: labels file not found")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    entries = read_json(path, "labels file not found")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: expected a non-empty JSON list of {{\"caption\": [...], \"id\": ...}}")
     labels = []
@@ -90,10 +96,7 @@ def read_feature_manifest(feat_dir):
     path = Path(feat_dir) / "manifest.json"
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object of feature settings")
     return manifest

@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, load_model, read_run_config
-from util.data import DataError
+from util.data import DataError, read_json
 
 DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
 BUNDLE_MANIFEST = "MANIFEST.json"
@@ -139,12 +139,7 @@ def _number(text):
 def load_registry(path=DEFAULT_REGISTRY):
     """{name: entry} from a releases.json list of {name, url, sha256, size, trained_on, metrics, created}."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: release registry not found")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not valid JSON ({error})") from None
+    entries = read_json(path, "release registry not found")
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a JSON list of {{name, url, sha256, ...}}")
     registry = {}

@@ -6,8 +6,15 @@ Two stacked LSTMs read the video, then write the caption:
 Every LSTM2 input keeps its position in both stages. The context is attention over LSTM2's encoder outputs,
 queried by LSTM2's previous state, softmaxed over the frames.
 
-The recurrences run as tf.while_loops over TensorArrays, with every input projection that does not depend on
-the step done as one matmul before the loop (on CPU this is about twice as fast as stepping Keras' LSTM cells).
+Speed (bench.py; tests/test_speed_equivalence.py checks it against a plain step-by-step version):
+- Sequences are time-major, (steps, batch, ...), and every input projection that does not depend on the previous
+  step is one matmul before the loop: the frames for both LSTMs, and LSTM1's whole decoding run, which reads zeros
+  and so does not depend on the words.
+- `lstm_sequence` runs an LSTM over precomputed input gates with a hand-written backward pass: one recurrent matmul
+  per step, the recurrent kernel's gradient as one matmul after the loop (TensorFlow's while-loop gradient does
+  two small matmuls per step and a lot of bookkeeping).
+- A decoder step does one matmul for LSTM2's word, context and recurrent inputs together; the output projection
+  for the loss is one matmul after the loop (inside it only scheduled sampling's argmax needs it, with no gradient).
 Randomness (feature noise, dropout, scheduled-sampling coins) is stateless, drawn from a seed passed per call,
 so a training step is a pure function of (weights, batch, seed) and a resumed run replays exactly.
 """
@@ -48,6 +55,68 @@ class S2VTConfig:
         return asdict(self)
 
 
+def lstm_cell(gates, c):
+    """LSTM nonlinearity on gate pre-activations (batch, 4*units), gates ordered (input, forget, cell, output).
+    Returns h, c and the activated gates (batch, 4*units), which the backward pass reuses."""
+    i, f, g, o = tf.split(gates, 4, axis=-1)
+    i, f, g, o = tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+    c = f * c + i * g
+    return o * tf.tanh(c), c, tf.concat([i, f, g, o], -1)
+
+
+@tf.custom_gradient
+def lstm_sequence(input_gates, h, c, recurrent_kernel):
+    """Run an LSTM over precomputed input gates (time, batch, 4*units) from state (h, c).
+    Returns outputs (time, batch, units), the last h and the last c."""
+    steps = tf.shape(input_gates)[0]
+    gates_ta = tf.TensorArray(input_gates.dtype, size=steps).unstack(input_gates)
+    h_ta, c_ta, act_ta = (tf.TensorArray(input_gates.dtype, size=steps) for _ in range(3))
+
+    def body(t, h, c, h_ta, c_ta, act_ta):
+        h, c, activated = lstm_cell(gates_ta.read(t) + tf.matmul(h, recurrent_kernel), c)
+        return t + 1, h, c, h_ta.write(t, h), c_ta.write(t, c), act_ta.write(t, activated)
+
+    h0, c0 = h, c
+    _, h, c, h_ta, c_ta, act_ta = tf.while_loop(lambda t, *_: t < steps, body, (0, h, c, h_ta, c_ta, act_ta))
+    outputs, cells, activated = h_ta.stack(), c_ta.stack(), act_ta.stack()  # (time, batch, units | 4*units)
+
+    def grad(d_outputs, d_h, d_c):
+        d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
+        d_h = tf.zeros_like(h0) if d_h is None else d_h
+        d_c = tf.zeros_like(c0) if d_c is None else d_c
+        previous_cells = tf.concat([c0[None], cells[:-1]], 0)  # (time, batch, units)
+        d_out_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(d_outputs)
+        cell_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(cells)
+        prev_cell_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(previous_cells)
+        act_read_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(activated)
+        d_gates_ta = tf.TensorArray(outputs.dtype, size=steps)
+
+        def back(t, d_h, d_c, d_gates_ta):
+            i, f, g, o = tf.split(act_read_ta.read(t), 4, axis=-1)
+            tanh_c = tf.tanh(cell_ta.read(t))
+            d_h = d_h + d_out_ta.read(t)
+            d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
+            d_gates = tf.concat([d_c * g * i * (1.0 - i), d_c * prev_cell_ta.read(t) * f * (1.0 - f),
+                                 d_c * i * (1.0 - g * g), d_h * tanh_c * o * (1.0 - o)], -1)
+            d_h = tf.matmul(d_gates, recurrent_kernel, transpose_b=True)
+            return t - 1, d_h, d_c * f, d_gates_ta.write(t, d_gates)
+
+        _, d_h, d_c, d_gates_ta = tf.while_loop(lambda t, *_: t >= 0, back, (steps - 1, d_h, d_c, d_gates_ta))
+        d_gates = d_gates_ta.stack()  # (time, batch, 4*units)
+        units = tf.shape(h0)[-1]
+        previous_h = tf.reshape(tf.concat([h0[None], outputs[:-1]], 0), [-1, units])  # (time*batch, units)
+        d_recurrent = tf.matmul(previous_h, tf.reshape(d_gates, [-1, 4 * units]), transpose_a=True)
+        return d_gates, d_h, d_c, d_recurrent
+
+    return (outputs, h, c), grad
+
+
+def time_major_matmul(x, kernel):
+    """(time, batch, in) @ (in, out) -> (time, batch, out) as one 2-d matmul."""
+    shape = tf.shape(x)
+    return tf.reshape(tf.matmul(tf.reshape(x, [-1, shape[2]]), kernel), [shape[0], shape[1], tf.shape(kernel)[1]])
+
+
 class LSTMWeights(keras.layers.Layer):
     """One LSTM's weights, gates ordered (input, forget, cell, output); the input kernel is split in blocks
     so each input (frame, word, LSTM1 output, context) can be projected on its own."""
@@ -69,25 +138,9 @@ class LSTMWeights(keras.layers.Layer):
     def kernels(self):
         return [getattr(self, f"kernel_{i}") for i in range(self.input_count)]
 
-    def step(self, input_gates, h, c):
-        """One step, given the inputs' share of the gate pre-activations (batch, 4*units)."""
-        z = input_gates + tf.matmul(h, self.recurrent_kernel)
-        i, f, g, o = tf.split(z, 4, axis=-1)
-        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-        return tf.sigmoid(o) * tf.tanh(c), c
-
     def run(self, input_gates, h, c):
-        """Run over a whole sequence of precomputed input gates (batch, time, 4*units) -> outputs (batch, time, units)."""
-        steps = tf.shape(input_gates)[1]
-        gates_ta = tf.TensorArray(input_gates.dtype, size=steps).unstack(tf.transpose(input_gates, [1, 0, 2]))
-        outputs_ta = tf.TensorArray(input_gates.dtype, size=steps)
-
-        def body(t, h, c, outputs_ta):
-            h, c = self.step(gates_ta.read(t), h, c)
-            return t + 1, h, c, outputs_ta.write(t, h)
-
-        _, h, c, outputs_ta = tf.while_loop(lambda t, *_: t < steps, body, (0, h, c, outputs_ta))
-        return tf.transpose(outputs_ta.stack(), [1, 0, 2]), h, c  # (batch, time, units)
+        """Over a whole sequence of input gates (time, batch, 4*units) -> outputs (time, batch, units), h, c."""
+        return lstm_sequence(input_gates, h, c, tf.convert_to_tensor(self.recurrent_kernel))
 
 
 class Attention(keras.layers.Layer):
@@ -105,16 +158,18 @@ class Attention(keras.layers.Layer):
             self.w = self.add_weight(shape=(hidden, hidden), initializer="glorot_uniform", name="w")
 
     def keys(self, encoder_outputs):
-        """Per-batch precomputation over all frames: (batch, frames, hidden) -> (batch, frames, dim)."""
-        return tf.matmul(encoder_outputs, self.w_keys) if self.kind == "bahdanau" else encoder_outputs
+        """Per-batch precomputation over all frames: (frames, batch, hidden) -> (frames, batch, dim)."""
+        return time_major_matmul(encoder_outputs, self.w_keys) if self.kind == "bahdanau" else encoder_outputs
 
     def weights_and_context(self, keys, encoder_outputs, query):
+        """keys (frames, batch, dim), encoder outputs (frames, batch, hidden), query (batch, hidden)
+        -> weights (batch, frames), context (batch, hidden)."""
         if self.kind == "bahdanau":
-            scores = tf.reduce_sum(self.v * tf.tanh(keys + tf.matmul(query, self.w_query)[:, None, :]), -1)
+            scores = tf.reduce_sum(self.v * tf.tanh(keys + tf.matmul(query, self.w_query)), -1)
         else:
-            scores = tf.reduce_sum(tf.matmul(query, self.w)[:, None, :] * keys, -1)  # (batch, frames)
-        weights = tf.nn.softmax(scores, axis=-1)
-        return weights, tf.reduce_sum(weights[:, :, None] * encoder_outputs, 1)  # (batch, hidden)
+            scores = tf.reduce_sum(tf.matmul(query, self.w) * keys, -1)  # (frames, batch)
+        weights = tf.nn.softmax(scores, axis=0)
+        return tf.transpose(weights), tf.reduce_sum(weights[:, :, None] * encoder_outputs, 0)
 
 
 class S2VT(keras.Model):
@@ -152,54 +207,80 @@ class S2VT(keras.Model):
         self.feature_std.assign(np.sqrt(variance + 0.1 * variance.mean() + 1e-12).astype("float32"))
 
     # ---- randomness: stateless, so (weights, batch, seed) fixes the result ----
-    @staticmethod
-    def _seeds(seed, n):
-        return tf.unstack(tf.random.experimental.stateless_split(seed, n))
+    def training_draws(self, seed, batch, length, teacher_forcing_prob, training):
+        """Every random draw of one training pass, from a seed (2 ints): feature noise (batch, frames, dim),
+        dropout masks already scaled by 1/keep for LSTM1's encoder outputs (frames, batch, hidden) and for both
+        LSTMs' decoder outputs (length, batch, hidden), and the scheduled-sampling coins (length, batch), True
+        where the ground truth is fed (always at step 0). Without training, no noise and all-ones masks."""
+        cfg = self.config
+        noise_seed, encoder_seed, coin_seed, h1_seed, h2_seed = tf.unstack(
+            tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 5))
+        use_truth = tf.random.stateless_uniform([length, batch], coin_seed) < teacher_forcing_prob
+        draws = {"use_truth": use_truth | tf.equal(tf.range(length), 0)[:, None]}
+        if not training:
+            return dict(draws, noise=None, encoder_mask=None, h1_mask=None, h2_mask=None)
+        keep = 1.0 - cfg.dropout
 
-    def _dropout(self, x, seed):
-        keep = 1.0 - self.config.dropout
-        mask = tf.cast(tf.random.stateless_uniform(tf.shape(x), seed) < keep, x.dtype)
-        return x * mask / keep
+        def mask(shape, mask_seed):
+            return tf.cast(tf.random.stateless_uniform(shape, mask_seed) < keep, tf.float32) / keep
+
+        return dict(draws, noise=tf.random.stateless_uniform([batch, cfg.frames, cfg.feature_dim], noise_seed,
+                                                             -cfg.feature_noise, cfg.feature_noise),
+                    encoder_mask=mask([cfg.frames, batch, cfg.hidden], encoder_seed),
+                    h1_mask=mask([length, batch, cfg.hidden], h1_seed),
+                    h2_mask=mask([length, batch, cfg.hidden], h2_seed))
 
     # ---- encoding stage ----
-    def encode(self, frame_features, seed=None):
-        """frame_features (batch, frames, feature_dim) -> encoder state dict; a seed turns on noise and dropout."""
-        cfg = self.config
-        batch = tf.shape(frame_features)[0]
+    def encode(self, frame_features, noise=None, encoder_mask=None):
+        """frame_features (batch, frames, feature_dim) -> encoder state dict, sequences time-major.
+        Training passes the feature noise and the dropout mask on LSTM1's outputs (training_draws)."""
         x = tf.cast(frame_features, tf.float32)
-        if seed is not None:
-            noise_seed, drop_seed = self._seeds(seed, 2)
-            x += tf.random.stateless_uniform(tf.shape(x), noise_seed, -cfg.feature_noise, cfg.feature_noise)
-        x = (x - self.feature_mean) / self.feature_std
-        zeros = tf.zeros([batch, cfg.hidden])
-        frames_in = self.frame_projection(x)  # (batch, frames, frame_embed)
-        h1_seq, h1, c1 = self.lstm1.run(tf.matmul(frames_in, self.lstm1.kernels[0]) + self.lstm1.bias, zeros, zeros)
-        if seed is not None:
-            h1_seq = self._dropout(h1_seq, drop_seed)
-        pad_gates = self.word_gate_table()[PAD]  # the <PAD> word and a zero context, same positions as decoding
-        gates2 = pad_gates + tf.matmul(h1_seq, self.lstm2.kernels[1]) + self.lstm2.bias  # (batch, frames, 4*hidden)
-        encoder_outputs, h2, c2 = self.lstm2.run(gates2, zeros, zeros)  # (batch, frames, hidden)
+        if noise is not None:
+            x += noise
+        # Standardisation folded into the projection: ((x - mean) / std) W + b = x (W / std) + (b - (mean / std) W).
+        kernel = self.frame_projection.kernel / self.feature_std[:, None]
+        bias = self.frame_projection.bias - tf.linalg.matvec(kernel, self.feature_mean, transpose_a=True)
+        batch = tf.shape(x)[0]
+        frames_in = tf.transpose(tf.reshape(tf.matmul(tf.reshape(x, [-1, self.config.feature_dim]), kernel) + bias,
+                                            [batch, -1, self.config.frame_embed]), [1, 0, 2])  # (frames, batch, embed)
+        zeros = tf.zeros([batch, self.config.hidden])
+        h1_seq, h1, c1 = self.lstm1.run(time_major_matmul(frames_in, self.lstm1.kernels[0]) + self.lstm1.bias,
+                                        zeros, zeros)
+        if encoder_mask is not None:
+            h1_seq *= encoder_mask
+        # the <PAD> word and a zero context, in the same positions as the words and contexts of decoding
+        pad_gates = tf.matmul(self.word_embedding.embeddings[PAD][None], self.lstm2.kernels[0]) + self.lstm2.bias
+        encoder_outputs, h2, c2 = self.lstm2.run(time_major_matmul(h1_seq, self.lstm2.kernels[1]) + pad_gates,
+                                                 zeros, zeros)  # (frames, batch, hidden)
         keys = self.attention.keys(encoder_outputs) if self.attention is not None else encoder_outputs
         return {"h1": h1, "c1": c1, "h2": h2, "c2": c2, "outputs": encoder_outputs, "keys": keys}
 
-    def word_gate_table(self):
-        """Every word's share of LSTM2's gates, (vocab, 4*hidden): a lookup replaces embedding + matmul per step."""
-        return tf.matmul(self.word_embedding.embeddings, self.lstm2.kernels[0])
+    # ---- decoding stage: steps shared by training, greedy and beam search ----
+    def lstm2_step_kernel(self):
+        """LSTM2's word, context and recurrent kernels stacked, so a decoder step projects its inputs in one matmul."""
+        context = [self.lstm2.kernels[2]] if self.attention is not None else []
+        return tf.concat([self.lstm2.kernels[0], *context, self.lstm2.recurrent_kernel], 0)
 
-    # ---- decoding stage: one step shared by training, greedy and beam search ----
-    def decode_step(self, state, word_ids, word_table, encoded, h1_dropout=None, h2_dropout=None):
-        """Feed word_ids (batch,) and advance one word. Returns (logits (batch, vocab), attention, new state)."""
-        h1, c1 = self.lstm1.step(self.lstm1.bias, state["h1"], state["c1"])  # LSTM1 reads zero frames
-        h1_out = h1 if h1_dropout is None else h1 * h1_dropout
-        gates2 = tf.gather(word_table, word_ids) + tf.matmul(h1_out, self.lstm2.kernels[1]) + self.lstm2.bias
+    def lstm1_decode_step(self, h1, c1):
+        """LSTM1 reads zero frames: returns its new (h1, c1); its output feeds LSTM2 through lstm1_to_lstm2."""
+        h1, c1, _ = lstm_cell(self.lstm1.bias + tf.matmul(h1, self.lstm1.recurrent_kernel), c1)
+        return h1, c1
+
+    def lstm1_to_lstm2(self, h1):
+        """LSTM1's output's share of LSTM2's gates, LSTM2's bias included: (..., hidden) -> (..., 4*hidden)."""
+        return tf.matmul(h1, self.lstm2.kernels[1]) + self.lstm2.bias
+
+    def lstm2_decode_step(self, from_lstm1, word_ids, h2, c2, encoded, step_kernel):
+        """Advance LSTM2 one word: from_lstm1 (batch, 4*hidden) from lstm1_to_lstm2, word_ids (batch,).
+        Returns h2, c2 and the attention weights (batch, frames)."""
+        inputs = [tf.gather(self.word_embedding.embeddings, word_ids)]
         if self.attention is not None:
-            weights, context = self.attention.weights_and_context(encoded["keys"], encoded["outputs"], state["h2"])
-            gates2 += tf.matmul(context, self.lstm2.kernels[2])
+            weights, context = self.attention.weights_and_context(encoded["keys"], encoded["outputs"], h2)
+            inputs.append(context)
         else:
-            weights = tf.zeros([tf.shape(word_ids)[0], tf.shape(encoded["outputs"])[1]])
-        h2, c2 = self.lstm2.step(gates2, state["h2"], state["c2"])
-        h2_out = h2 if h2_dropout is None else h2 * h2_dropout
-        return self.output_projection(h2_out), weights, {"h1": h1, "c1": c1, "h2": h2, "c2": c2}
+            weights = tf.zeros([tf.shape(word_ids)[0], tf.shape(encoded["outputs"])[0]])
+        h2, c2, _ = lstm_cell(from_lstm1 + tf.matmul(tf.concat(inputs + [h2], 1), step_kernel), c2)
+        return h2, c2, weights
 
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=(0, 0), training=False):
         """Training / scoring pass. caption_ids (batch, length): the words then <EOS>, <PAD>-padded.
@@ -210,39 +291,37 @@ class S2VT(keras.Model):
         Returns logits (batch, length, vocab), attention weights (batch, length, frames) and the word ids
         fed at each step (batch, length).
         """
-        cfg = self.config
         batch, length = tf.shape(caption_ids)[0], tf.shape(caption_ids)[1]
-        encode_seed, coin_seed, drop1_seed, drop2_seed = self._seeds(tf.cast(seed, tf.int64), 4)
-        encoded = self.encode(frame_features, encode_seed if training else None)
-        word_table = self.word_gate_table()
-        previous_truth = tf.concat([tf.fill([batch, 1], BOS), caption_ids[:, :-1]], 1)  # (batch, length)
-        truth_ta = tf.TensorArray(tf.int32, size=length).unstack(tf.transpose(tf.cast(previous_truth, tf.int32)))
-        use_truth = tf.random.stateless_uniform([length, batch], coin_seed) < teacher_forcing_prob
+        draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
+        encoded = self.encode(frame_features, draws["noise"], draws["encoder_mask"])
+        previous_truth = tf.concat([tf.fill([batch, 1], BOS), tf.cast(caption_ids[:, :-1], tf.int32)], 1)
+        truth_ta = tf.TensorArray(tf.int32, size=length).unstack(tf.transpose(previous_truth))
+        use_truth_ta = tf.TensorArray(tf.bool, size=length).unstack(draws["use_truth"])
+        # LSTM1 reads zeros while decoding, so its whole run is known before the first word.
+        h1_seq, _, _ = self.lstm1.run(tf.broadcast_to(self.lstm1.bias, [length, batch, 4 * self.config.hidden]),
+                                      encoded["h1"], encoded["c1"])  # (length, batch, hidden)
         if training:
-            keep = 1.0 - cfg.dropout
-            mask_shape = [length, batch, cfg.hidden]
-            h1_masks = tf.cast(tf.random.stateless_uniform(mask_shape, drop1_seed) < keep, tf.float32) / keep
-            h2_masks = tf.cast(tf.random.stateless_uniform(mask_shape, drop2_seed) < keep, tf.float32) / keep
-        else:
-            h1_masks = h2_masks = tf.ones([length, 1, 1])
-        use_truth_ta = tf.TensorArray(tf.bool, size=length).unstack(use_truth)
-        h1_ta = tf.TensorArray(tf.float32, size=length).unstack(h1_masks)
-        h2_ta = tf.TensorArray(tf.float32, size=length).unstack(h2_masks)
-        logits_ta = tf.TensorArray(tf.float32, size=length)
-        weights_ta = tf.TensorArray(tf.float32, size=length)
-        fed_ta = tf.TensorArray(tf.int32, size=length)
-        state = {k: encoded[k] for k in ("h1", "c1", "h2", "c2")}
+            h1_seq *= draws["h1_mask"]
+        from_lstm1_ta = tf.TensorArray(tf.float32, size=length).unstack(self.lstm1_to_lstm2(h1_seq))
+        h2_mask_ta = tf.TensorArray(tf.float32, size=length).unstack(
+            draws["h2_mask"] if training else tf.ones([length, 1, 1]))
+        step_kernel = self.lstm2_step_kernel()
+        output_kernel, output_bias = self.output_projection.kernel, self.output_projection.bias
 
-        def body(t, state, previous_logits, logits_ta, weights_ta, fed_ta):
-            predicted = tf.argmax(previous_logits, -1, output_type=tf.int32)
-            word = tf.where(use_truth_ta.read(t) | tf.equal(t, 0), truth_ta.read(t), predicted)
-            logits, weights, state = self.decode_step(state, word, word_table, encoded, h1_ta.read(t), h2_ta.read(t))
-            return t + 1, state, logits, logits_ta.write(t, logits), weights_ta.write(t, weights), fed_ta.write(t, word)
+        def body(t, h2, c2, h2_out, outputs_ta, weights_ta, fed_ta):
+            use_truth, truth = use_truth_ta.read(t), truth_ta.read(t)
+            word = tf.cond(tf.reduce_all(use_truth), lambda: truth, lambda: tf.where(
+                use_truth, truth, tf.argmax(tf.matmul(tf.stop_gradient(h2_out), output_kernel) + output_bias, -1,
+                                            output_type=tf.int32)))
+            h2, c2, weights = self.lstm2_decode_step(from_lstm1_ta.read(t), word, h2, c2, encoded, step_kernel)
+            h2_out = h2 * h2_mask_ta.read(t)
+            return t + 1, h2, c2, h2_out, outputs_ta.write(t, h2_out), weights_ta.write(t, weights), fed_ta.write(t, word)
 
-        initial_logits = tf.zeros([batch, cfg.vocab_size])
-        _, _, _, logits_ta, weights_ta, fed_ta = tf.while_loop(
-            lambda t, *_: t < length, body, (0, state, initial_logits, logits_ta, weights_ta, fed_ta))
-        logits = tf.transpose(logits_ta.stack(), [1, 0, 2])  # (batch, length, vocab)
+        _, _, _, _, outputs_ta, weights_ta, fed_ta = tf.while_loop(
+            lambda t, *_: t < length, body,
+            (0, encoded["h2"], encoded["c2"], encoded["h2"], tf.TensorArray(tf.float32, size=length),
+             tf.TensorArray(tf.float32, size=length), tf.TensorArray(tf.int32, size=length)))
+        logits = self.output_projection(tf.transpose(outputs_ta.stack(), [1, 0, 2]))  # (batch, length, vocab)
         return logits, tf.transpose(weights_ta.stack(), [1, 0, 2]), tf.transpose(fed_ta.stack())
 
     def greedy(self, frame_features, max_len=None):
@@ -250,21 +329,21 @@ class S2VT(keras.Model):
         Returns word ids (batch, steps) <PAD>-filled after <EOS>, and attention weights (batch, steps, frames)."""
         max_len = max_len or self.config.max_caption_len
         encoded = self.encode(frame_features)
-        word_table = self.word_gate_table()
+        step_kernel = self.lstm2_step_kernel()
         batch = tf.shape(frame_features)[0]
-        words_ta = tf.TensorArray(tf.int32, size=max_len)
-        weights_ta = tf.TensorArray(tf.float32, size=max_len)
-        state = {k: encoded[k] for k in ("h1", "c1", "h2", "c2")}
 
-        def body(t, state, word, finished, words_ta, weights_ta):
-            logits, weights, state = self.decode_step(state, word, word_table, encoded)
-            word = tf.where(finished, PAD, tf.argmax(logits, -1, output_type=tf.int32))
+        def body(t, h1, c1, h2, c2, word, finished, words_ta, weights_ta):
+            h1, c1 = self.lstm1_decode_step(h1, c1)
+            h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1), word, h2, c2, encoded, step_kernel)
+            word = tf.where(finished, PAD, tf.argmax(self.output_projection(h2), -1, output_type=tf.int32))
             finished |= tf.equal(word, EOS)
-            return t + 1, state, word, finished, words_ta.write(t, word), weights_ta.write(t, weights)
+            return t + 1, h1, c1, h2, c2, word, finished, words_ta.write(t, word), weights_ta.write(t, weights)
 
-        steps, _, _, _, words_ta, weights_ta = tf.while_loop(
-            lambda t, state, word, finished, *_: (t < max_len) & ~tf.reduce_all(finished), body,
-            (0, state, tf.fill([batch], BOS), tf.zeros([batch], tf.bool), words_ta, weights_ta))
+        steps, *_, words_ta, weights_ta = tf.while_loop(
+            lambda t, *state: (t < max_len) & ~tf.reduce_all(state[-3]), body,
+            (0, encoded["h1"], encoded["c1"], encoded["h2"], encoded["c2"], tf.fill([batch], BOS),
+             tf.zeros([batch], tf.bool), tf.TensorArray(tf.int32, size=max_len),
+             tf.TensorArray(tf.float32, size=max_len)))
         words = tf.transpose(words_ta.gather(tf.range(steps)))  # (batch, steps)
         return words, tf.transpose(weights_ta.gather(tf.range(steps)), [1, 0, 2])
 
@@ -291,9 +370,13 @@ class S2VT(keras.Model):
         beam, vocab = beam_size, self.config.vocab_size
         batch = tf.shape(frame_features)[0]
         # Rows are video-major, row = video * beam + k: each video's encoding computed once, repeated per beam.
-        encoded = {name: tf.repeat(value, beam, axis=0) for name, value in self.encode(frame_features).items()}
-        frames = tf.shape(encoded["outputs"])[1]
-        word_table = self.word_gate_table()
+        # LSTM1 reads zeros while decoding, so its state is the same for all beams of a video: kept per video.
+        encoded = self.encode(frame_features)
+        h1, c1 = encoded["h1"], encoded["c1"]
+        encoded = {"outputs": tf.repeat(encoded["outputs"], beam, axis=1), "keys": tf.repeat(encoded["keys"], beam, axis=1),
+                   "h2": tf.repeat(encoded["h2"], beam, axis=0), "c2": tf.repeat(encoded["c2"], beam, axis=0)}
+        frames = tf.shape(encoded["outputs"])[0]
+        step_kernel = self.lstm2_step_kernel()
         first_rows = tf.range(batch)[:, None] * beam  # (batch, 1)
         neg_inf = tf.constant(-np.inf)
 
@@ -303,9 +386,11 @@ class S2VT(keras.Model):
         def is_full(pool):
             return tf.reduce_all(pool["rank"] > neg_inf, axis=1)  # (batch,)
 
-        def body(t, state, words, live_scores, pool, tokens_ta, parents_ta, weights_ta):
-            logits, weights, state = self.decode_step(state, words, word_table, encoded)
-            log_probs = tf.reshape(tf.nn.log_softmax(logits), [batch, beam, vocab])
+        def body(t, h1, c1, state, words, live_scores, pool, tokens_ta, parents_ta, weights_ta):
+            h1, c1 = self.lstm1_decode_step(h1, c1)
+            from_lstm1 = tf.repeat(self.lstm1_to_lstm2(h1), beam, axis=0)  # (batch*beam, 4*hidden)
+            h2, c2, weights = self.lstm2_decode_step(from_lstm1, words, state["h2"], state["c2"], encoded, step_kernel)
+            log_probs = tf.reshape(tf.nn.log_softmax(self.output_projection(h2)), [batch, beam, vocab])
             totals = tf.reshape(live_scores[:, :, None] + log_probs, [batch, beam * vocab])
             # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
             candidate_scores, candidate_ids = tf.math.top_k(totals, 2 * beam)  # (batch, 2*beam), best first
@@ -323,18 +408,18 @@ class S2VT(keras.Model):
             parents = tf.gather(candidate_parents, continuing, batch_dims=1)
             new_words = tf.gather(candidate_words, continuing, batch_dims=1)
             rows = tf.reshape(first_rows + parents, [-1])  # (batch*beam,)
-            state = {name: tf.gather(value, rows) for name, value in state.items()}
-            return (t + 1, state, tf.reshape(new_words, [-1]), live_scores, pool, tokens_ta.write(t, new_words),
+            state = {"h2": tf.gather(h2, rows), "c2": tf.gather(c2, rows)}
+            return (t + 1, h1, c1, state, tf.reshape(new_words, [-1]), live_scores, pool, tokens_ta.write(t, new_words),
                     parents_ta.write(t, parents), weights_ta.write(t, tf.reshape(weights, [batch, beam, frames])))
 
         # At step 0 only beam 0 is live, so a video's beams do not all grow the same hypotheses.
         live_scores = tf.tile(tf.concat([[0.0], tf.fill([beam - 1], neg_inf)], 0)[None], [batch, 1])
         empty_pool = {"rank": tf.fill([batch, beam], neg_inf), "log_prob": tf.fill([batch, beam], neg_inf),
                       "end": tf.zeros([batch, beam], tf.int32), "parent": tf.zeros([batch, beam], tf.int32)}
-        state = {name: encoded[name] for name in ("h1", "c1", "h2", "c2")}
-        steps, _, _, live_scores, pool, tokens_ta, parents_ta, weights_ta = tf.while_loop(
-            lambda t, state, words, live_scores, pool, *_: (t < max_len) & ~tf.reduce_all(is_full(pool)), body,
-            (0, state, tf.fill([batch * beam], BOS), live_scores, empty_pool,
+        state = {name: encoded[name] for name in ("h2", "c2")}
+        steps, _, _, _, _, live_scores, pool, tokens_ta, parents_ta, weights_ta = tf.while_loop(
+            lambda t, h1, c1, state, words, live_scores, pool, *_: (t < max_len) & ~tf.reduce_all(is_full(pool)),
+            body, (0, h1, c1, state, tf.fill([batch * beam], BOS), live_scores, empty_pool,
              tf.TensorArray(tf.int32, size=max_len), tf.TensorArray(tf.int32, size=max_len),
              tf.TensorArray(tf.float32, size=max_len)))
         tokens = tokens_ta.gather(tf.range(steps))  # (steps, batch, beam)

@@ -1,7 +1,7 @@
 """Benchmark training, inference and feature extraction on synthetic inputs; prints one JSON object.
 
     python bench.py [--what train|infer|extract] [--config reference|demo] [--batch-size 50] [--beam-size 5]
-                    [--device cpu|gpu] [--runs 5]
+                    [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5]
 
 Each figure is the median of --runs timed runs after --warmup untimed ones. Training uses the model's real
 training step (scheduled sampling at p=0.5, dropout, feature noise) with caption lengths drawn like MSVD's
@@ -48,13 +48,13 @@ def timed(function, runs, warmup):
     return statistics.median(times)
 
 
-def build_model(config):
+def build_model(config, matmul_dtype="float32"):
     from model import S2VT, S2VTConfig
 
     sizes = CONFIGS[config]
     return S2VT(S2VTConfig(vocab_size=sizes["vocab_size"], feature_dim=sizes["feature_dim"], frames=sizes["frames"],
                            hidden=sizes["hidden"], frame_embed=sizes["hidden"], word_embed=sizes["hidden"],
-                           attention_dim=sizes["hidden"]))
+                           attention_dim=sizes["hidden"], matmul_dtype=matmul_dtype))
 
 
 def features(rng, batch_size, config):
@@ -68,11 +68,12 @@ def bench_train(args):
     from train import make_train_step
 
     rng = np.random.default_rng(0)
-    model = build_model(args.config)
+    model = build_model(args.config, args.matmul_dtype)
     optimizer = keras.optimizers.Adam(1e-4, global_clipnorm=5.0)
     optimizer.build(model.trainable_variables)
     train_step = make_train_step(model, optimizer)
-    batches = [(tf.constant(features(rng, args.batch_size, args.config)),
+    # float16 in memory and float32 per batch, as train.py's pipeline holds and feeds them
+    batches = [(features(rng, args.batch_size, args.config).astype(np.float16),
                 tf.constant(caption_batch(rng, args.batch_size, CONFIGS[args.config]["vocab_size"])))
                for _ in range(4)]
     state = {"i": 0}
@@ -80,7 +81,8 @@ def bench_train(args):
     def step():
         frame_features, captions = batches[state["i"] % len(batches)]
         state["i"] += 1
-        float(train_step(frame_features, captions, tf.constant(0.5), tf.constant([0, state["i"]], tf.int64)))
+        float(train_step(tf.constant(frame_features, tf.float32), captions, tf.constant(0.5),
+                         tf.constant([0, state["i"]], tf.int64)))
 
     seconds = timed(step, args.runs, args.warmup)
     return {"samples_per_s": args.batch_size / seconds, "step_s": seconds}
@@ -90,7 +92,7 @@ def bench_infer(args):
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
-    model = build_model(args.config)
+    model = build_model(args.config, args.matmul_dtype)
     sizes = CONFIGS[args.config]
     signature = [tf.TensorSpec([None, sizes["frames"], sizes["feature_dim"]], tf.float32)]
     if args.beam_size == 1:
@@ -120,6 +122,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the model's large matmuls (model.S2VTConfig.matmul_dtype)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
@@ -133,7 +137,7 @@ def main(argv=None):
         parser.error("--device gpu: TensorFlow sees no GPU")
     benches = {"train": bench_train, "infer": bench_infer, "extract": bench_extract}
     result = {"config": args.config, "batch_size": args.batch_size, "device": args.device,
-              "tensorflow": tf.__version__}
+              "matmul_dtype": args.matmul_dtype, "tensorflow": tf.__version__}
     for what in ([args.what] if args.what else benches):
         result.update(benches[what](args))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -92,12 +92,12 @@ def lstm_sequence(input_gates, h, c, recurrent_kernel, dtype="float32"):
 def _lstm_sequence_with_gradient(dtype):
     @tf.custom_gradient
     def lstm_sequence(input_gates, h, c, recurrent_kernel):
+        # Neither loop is differentiated by TensorFlow, so they index tensors directly: no TensorArray copies.
         steps = tf.shape(input_gates)[0]
-        gates_ta = tf.TensorArray(input_gates.dtype, size=steps).unstack(input_gates)
         h_ta, c_ta, act_ta = (tf.TensorArray(input_gates.dtype, size=steps) for _ in range(3))
 
         def body(t, h, c, h_ta, c_ta, act_ta):
-            h, c, activated = lstm_cell(gates_ta.read(t) + tf.matmul(h, recurrent_kernel), c)
+            h, c, activated = lstm_cell(input_gates[t] + tf.matmul(h, recurrent_kernel), c)
             return t + 1, h, c, h_ta.write(t, h), c_ta.write(t, c), act_ta.write(t, activated)
 
         h0, c0 = h, c
@@ -108,19 +108,15 @@ def _lstm_sequence_with_gradient(dtype):
             d_outputs = tf.zeros_like(outputs) if d_outputs is None else d_outputs
             d_h = tf.zeros_like(h0) if d_h is None else d_h
             d_c = tf.zeros_like(c0) if d_c is None else d_c
-            previous_cells = tf.concat([c0[None], cells[:-1]], 0)  # (time, batch, units)
-            d_out_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(d_outputs)
-            cell_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(cells)
-            prev_cell_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(previous_cells)
-            act_read_ta = tf.TensorArray(outputs.dtype, size=steps).unstack(activated)
             d_gates_ta = tf.TensorArray(outputs.dtype, size=steps)
 
             def back(t, d_h, d_c, d_gates_ta):
-                i, f, g, o = tf.split(act_read_ta.read(t), 4, axis=-1)
-                tanh_c = tf.tanh(cell_ta.read(t))
-                d_h = d_h + d_out_ta.read(t)
+                i, f, g, o = tf.split(activated[t], 4, axis=-1)
+                tanh_c = tf.tanh(cells[t])
+                previous_c = tf.cond(t > 0, lambda: cells[t - 1], lambda: c0)
+                d_h = d_h + d_outputs[t]
                 d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
-                d_gates = tf.concat([d_c * g * i * (1.0 - i), d_c * prev_cell_ta.read(t) * f * (1.0 - f),
+                d_gates = tf.concat([d_c * g * i * (1.0 - i), d_c * previous_c * f * (1.0 - f),
                                      d_c * i * (1.0 - g * g), d_h * tanh_c * o * (1.0 - o)], -1)
                 d_h = tf.matmul(d_gates, recurrent_kernel, transpose_b=True)
                 return t - 1, d_h, d_c * f, d_gates_ta.write(t, d_gates)
@@ -167,12 +163,34 @@ class LSTMWeights(keras.layers.Layer):
 
 
 @tf.function(jit_compile=True)  # XLA fuses the add, tanh and reduction over (batch, frames, dim): 2-3x faster
+def _additive_forward(keys, encoder_outputs, projected_query, v):
+    scores = tf.squeeze(tf.matmul(tf.tanh(keys + projected_query[:, None, :]), v[:, None]), -1)  # (batch, frames)
+    weights = tf.nn.softmax(scores, axis=-1)
+    return weights, tf.squeeze(tf.matmul(weights[:, None, :], encoder_outputs), 1)
+
+
+@tf.function(jit_compile=True)
+def _additive_backward(keys, encoder_outputs, projected_query, v, weights, d_weights, d_context):
+    d_weights += tf.squeeze(tf.matmul(encoder_outputs, d_context[:, :, None]), -1)  # (batch, frames)
+    d_scores = weights * (d_weights - tf.reduce_sum(weights * d_weights, -1, keepdims=True))
+    activation = tf.tanh(keys + projected_query[:, None, :])  # recomputed: storing it costs batch*frames*dim a step
+    d_keys = d_scores[:, :, None] * v * (1.0 - activation * activation)  # (batch, frames, dim)
+    return (d_keys, weights[:, :, None] * d_context[:, None, :], tf.reduce_sum(d_keys, 1),
+            tf.einsum("bf,bfa->a", d_scores, activation))
+
+
+@tf.custom_gradient
 def additive_attention(keys, encoder_outputs, projected_query, v):
     """Bahdanau: keys (batch, frames, dim) = W1 h_s, projected_query (batch, dim) = W2 h_t
     -> weights (batch, frames), softmax over frames, and context (batch, hidden)."""
-    scores = tf.squeeze(tf.matmul(tf.tanh(keys + projected_query[:, None, :]), v[:, None]), -1)
-    weights = tf.nn.softmax(scores, axis=-1)
-    return weights, tf.squeeze(tf.matmul(weights[:, None, :], encoder_outputs), 1)
+    weights, context = _additive_forward(keys, encoder_outputs, projected_query, v)
+
+    def grad(d_weights, d_context):
+        d_weights = tf.zeros_like(weights) if d_weights is None else d_weights
+        d_context = tf.zeros_like(context) if d_context is None else d_context
+        return _additive_backward(keys, encoder_outputs, projected_query, v, weights, d_weights, d_context)
+
+    return (weights, context), grad
 
 
 @tf.function(jit_compile=True)

@@ -144,3 +144,21 @@ def test_optimised_greedy_and_beam_equal_the_straightforward_decoder(attention):
     step_log_probs = plain.log_probs(tf.repeat(features, 3, axis=0), flat)
     totals = np.sum(np.where(up_to_eos(flat), np.take_along_axis(step_log_probs, flat[:, :, None], 2)[:, :, 0], 0.0), 1)
     np.testing.assert_allclose(beam_log_probs.numpy().reshape(-1), totals, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_matmuls_stay_close_to_float32():
+    model = trained_like("bahdanau")
+    features, captions = batch(size=6, length=6, seed=2)
+    seed = tf.constant([5, 9], tf.int64)
+    fast = make_model("bahdanau", matmul_dtype="bfloat16")
+    fast.set_weights(model.get_weights())
+    losses, grads = [], []
+    for m in (model, fast):
+        with tf.GradientTape() as tape:
+            losses.append(caption_loss(m(features, captions, seed=seed, training=True)[0], captions))
+        grads.append(tape.gradient(losses[-1], m.trainable_variables))
+    assert float(losses[1]) == pytest.approx(float(losses[0]), rel=1e-2)
+    assert float(losses[1]) != float(losses[0])  # the bfloat16 path really ran
+    for g32, g16 in zip(*grads):
+        g32, g16 = tf.convert_to_tensor(g32).numpy(), tf.convert_to_tensor(g16).numpy()
+        assert np.abs(g16 - g32).max() <= 0.05 * np.abs(g32).max()

@@ -77,9 +77,9 @@ def matmul(a, b, dtype="float32", **kwargs):
 
 
 def sequence_matmul(x, kernel, dtype="float32"):
-    """(time, batch, in) @ (in, out) -> (time, batch, out) as one 2-d matmul (batch-major works alike)."""
-    shape = tf.shape(x)
-    return tf.reshape(matmul(tf.reshape(x, [-1, shape[2]]), kernel, dtype), [shape[0], shape[1], tf.shape(kernel)[1]])
+    """(..., in) @ (in, out) -> (..., out) as one 2-d matmul."""
+    flat = matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel, dtype)  # (everything else, out)
+    return tf.reshape(flat, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[1:]], 0))
 
 
 def lstm_sequence(input_gates, h, c, recurrent_kernel, dtype="float32"):
@@ -336,8 +336,13 @@ class S2VT(keras.Model):
             inputs.append(context)
         else:
             weights = tf.zeros([tf.shape(word_ids)[0], tf.shape(encoded["outputs"])[1]])
-        h2, c2, _ = lstm_cell(from_lstm1 + tf.matmul(tf.concat(inputs + [h2], 1), step_kernel), c2)
+        h2, c2, _ = lstm_cell(from_lstm1 + matmul(tf.concat(inputs + [h2], 1), step_kernel, self.config.matmul_dtype),
+                              c2)
         return h2, c2, weights
+
+    def word_logits(self, h2):
+        """(..., hidden) -> (..., vocab), in the configured matmul precision."""
+        return sequence_matmul(h2, self.output_projection.kernel, self.config.matmul_dtype) + self.output_projection.bias
 
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=(0, 0), training=False):
         """Training / scoring pass. caption_ids (batch, length): the words then <EOS>, <PAD>-padded.
@@ -381,7 +386,7 @@ class S2VT(keras.Model):
             (0, encoded["h2"], encoded["c2"], encoded["h2"], tf.TensorArray(tf.float32, size=length),
              tf.TensorArray(tf.float32, size=length), tf.TensorArray(tf.int32, size=length)))
         h2_seq = tf.transpose(outputs_ta.stack(), [1, 0, 2])  # (batch, length, hidden)
-        logits = sequence_matmul(h2_seq, output_kernel, dtype) + output_bias  # (batch, length, vocab)
+        logits = self.word_logits(h2_seq)  # (batch, length, vocab)
         return logits, tf.transpose(weights_ta.stack(), [1, 0, 2]), tf.transpose(fed_ta.stack())
 
     def greedy(self, frame_features, max_len=None):
@@ -395,7 +400,7 @@ class S2VT(keras.Model):
         def body(t, h1, c1, h2, c2, word, finished, words_ta, weights_ta):
             h1, c1 = self.lstm1_decode_step(h1, c1)
             h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1), word, h2, c2, encoded, step_kernel)
-            word = tf.where(finished, PAD, tf.argmax(self.output_projection(h2), -1, output_type=tf.int32))
+            word = tf.where(finished, PAD, tf.argmax(self.word_logits(h2), -1, output_type=tf.int32))
             finished |= tf.equal(word, EOS)
             return t + 1, h1, c1, h2, c2, word, finished, words_ta.write(t, word), weights_ta.write(t, weights)
 
@@ -449,7 +454,7 @@ class S2VT(keras.Model):
             h1, c1 = self.lstm1_decode_step(h1, c1)
             from_lstm1 = tf.repeat(self.lstm1_to_lstm2(h1), beam, axis=0)  # (batch*beam, 4*hidden)
             h2, c2, weights = self.lstm2_decode_step(from_lstm1, words, state["h2"], state["c2"], encoded, step_kernel)
-            log_probs = tf.reshape(tf.nn.log_softmax(self.output_projection(h2)), [batch, beam, vocab])
+            log_probs = tf.reshape(tf.nn.log_softmax(self.word_logits(h2)), [batch, beam, vocab])
             totals = tf.reshape(live_scores[:, :, None] + log_probs, [batch, beam * vocab])
             # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
             candidate_scores, candidate_ids = tf.math.top_k(totals, 2 * beam)  # (batch, 2*beam), best first

@@ -6,15 +6,18 @@ Two stacked LSTMs read the video, then write the caption:
 Every LSTM2 input keeps its position in both stages. The context is attention over LSTM2's encoder outputs,
 queried by LSTM2's previous state, softmaxed over the frames.
 
-Speed (bench.py; tests/test_speed_equivalence.py checks it against a plain step-by-step version):
+Speed (bench.py; tests/test_speed_equivalence.py checks it against a plain step-by-step S2VT):
 - Sequences are time-major, (steps, batch, ...), and every input projection that does not depend on the previous
   step is one matmul before the loop: the frames for both LSTMs, and LSTM1's whole decoding run, which reads zeros
-  and so does not depend on the words.
+  and so does not depend on the words. Feature standardisation is folded into the frame projection's weights.
 - `lstm_sequence` runs an LSTM over precomputed input gates with a hand-written backward pass: one recurrent matmul
   per step, the recurrent kernel's gradient as one matmul after the loop (TensorFlow's while-loop gradient does
   two small matmuls per step and a lot of bookkeeping).
 - A decoder step does one matmul for LSTM2's word, context and recurrent inputs together; the output projection
   for the loss is one matmul after the loop (inside it only scheduled sampling's argmax needs it, with no gradient).
+- Bahdanau attention is XLA-compiled, and its backward pass recomputes tanh(W1 h_s + W2 h_t) rather than keeping
+  a (batch, frames, dim) tensor per decoder step.
+- matmul_dtype="bfloat16" runs the large matmuls in bfloat16 (weights, gates and cell states stay float32).
 Randomness (feature noise, dropout, scheduled-sampling coins) is stateless, drawn from a seed passed per call,
 so a training step is a pure function of (weights, batch, seed) and a resumed run replays exactly.
 """
@@ -342,7 +345,8 @@ class S2VT(keras.Model):
 
     def word_logits(self, h2):
         """(..., hidden) -> (..., vocab), in the configured matmul precision."""
-        return sequence_matmul(h2, self.output_projection.kernel, self.config.matmul_dtype) + self.output_projection.bias
+        kernel, bias = self.output_projection.kernel, self.output_projection.bias
+        return sequence_matmul(h2, kernel, self.config.matmul_dtype) + bias
 
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=(0, 0), training=False):
         """Training / scoring pass. caption_ids (batch, length): the words then <EOS>, <PAD>-padded.
@@ -370,16 +374,15 @@ class S2VT(keras.Model):
         h2_mask_ta = tf.TensorArray(tf.float32, size=length).unstack(
             draws["h2_mask"] if training else tf.ones([length, 1, 1]))
         step_kernel = self.lstm2_step_kernel()
-        output_kernel, output_bias = self.output_projection.kernel, self.output_projection.bias
 
         def body(t, h2, c2, h2_out, outputs_ta, weights_ta, fed_ta):
             use_truth, truth = use_truth_ta.read(t), truth_ta.read(t)
             word = tf.cond(tf.reduce_all(use_truth), lambda: truth, lambda: tf.where(
-                use_truth, truth, tf.argmax(tf.matmul(tf.stop_gradient(h2_out), output_kernel) + output_bias, -1,
-                                            output_type=tf.int32)))
+                use_truth, truth, tf.argmax(self.word_logits(tf.stop_gradient(h2_out)), -1, output_type=tf.int32)))
             h2, c2, weights = self.lstm2_decode_step(from_lstm1_ta.read(t), word, h2, c2, encoded, step_kernel)
             h2_out = h2 * h2_mask_ta.read(t)
-            return t + 1, h2, c2, h2_out, outputs_ta.write(t, h2_out), weights_ta.write(t, weights), fed_ta.write(t, word)
+            return (t + 1, h2, c2, h2_out, outputs_ta.write(t, h2_out), weights_ta.write(t, weights),
+                    fed_ta.write(t, word))
 
         _, _, _, _, outputs_ta, weights_ta, fed_ta = tf.while_loop(
             lambda t, *_: t < length, body,

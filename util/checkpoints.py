@@ -75,13 +75,14 @@ def load_vocab(run_dir):
         raise DataError(f"{path}: not a vocabulary written by train.py ({error})") from None
 
 
-def load_model(path=None):
-    """Restore a trained model for inference: (model, vocab, run config, checkpoint prefix)."""
+def load_model(path=None, matmul_dtype=None):
+    """Restore a trained model for inference: (model, vocab, run config, checkpoint prefix).
+    matmul_dtype, if given, replaces the precision the model was trained with (the weights are the same)."""
     run_dir, prefix = resolve_checkpoint(path)
     config = read_run_config(run_dir)
     vocab = load_vocab(run_dir)
     try:
-        model_config = S2VTConfig(**config["model"])
+        model_config = S2VTConfig(**dict(config["model"], **({"matmul_dtype": matmul_dtype} if matmul_dtype else {})))
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(f"{run_dir / 'config.json'}: no valid \"model\" section ({error})") from None
     if model_config.vocab_size != len(vocab):

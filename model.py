@@ -87,8 +87,8 @@ def sequence_matmul(x, kernel, dtype="float32"):
 
 def lstm_sequence(input_gates, h, c, recurrent_kernel, dtype="float32"):
     """Run an LSTM over precomputed input gates (time, batch, 4*units) from state (h, c).
-    Returns outputs (time, batch, units), the last h and the last c. The per-step matmuls are float32; the
-    recurrent kernel's gradient, one large matmul, is in dtype."""
+    Returns outputs (time, batch, units), the last h and the last c. Matmuls run in dtype; gates and cell states
+    stay float32."""
     return _LSTM_SEQUENCES[dtype](input_gates, h, c, recurrent_kernel)
 
 
@@ -99,8 +99,10 @@ def _lstm_sequence_with_gradient(dtype):
         steps = tf.shape(input_gates)[0]
         h_ta, c_ta, act_ta = (tf.TensorArray(input_gates.dtype, size=steps) for _ in range(3))
 
+        step_kernel = tf.cast(recurrent_kernel, dtype)  # cast once, not per step
+
         def body(t, h, c, h_ta, c_ta, act_ta):
-            h, c, activated = lstm_cell(input_gates[t] + tf.matmul(h, recurrent_kernel), c)
+            h, c, activated = lstm_cell(input_gates[t] + matmul(h, step_kernel, dtype), c)
             return t + 1, h, c, h_ta.write(t, h), c_ta.write(t, c), act_ta.write(t, activated)
 
         h0, c0 = h, c
@@ -121,7 +123,7 @@ def _lstm_sequence_with_gradient(dtype):
                 d_c = d_c + d_h * o * (1.0 - tanh_c * tanh_c)
                 d_gates = tf.concat([d_c * g * i * (1.0 - i), d_c * previous_c * f * (1.0 - f),
                                      d_c * i * (1.0 - g * g), d_h * tanh_c * o * (1.0 - o)], -1)
-                d_h = tf.matmul(d_gates, recurrent_kernel, transpose_b=True)
+                d_h = matmul(d_gates, step_kernel, dtype, transpose_b=True)
                 return t - 1, d_h, d_c * f, d_gates_ta.write(t, d_gates)
 
             _, d_h, d_c, d_gates_ta = tf.while_loop(lambda t, *_: t >= 0, back, (steps - 1, d_h, d_c, d_gates_ta))

@@ -25,7 +25,7 @@ import tensorflow as tf
 import keras
 from tqdm import tqdm
 
-from model import ATTENTIONS, S2VT, S2VTConfig, caption_loss
+from model import ATTENTIONS, MATMUL_DTYPES, S2VT, S2VTConfig, caption_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_config, restore, write_run_files
@@ -60,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--feature-noise", type=float, default=0.1)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--clip-norm", type=float, default=5.0, help="global gradient-norm clip")
+    parser.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
+                        help="precision of the large matmuls: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 "
+                             "and on GPUs (weights, gates and cell states stay float32)")
     parser.add_argument("--pairs", choices=("all", "sample"), default="all",
                         help="an epoch is every (video, caption) pair, or one random caption per video")
     parser.add_argument("--select-metric", choices=("bleu1", "bleu4", "cider"), default="bleu1",
@@ -160,7 +163,7 @@ def train(args):
     config = S2VTConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
                         frame_embed=args.hidden, word_embed=args.hidden, attention=args.attention,
                         attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
-                        feature_noise=args.feature_noise)
+                        feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype)
     if args.resume:
         saved = read_run_config(run_dir)["model"]
         differing = {k: (v, config.to_dict()[k]) for k, v in saved.items() if config.to_dict().get(k) != v}

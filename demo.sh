@@ -9,6 +9,7 @@ RUN=${DEMO_RUN:-demo}
 start=$(date +%s)
 
 python -m util.demo_data "$DATA"
+# 720 training clips; 64 test clips, 16 of them of the 8 (colour, shape, direction) combinations training never shows.
 # Offline there are no ImageNet weights, so the demo uses seeded random VGG16 weights up to block3_pool at 96 px,
 # max-pooled over a 1x1 + 2x2 pyramid (1280-d): measured to keep colour, shape and motion (README, "The demo").
 for split in training testing; do

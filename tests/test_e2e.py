@@ -8,19 +8,34 @@ import infer
 import train
 from util.bleu import corpus_bleu1, read_captions
 from util.data import load_labels
-from util.demo_data import attribute_accuracy, make_corpus
+from util.demo_data import COLOURS, DIRECTIONS, SHAPES, attribute_accuracy, make_corpus, parse_caption
 
 
 @pytest.fixture(scope="module")
 def demo_corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    make_corpus(root, train_videos=192, test_seen=8, seed=1)
+    make_corpus(root, train_videos=192, test_seen=8, seed=1, test_unseen=8)
     for split in ("training", "testing"):
         code = extract_features.main([str(root / f"{split}_data" / "video"), str(root / f"{split}_data" / "feat"),
                                       "--frames", "8", "--weights", "none", "--layer", "block3_pool",
                                       "--image-size", "96", "--pool", "max", "--grids", "1,2", "--batch-size", "64"])
         assert code == 0
     return root
+
+
+def test_demo_corpus_holds_unseen_combinations_and_parseable_captions(demo_corpus):
+    splits = {split: load_labels(demo_corpus / f"{split}_label.json") for split in ("training", "testing")}
+    triples = {split: [parse_caption(caps[0]) for _, caps in labels] for split, labels in splits.items()}
+    for split, labels in splits.items():
+        for (video_id, captions), triple in zip(labels, triples[split]):
+            assert len(set(captions)) >= 5 and None not in triple
+            assert all(parse_caption(c) == triple for c in captions)  # every paraphrase names the same attributes
+            assert video_id.endswith("_".join(triple) + ".avi")
+            assert (demo_corpus / f"{split}_data" / "video" / video_id).stat().st_size > 0
+    unseen = set(triples["testing"]) - set(triples["training"])
+    assert len(unseen) == 8 and len(triples["testing"]) == 16
+    for k, values in enumerate((COLOURS, SHAPES, DIRECTIONS)):  # each value on its own is still seen in training
+        assert {t[k] for t in triples["training"]} == set(values)
 
 
 def test_trained_demo_model_beats_the_most_frequent_caption(demo_corpus, tmp_path):

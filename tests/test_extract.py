@@ -86,7 +86,7 @@ def test_shards_partition_the_collection(mlds):
 
 
 def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path):
-    make_corpus(tmp_path / "corpus", train_videos=24, test_seen=0, seed=3)
+    make_corpus(tmp_path / "corpus", train_videos=24, test_seen=0, seed=3, test_unseen=8)
     video_dir = tmp_path / "corpus" / "training_data" / "video"
     command = [sys.executable, str(ROOT / "extract_features.py"), str(video_dir)]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -150,7 +150,7 @@ def test_float16_output(tmp_path):
 def tiny_video_run(tmp_path_factory):
     """A tiny model trained on features extract_features.py made from demo clips."""
     root = tmp_path_factory.mktemp("videos")
-    make_corpus(root, train_videos=16, test_seen=0, seed=2)
+    make_corpus(root, train_videos=16, test_seen=0, seed=2, test_unseen=8)
     for split in ("training", "testing"):
         assert extract_features.main([str(root / f"{split}_data" / "video"), str(root / f"{split}_data" / "feat"),
                                       *FAST, "--frames", "4"]) == 0

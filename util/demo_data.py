@@ -1,6 +1,6 @@
 """The built-in demo corpus: real .avi clips of coloured shapes moving over varied backgrounds.
 
-`python -m util.demo_data OUT_DIR [--train N] [--test-seen N] [--seed S]` writes the MLDS HW2-1 layout:
+`python -m util.demo_data OUT_DIR [--train N] [--test-seen N] [--test-unseen N] [--seed S]` writes the MLDS HW2-1 layout:
 OUT_DIR/{training,testing}_label.json, {training,testing}_id.txt, {training,testing}_data/video/<id>.avi
 and {training,testing}_data/id.txt. Everything is a function of the seed.
 
@@ -20,15 +20,17 @@ import numpy as np
 from tqdm import tqdm
 
 COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (220, 90, 30), "yellow": (30, 220, 230)}  # BGR
-SHAPES = ("square", "ring", "cross")
+# Shapes that differ in extent and topology (filled box, hollow ring, thin bar): seeded random VGG features tell
+# them apart far better than square/ring/cross or circle/square/triangle (linear probes, README "The demo").
+SHAPES = ("square", "ring", "bar")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-SIZES = {"small": (9, 11), "big": (15, 18)}  # half-width in pixels at FRAME_SIZE
+SIZES = {"small": (11, 13), "big": (16, 19)}  # half-width in pixels at FRAME_SIZE
 FRAME_SIZE = 96
 FRAMES_PER_CLIP = 24
 FPS = 12
 
 # Words a caption may use for each attribute value; the first is the plain one.
-SHAPE_WORDS = {"square": ("square", "box"), "ring": ("ring", "hoop"), "cross": ("cross", "plus")}
+SHAPE_WORDS = {"square": ("square", "box"), "ring": ("ring", "hoop"), "bar": ("bar", "stick")}
 SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
 DIRECTION_PHRASES = {  # (moves ..., is moving ..., goes ...)
     "left": ("to the left", "left", "leftward"),
@@ -83,9 +85,8 @@ def _draw(frame, shape, centre, half, colour):
         cv2.rectangle(frame, (x - half, y - half), (x + half, y + half), colour, -1, cv2.LINE_AA)
     elif shape == "ring":
         cv2.circle(frame, (x, y), half - stroke // 2, colour, stroke, cv2.LINE_AA)
-    else:
-        cv2.line(frame, (x - half, y), (x + half, y), colour, stroke, cv2.LINE_AA)
-        cv2.line(frame, (x, y - half), (x, y + half), colour, stroke, cv2.LINE_AA)
+    else:  # a horizontal bar, 2 strokes thick
+        cv2.rectangle(frame, (x - half, y - stroke), (x + half, y + stroke), colour, -1, cv2.LINE_AA)
 
 
 def render_clip(path, colour, shape, direction, size, rng):
@@ -111,23 +112,41 @@ def render_clip(path, colour, shape, direction, size, rng):
 
 
 def split_combinations(seed, held_out=8):
-    """Choose `held_out` (colour, shape, direction) triples that training never sees, each value still seen."""
+    """Choose `held_out` (colour, shape, direction) triples that training never sees.
+
+    No two held-out triples share a (colour, shape), (colour, direction) or (shape, direction) pair, so every pair
+    inside an unseen triple is still seen in training with all but one value of the third attribute. (Holding out
+    both "red square left" and "red square right" taught the model that a red thing moving sideways is never a
+    square: it named them bars.)"""
     triples = list(itertools.product(COLOURS, SHAPES, DIRECTIONS))
     rng = np.random.default_rng(seed)
     while True:
-        picked = [triples[i] for i in rng.choice(len(triples), held_out, replace=False)]
-        seen = [t for t in triples if t not in picked]
-        if all({t[k] for t in seen} == set(values) for k, values in enumerate((COLOURS, SHAPES, DIRECTIONS))):
-            return seen, picked
+        picked, pairs = [], set()
+        for index in rng.permutation(len(triples)):
+            colour, shape, direction = triple = triples[index]
+            mine = {("cs", colour, shape), ("cd", colour, direction), ("sd", shape, direction)}
+            if not mine & pairs:
+                picked.append(triple)
+                pairs |= mine
+            if len(picked) == held_out:
+                seen = [t for t in triples if t not in picked]
+                return seen, picked
 
 
-def make_corpus(out_dir, train_videos=720, test_seen=24, seed=0):
-    """Write the demo corpus in the MLDS layout under out_dir; returns {split: [label dicts]}."""
+def make_corpus(out_dir, train_videos=720, test_seen=48, seed=0, test_unseen=16):
+    """Write the demo corpus in the MLDS layout under out_dir; returns {split: [label dicts]}.
+
+    The test split holds `test_unseen` clips cycling through the combinations training never shows (at least
+    one each) and `test_seen` clips of seen ones, spread over them (each at most once until all have been used)."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     seen, unseen = split_combinations(seed)
+    if test_unseen < len(unseen):
+        raise ValueError(f"test_unseen must be at least {len(unseen)}, one clip per unseen combination")
+    order = rng.permutation(len(seen))
     plan = {"training": [seen[i % len(seen)] for i in range(train_videos)],
-            "testing": unseen + [seen[i] for i in rng.choice(len(seen), test_seen, replace=False)]}
+            "testing": [unseen[i % len(unseen)] for i in range(test_unseen)]
+                       + [seen[order[i % len(seen)]] for i in range(test_seen)]}
     labels = {}
     for split, triples in plan.items():
         video_dir = out_dir / f"{split}_data" / "video"
@@ -165,7 +184,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="where to write the corpus")
     parser.add_argument("--train", type=int, default=720, help="training clips (default 720)")
-    parser.add_argument("--test-seen", type=int, default=24, help="test clips of seen combinations (default 24)")
+    parser.add_argument("--test-seen", type=int, default=48, help="test clips of seen combinations (default 48)")
+    parser.add_argument("--test-unseen", type=int, default=16,
+                        help="test clips of the 8 combinations training never shows (default 16, at least 8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", metavar="CAPTIONS", help="instead: score a captions file's attributes "
                         "against --labels")
@@ -186,7 +207,7 @@ def main(argv=None):
         return 0
     if not args.out_dir:
         parser.error("give OUT_DIR, or --check CAPTIONS --labels LABELS")
-    labels = make_corpus(args.out_dir, args.train, args.test_seen, args.seed)
+    labels = make_corpus(args.out_dir, args.train, args.test_seen, args.seed, args.test_unseen)
     print(f"demo corpus: {len(labels['training'])} training and {len(labels['testing'])} test clips in {args.out_dir}")
     return 0
 

@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -160,18 +161,33 @@ def list_videos(video_dir, ids_file=None, shard=(0, 1)):
     return [p for p in paths if in_shard(p.name, shard)]
 
 
+def create_whole(path, text):
+    """Write `path` unless it exists, never replacing one that another run creates at the same moment: the text
+    goes to a file of this run's own and is hard-linked into place whole. True if this call created it."""
+    candidate = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        candidate.write_text(text)
+        os.link(candidate, path)  # unlike a rename, fails when `path` exists
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
+    finally:
+        candidate.unlink(missing_ok=True)
+
+
 def check_manifest(feat_dir, manifest):
-    """Write FEAT_DIR/manifest.json, or refuse when the one already there records other settings."""
+    """Write FEAT_DIR/manifest.json, or refuse when the one already there records other settings.
+    Shards started together race to write it: the first one's stands and the others compare with it."""
     path = Path(feat_dir) / MANIFEST
-    recorded = read_feature_manifest(feat_dir)
-    if recorded is not None:
+    if path.exists() or not create_whole(path, json.dumps(manifest, indent=1)):
+        recorded = read_feature_manifest(feat_dir)
         differing = {k: (recorded.get(k), v) for k, v in manifest.items() if recorded.get(k) != v}
         if differing:
             detail = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differing.items())
             raise VideoError(f"{path}: features there were made with other settings ({detail}); "
                              "use another FEAT_DIR")
-        return
-    write_text_atomic(path, json.dumps(manifest, indent=1))
 
 
 def make_folder(path):

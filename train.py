@@ -1,17 +1,22 @@
 """Train S2VT on data in the MLDS HW2-1 layout.
 
-    python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--resume]
+    python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--strategy auto]
+                    [--resume]
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy, validates every epoch on
 PATH/testing_label.json with PATH/testing_data/feat, and writes checkpoints/<run>/ (see util/checkpoints.py):
 the last 3 checkpoints, the best by a validation metric, config.json, vocab.json, history.csv, curves.png and
 TensorBoard logs.
 Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
+With --strategy mirrored (several GPUs) or multiworker (machines named in TF_CONFIG) each global batch is split
+over the replicas with the same result as one device; the chief alone validates and writes the run folder.
 """
 import argparse
+import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -32,7 +37,10 @@ from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_conf
 from util.data import DataError, Split, encode_captions, epoch_pairs, make_dataset, read_feature_manifest
 from util.evaluate import evaluate
 from util.plots import plot_training_curves
-from util.vocab import Vocabulary
+from util.vocab import PAD, Vocabulary
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+SUM = tf.distribute.ReduceOp.SUM
 
 
 def positive_int(text):
@@ -68,6 +76,9 @@ def parse_args(argv=None):
     parser.add_argument("--select-metric", choices=("bleu1", "bleu4", "cider"), default="bleu1",
                         help="validation metric that picks the best checkpoint (bleu1 = the MLDS course BLEU@1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                        help="auto: mirrored when more than one GPU is visible, else default (one device); "
+                             "mirrored: every local GPU (or logical CPU); multiworker: the cluster in TF_CONFIG")
     parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
     parser.add_argument("--ckpt-dir", help="run folder (default checkpoints/<run>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir (default: newest)")
@@ -79,6 +90,55 @@ def parse_args(argv=None):
         args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
     args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
     return args
+
+
+def check_tf_config():
+    """Check the TF_CONFIG variable MultiWorkerMirroredStrategy reads: a cluster of host:port lists and this
+    process's task in it; anything else is a one-line DataError rather than a hang or a deep traceback."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise DataError("TF_CONFIG: not set; --strategy multiworker needs the cluster and this worker's task in it "
+                        "(README, \"Multi-GPU and multi-worker training\")")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"TF_CONFIG: not valid JSON ({error})") from None
+    config = config if isinstance(config, dict) else {}
+    cluster, task = config.get("cluster"), config.get("task")
+
+    def is_address_list(value):
+        return isinstance(value, list) and value and all(isinstance(a, str) and ":" in a for a in value)
+
+    if not isinstance(cluster, dict) or not cluster or not all(map(is_address_list, cluster.values())):
+        raise DataError("TF_CONFIG: \"cluster\" must map task types to non-empty lists of \"host:port\" strings")
+    if set(cluster) - {"chief", "worker"} or len(cluster.get("chief", [])) > 1:
+        raise DataError(f"TF_CONFIG: the cluster may hold \"worker\" tasks and one \"chief\", not {sorted(cluster)}")
+    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise DataError(f"TF_CONFIG: \"task\" must name a type of the cluster ({', '.join(cluster)}) and an index "
+                        f"into its list, not {task!r}")
+
+
+def make_strategy(name):
+    """The tf.distribute strategy for --strategy."""
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    check_tf_config()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy):
+    """The chief writes the run folder: the "chief" task, else worker 0; a single process always."""
+    resolver = strategy.cluster_resolver
+    if resolver is None or resolver.task_type is None:
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
 
 
 @contextmanager
@@ -100,8 +160,9 @@ def ctrl_c_stops_between_batches():
         signal.signal(signal.SIGINT, previous)
 
 
-def interrupted(path, epoch_var, batch_var, run_dir):
-    print(f"interrupted: saved {path} at epoch {int(epoch_var) + 1}, batch {int(batch_var)}; "
+def interrupted(path, epoch_var, batch_var, run_dir, chief=True):
+    saved = f"saved {path}" if chief else "the chief saved its checkpoint"
+    print(f"interrupted: {saved} at epoch {int(epoch_var) + 1}, batch {int(batch_var)}; "
           f"continue with --resume --ckpt-dir {run_dir}")
     return 130
 
@@ -115,21 +176,106 @@ def greedy_captions(greedy_fn, vocab, split, batch_size):
     return captions
 
 
-def make_train_step(model, optimizer):
-    """One optimisation step as a tf.function: (features, captions, teacher_forcing_prob, seed) -> loss.
-    bench.py times this same function."""
-    cfg = model.config
+def stop_agreement(strategy, stop):
+    """A function telling whether to stop now: Ctrl-C here or, in multi-worker training, on any worker, so that
+    every worker stops at the same batch (one that went on would wait for the others forever)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return stop.is_set
 
-    @tf.function(input_signature=[tf.TensorSpec([None, cfg.frames, cfg.feature_dim], tf.float32),
-                                  tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([], tf.float32),
-                                  tf.TensorSpec([2], tf.int64)])
-    def train_step(frame_features, captions, teacher_forcing_prob, seed):
+    @tf.function
+    def any_worker(flag):
+        return strategy.reduce(SUM, strategy.run(tf.identity, args=(flag,)), axis=None) > 0
+
+    return lambda: bool(any_worker(tf.constant(float(stop.is_set()))))
+
+
+def replica_slices(pairs, batch_size, replicas, skip_batches=0):
+    """(starts, stops), each (batches, replicas): global batch k is pairs [k*batch_size, k*batch_size + size),
+    cut into `replicas` consecutive slices whose sizes differ by at most one (a short last batch may leave a
+    replica an empty slice)."""
+    starts = np.arange(skip_batches * batch_size, pairs, batch_size)
+    sizes = np.minimum(batch_size, pairs - starts)
+    bounds = starts[:, None] + np.arange(replicas + 1) * sizes[:, None] // replicas
+    return bounds[:, :-1], bounds[:, 1:]
+
+
+def distributed_batches(strategy, features, video_index, caption_ids, batch_size, skip_batches=0):
+    """The epoch's global batches of (frame_features, caption_ids) as a distributed dataset: each worker gathers
+    only its replicas' slices, each slice cut to its own longest caption. With one replica this is
+    util.data.make_dataset's batches."""
+
+    def worker_dataset(context):
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        first = context.input_pipeline_id * local  # this worker's replicas are first ... first + local - 1
+        starts, stops = replica_slices(len(video_index), batch_size, context.num_replicas_in_sync, skip_batches)
+
+        def gather(start, stop):
+            captions = caption_ids[start:stop]
+            length = max(1, int(np.max(np.sum(captions != PAD, axis=1), initial=0)))  # an empty slice keeps 1 step
+            return features[video_index[start:stop]].astype(np.float32), captions[:, :length]
+
+        def to_tensors(start, stop):
+            frame_features, captions = tf.numpy_function(gather, [start, stop], [tf.float32, tf.int32])
+            frame_features.set_shape([None, features.shape[1], features.shape[2]])
+            captions.set_shape([None, None])
+            return frame_features, captions
+
+        # batch-major, so the replicas of a worker take one global batch's slices in turn
+        ranges = (starts[:, first:first + local].ravel(), stops[:, first:first + local].ravel())
+        dataset = tf.data.Dataset.from_tensor_slices(ranges)
+        return dataset.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def caption_losses(logits, caption_ids):
+    """Each caption's loss as model.caption_loss counts it (masked cross-entropy over its length), not averaged."""
+    mask = tf.cast(tf.not_equal(caption_ids, PAD), tf.float32)
+    token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(caption_ids, tf.int32), logits=logits)
+    return tf.reduce_sum(token_loss * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
+
+
+def make_train_step(model, optimizer, strategy=None):
+    """One optimisation step as a tf.function: (features, captions, teacher_forcing_prob, seed) -> the global
+    batch's mean loss. bench.py times this same function on one device.
+
+    Under a strategy of several replicas the features and captions are a distributed_batches element. Each
+    replica divides its captions' summed loss by the global batch size and the replicas' gradients are summed,
+    so the step equals the single-device step on the whole batch, gradient clipping included.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    cfg = model.config
+    variables = model.trainable_variables
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(frame_features, captions, teacher_forcing_prob, seed):
+        context = tf.distribute.get_replica_context()
+        if replicas > 1:  # each replica its own noise, dropout and sampling coins
+            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+        global_batch = context.all_reduce(SUM, tf.shape(captions)[0])
         with tf.GradientTape() as tape:
             logits, _, _ = model(frame_features, captions, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
                                  training=True)
-            loss = caption_loss(logits, captions)
-        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+            loss = tf.nn.compute_average_loss(caption_losses(logits, captions), global_batch_size=global_batch)
+        gradients = tape.gradient(loss, variables)
+        if replicas > 1:
+            # Keras would clip each replica's part before summing the parts: sum and clip here, as on one device
+            # (a second all-reduce), and hand it equal shares, each within the clip norm, to sum back
+            gradients = context.all_reduce(SUM, gradients)
+            if optimizer.global_clipnorm:
+                gradients, _ = tf.clip_by_global_norm(gradients, optimizer.global_clipnorm)
+            gradients = [g / replicas for g in gradients]
+        optimizer.apply_gradients(zip(gradients, variables))
         return loss
+
+    # a batch as distributed_batches yields it (one tensor per replica with several), taken from an empty epoch
+    batch_spec = distributed_batches(strategy, np.zeros((0, cfg.frames, cfg.feature_dim), np.float32),
+                                     np.zeros(0, np.int32), np.zeros((0, 1), np.int32), 1).element_spec
+
+    @tf.function(input_signature=[*batch_spec, tf.TensorSpec([], tf.float32), tf.TensorSpec([2], tf.int64)])
+    def train_step(frame_features, captions, teacher_forcing_prob, seed):
+        losses = strategy.run(replica_step, args=(frame_features, captions, teacher_forcing_prob, seed))
+        return strategy.reduce(SUM, losses, axis=None)
 
     return train_step
 
@@ -137,6 +283,11 @@ def make_train_step(model, optimizer):
 def train(args):
     run_dir = Path(args.ckpt_dir)
     data_dir = Path(args.data_dir)
+    strategy = make_strategy(args.strategy)  # first: MultiWorkerMirroredStrategy must precede any other TF work
+    chief = is_chief(strategy)
+    # the other workers write their checkpoints and logs into a folder removed when train() returns
+    scratch = None if chief else tempfile.TemporaryDirectory(prefix="s2vt-worker-")
+    out_dir = run_dir if chief else Path(scratch.name)
 
     # ---- data ----
     train_split = Split(data_dir, "training", frames=args.frames)
@@ -149,10 +300,10 @@ def train(args):
     if args.resume and manifest != read_run_config(run_dir).get("features"):
         raise DataError(f"{data_dir / 'training_data' / 'feat'}: features differ from those the run was trained on")
     test_split = None
-    if (data_dir / "testing_label.json").is_file():
-        test_split = Split(data_dir, "testing", frames=args.frames, feature_dim=feature_dim)
-    else:
+    if not (data_dir / "testing_label.json").is_file():
         print(f"warning: {data_dir / 'testing_label.json'} not found: no validation, the best checkpoint is the last")
+    elif chief:  # validation runs on the chief alone
+        test_split = Split(data_dir, "testing", frames=args.frames, feature_dim=feature_dim)
     if args.resume:
         vocab = load_vocab(run_dir)
     else:
@@ -171,28 +322,30 @@ def train(args):
             detail = ", ".join(f"{k}: {old} saved, {new} asked" for k, (old, new) in differing.items())
             raise DataError(f"{run_dir}: cannot resume with another model configuration ({detail})")
     keras.utils.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
-    model = S2VT(config)
-    model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
-    optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
-    optimizer.build(model.trainable_variables)
+    with strategy.scope():  # one copy of every weight and optimizer slot per replica
+        model = S2VT(config)
+        model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
+        optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
+        optimizer.build(model.trainable_variables)
     epoch_var = tf.Variable(0, dtype=tf.int64, name="epoch")  # epochs finished
     batch_var = tf.Variable(0, dtype=tf.int64, name="batch_in_epoch")  # batches done in the unfinished epoch
     best_var = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")  # of --select-metric
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, batch_in_epoch=batch_var,
                                      best_score=best_var)
-    last_manager = tf.train.CheckpointManager(checkpoint, str(run_dir / "last"), max_to_keep=3)
-    best_manager = tf.train.CheckpointManager(checkpoint, str(run_dir / "best"), max_to_keep=1)
-    if args.resume:
-        if not last_manager.latest_checkpoint:
+    last_manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "last"), max_to_keep=3)
+    best_manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "best"), max_to_keep=1)
+    if args.resume:  # every worker restores the chief's checkpoint
+        latest = tf.train.latest_checkpoint(str(run_dir / "last"))
+        if not latest:
             raise DataError(f"{run_dir / 'last'}: no checkpoint to resume from")
-        restore(checkpoint, last_manager.latest_checkpoint)
-        print(f"resumed {last_manager.latest_checkpoint}: epoch {int(epoch_var) + 1}, batch {int(batch_var)}, "
-              f"step {int(optimizer.iterations)}")
+        restore(checkpoint, latest)
+        print(f"resumed {latest}: epoch {int(epoch_var) + 1}, batch {int(batch_var)}, "
+              f"step {int(optimizer.iterations.numpy())}")
     else:
-        write_run_files(run_dir, config, vars(args), vocab, manifest)
+        write_run_files(out_dir, config, vars(args), vocab, manifest)
 
     signature = [tf.TensorSpec([None, args.frames, feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32)]
-    train_step = make_train_step(model, optimizer)
+    train_step = make_train_step(model, optimizer, strategy)
 
     @tf.function(input_signature=signature)
     def eval_loss(frame_features, captions):
@@ -204,31 +357,33 @@ def train(args):
     if test_split is not None:
         val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
     probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start, args.teacher_forcing_end)
-    writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
-    history_path = run_dir / "history.csv"
+    writer = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
+    history_path = out_dir / "history.csv"
     history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
     batches_per_epoch = None
     started = time.perf_counter()
     with ctrl_c_stops_between_batches() as stop:
+        stopping = stop_agreement(strategy, stop)
         for epoch in range(int(epoch_var), args.epochs):
             p = float(probs[epoch])
             epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
             batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
             skip = int(batch_var)
-            dataset = make_dataset(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip)
+            dataset = distributed_batches(strategy, train_split.features, epoch_videos, epoch_captions,
+                                          args.batch_size, skip)
             bar = tqdm(dataset, total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
                        unit="batch", leave=False)
             losses = []
             for frame_features, captions in bar:
-                if stop.is_set():
+                if stopping():
                     break
-                seed = tf.constant([args.seed, int(optimizer.iterations)], tf.int64)
+                seed = tf.constant([args.seed, int(optimizer.iterations.numpy())], tf.int64)
                 losses.append(float(train_step(frame_features, captions, tf.constant(p, tf.float32), seed)))
                 batch_var.assign_add(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", teacher_forcing=f"{p:.3f}")
             bar.close()
-            if stop.is_set() and int(batch_var) < batches_per_epoch:
-                return interrupted(last_manager.save(), epoch_var, batch_var, run_dir)
+            if int(batch_var) < batches_per_epoch:  # stopped
+                return interrupted(last_manager.save(), epoch_var, batch_var, run_dir, chief)
 
             row = {"epoch": epoch + 1, "teacher_forcing_prob": p,
                    "train_loss": float(np.mean(losses)) if losses else None}
@@ -263,8 +418,8 @@ def train(args):
                   + ("  *best*" if improved else ""), flush=True)
             if test_split is not None:
                 print(f"  {row['example']}", flush=True)
-            if stop.is_set() and epoch + 1 < args.epochs:  # Ctrl-C in an epoch's last batch, validation or saving
-                return interrupted(last_manager.latest_checkpoint, epoch_var, batch_var, run_dir)
+            if stopping() and epoch + 1 < args.epochs:  # Ctrl-C in an epoch's last batch, validation or saving
+                return interrupted(last_manager.latest_checkpoint, epoch_var, batch_var, run_dir, chief)
 
     elapsed = time.perf_counter() - started
     best = f"best val {args.select_metric} {float(best_var):.4f}" if test_split is not None else "no validation"

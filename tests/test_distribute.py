@@ -1,0 +1,290 @@
+"""tf.distribute: mirrored steps equal single-device ones, two workers train, stop and resume like one device,
+and two extraction shards fill one feature folder at once.
+
+Logical devices and MultiWorkerMirroredStrategy need a TensorFlow not yet started, so those runs are child
+processes; `pytest -s` shows their per-step losses, weight differences and wall times.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import extract_features
+import infer
+import train
+from conftest import ROOT, write_tiny_mlds
+from test_extract import FAST
+from util.data import make_dataset
+from util.demo_data import make_corpus
+from util.vocab import EOS, PAD
+
+# the same global batches through one device and through MirroredStrategy on the CPU split in two logical
+# devices; dropout, noise and sampling off (teacher forcing 1), clipping on in every step
+MIRRORED_STEPS = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import train
+from model import S2VT, S2VTConfig
+from util.vocab import EOS, PAD
+
+config = S2VTConfig(vocab_size=13, feature_dim=10, frames=5, hidden=16, frame_embed=16, word_embed=16,
+                    attention_dim=16, max_caption_len=7, dropout=0.0, feature_noise=0.0)
+rng = np.random.default_rng(0)
+features = rng.normal(size=(12, 5, 10)).astype(np.float16)
+pairs = 3 * 7 + 1  # batches of 7 split 3 + 4, and a last batch of 1 that leaves one replica nothing
+video_index = rng.integers(0, 12, pairs).astype(np.int32)
+captions = np.full((pairs, 7), PAD, np.int32)
+for row, length in zip(captions, rng.integers(1, 8, pairs)):
+    row[:length - 1] = rng.integers(4, 13, length - 1)
+    row[length - 1] = EOS
+
+
+def train_steps(strategy):
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = S2VT(config)
+        model.adapt_features(features)
+        optimizer = keras.optimizers.Adam(0.01, global_clipnorm=0.1)
+        optimizer.build(model.trainable_variables)
+    train_step = train.make_train_step(model, optimizer, strategy)
+    losses, slices = [], []
+    started = time.perf_counter()
+    for step, (frame_features, caption_ids) in enumerate(
+            train.distributed_batches(strategy, features, video_index, captions, 7)):
+        slices.append([len(c) for c in strategy.experimental_local_results(caption_ids)])
+        seed = tf.constant([0, step], tf.int64)
+        losses.append(float(train_step(frame_features, caption_ids, tf.constant(1.0), seed)))
+    return {"losses": losses, "slices": slices, "seconds": time.perf_counter() - started,
+            "weights": [v.numpy() for v in model.trainable_variables]}
+
+
+strategies = {"auto": train.make_strategy("auto"), "mirrored": train.make_strategy("mirrored")}
+single, mirrored = train_steps(strategies["auto"]), train_steps(strategies["mirrored"])
+difference = max(float(np.max(np.abs(a - b))) for a, b in zip(single.pop("weights"), mirrored.pop("weights")))
+print(json.dumps({"replicas": {name: s.num_replicas_in_sync for name, s in strategies.items()}, "single": single,
+                  "mirrored": mirrored, "max_weight_difference": difference}))
+"""
+
+
+def test_replica_slices_split_every_global_batch_evenly():
+    starts, stops = train.replica_slices(pairs=10, batch_size=4, replicas=3)
+    np.testing.assert_array_equal(starts, [[0, 1, 2], [4, 5, 6], [8, 8, 9]])
+    np.testing.assert_array_equal(stops, [[1, 2, 4], [5, 6, 8], [8, 9, 10]])
+    starts, stops = train.replica_slices(pairs=10, batch_size=4, replicas=3, skip_batches=2)
+    np.testing.assert_array_equal(starts, [[8, 8, 9]])
+
+
+def test_one_replica_gets_the_single_device_batches():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4, 3, 2)).astype(np.float16)
+    video_index = np.array([0, 1, 2, 3, 0, 1, 2], np.int32)
+    captions = np.array([[5, EOS, PAD, PAD]] * 4 + [[5, 6, 7, EOS]] + [[EOS, PAD, PAD, PAD]] * 2, np.int32)
+    expected = list(make_dataset(features, video_index, captions, 3, skip_batches=1))
+    got = list(train.distributed_batches(tf.distribute.get_strategy(), features, video_index, captions, 3, 1))
+    assert len(got) == len(expected) == 2
+    for (features_got, captions_got), (features_expected, captions_expected) in zip(got, expected):
+        np.testing.assert_array_equal(features_got, features_expected)
+        np.testing.assert_array_equal(captions_got, captions_expected)
+
+
+def test_mirrored_steps_equal_single_device_steps():
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", MIRRORED_STEPS, str(ROOT)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    single, mirrored = report["single"], report["mirrored"]
+    print(f"\nmirrored (2 logical CPUs) against one device, {len(single['losses'])} steps, global batches 7, 7, 7, 1:")
+    for step, (one, two, parts) in enumerate(zip(single["losses"], mirrored["losses"], mirrored["slices"]), 1):
+        print(f"  step {step}: loss single {one:.7f}  mirrored {two:.7f}  (replica slices {parts})")
+    print(f"  max weight difference {report['max_weight_difference']:.3g}; steps took {single['seconds']:.1f} s "
+          f"single, {mirrored['seconds']:.1f} s mirrored (tracing included); test wall time "
+          f"{time.perf_counter() - started:.1f} s")
+    assert report["replicas"] == {"auto": 1, "mirrored": 2}  # no GPU: auto is one device
+    assert single["slices"] == [[7], [7], [7], [1]] and mirrored["slices"] == [[3, 4], [3, 4], [3, 4], [0, 1]]
+    np.testing.assert_allclose(mirrored["losses"], single["losses"], rtol=0, atol=1e-5)
+    assert single["losses"][-1] != single["losses"][0]
+    assert report["max_weight_difference"] <= 1e-5
+
+
+# dropout and noise off, so two workers and one device compute the same steps; 72 pairs = 10 batches of 7 and 2
+TINY_RUN = ["--hidden", "16", "--frames", "6", "--batch-size", "7", "--learning-rate", "0.01", "--min-word-count", "1",
+            "--dropout", "0", "--feature-noise", "0", "--schedule", "constant", "--epochs", "2"]
+BATCHES_PER_EPOCH = 11
+
+
+def free_loopback_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def run_workers(argvs, logs, scratch, interrupt_after_batches=None, timeout=240):
+    """Run train.py with argvs[i] as worker i on 127.0.0.1, worker 0 the chief, killing both if they outlast
+    timeout; their output goes to logs/<n>.worker<i>.out and .err. With interrupt_after_batches, worker 1 gets
+    Ctrl-C once its progress bar shows that many batches of epoch 1. Returns the exit statuses and stdouts."""
+    addresses = [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]
+    launch = len(list(logs.glob("*.worker0.out")))
+    log = {index: (logs / f"{launch}.worker{index}.out", logs / f"{launch}.worker{index}.err") for index in range(2)}
+    workers = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TMPDIR=str(scratch))
+        with open(log[index][0], "w") as out, open(log[index][1], "w") as err:
+            workers.append(subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *argvs[index], "--strategy", "multiworker"], cwd=ROOT, env=env,
+                stdout=out, stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    deadline = time.monotonic() + timeout
+    try:
+        if interrupt_after_batches:
+            progress = re.compile(r"epoch 1/\d: [^\r\n]*\| +(\d+)/%d " % BATCHES_PER_EPOCH)
+            while workers[1].poll() is None and time.monotonic() < deadline:
+                done = [int(n) for n in progress.findall(log[1][1].read_text())]
+                if done and max(done) >= interrupt_after_batches:
+                    workers[1].send_signal(signal.SIGINT)
+                    break
+                time.sleep(0.05)
+        codes = [worker.wait(timeout=max(deadline - time.monotonic(), 1)) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    return codes, [log[index][0].read_text() for index in range(2)]
+
+
+def checkpoint_value(prefix, name):
+    return int(tf.train.load_variable(prefix, f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
+
+
+def model_weights(prefix):
+    return {n: tf.train.load_variable(prefix, n) for n, _ in tf.train.list_variables(prefix) if n.startswith("model/")}
+
+
+def test_two_workers_stop_resume_and_equal_one_device(tmp_path):
+    data = write_tiny_mlds(tmp_path / "data")
+    run, straight, logs, scratch = (tmp_path / name for name in ("run", "straight", "logs", "scratch"))
+    elsewhere = tmp_path / "elsewhere"
+    logs.mkdir()
+    scratch.mkdir()
+    argv = ["--data-dir", str(data), "--ckpt-dir", str(run), *TINY_RUN]
+
+    # worker 1 is given a run folder of its own (the last --ckpt-dir counts), which it must leave alone
+    started = time.perf_counter()
+    codes, outs = run_workers([argv, [*argv, "--ckpt-dir", str(elsewhere)]], logs, scratch, interrupt_after_batches=2)
+    interrupted_s = time.perf_counter() - started
+    assert codes == [130, 130], (outs, (logs / "0.worker0.err").read_text()[-3000:])
+    assert all("interrupted:" in out for out in outs) and "the chief saved" in outs[1]
+    assert not elsewhere.exists() and list(scratch.iterdir()) == []  # worker 1's temporary folder is gone too
+    saved = tf.train.latest_checkpoint(str(run / "last"))
+    epoch, batch = checkpoint_value(saved, "epoch"), checkpoint_value(saved, "batch_in_epoch")
+    assert (epoch, batch) != (0, 0) and epoch < 2  # Ctrl-C on worker 1 stopped both in epoch 1 or at its end
+    assert checkpoint_value(saved, "optimizer/_iterations") == epoch * BATCHES_PER_EPOCH + batch
+
+    started = time.perf_counter()
+    codes, outs = run_workers([[*argv, "--resume"]] * 2, logs, scratch)
+    resumed_s = time.perf_counter() - started
+    assert codes == [0, 0], (outs, (logs / "1.worker0.err").read_text()[-3000:])
+    assert "resumed" in outs[0] and "resumed" in outs[1]
+
+    started = time.perf_counter()
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(straight), *TINY_RUN]) == 0
+    single_s = time.perf_counter() - started
+    latest = tf.train.latest_checkpoint(str(run / "last"))
+    assert checkpoint_value(latest, "optimizer/_iterations") == 2 * BATCHES_PER_EPOCH
+    workers, one_device = model_weights(latest), model_weights(tf.train.latest_checkpoint(str(straight / "last")))
+    assert workers.keys() == one_device.keys()
+    difference = max(float(np.max(np.abs(workers[n] - one_device[n]))) for n in workers)
+    print(f"\n2 workers on 127.0.0.1: Ctrl-C on worker 1 stopped both at epoch {epoch + 1}, batch {batch} "
+          f"after {interrupted_s:.1f} s; the resumed run took {resumed_s:.1f} s; one device, 2 epochs, "
+          f"{single_s:.1f} s; weights differ from one device's by at most {difference:.3g}")
+    assert difference <= 1e-5
+
+    history = pd.read_csv(run / "history.csv")  # the chief's, with its validation
+    assert list(history["epoch"]) == [1, 2] and history["val_bleu1"].notna().all()
+    assert sorted(p.name for p in run.iterdir()) == ["best", "config.json", "curves.png", "history.csv", "last",
+                                                     "tensorboard", "vocab.json"]
+    assert list(scratch.iterdir()) == []
+    out = tmp_path / "out.txt"
+    assert infer.main([str(data / "testing_id.txt"), str(out), "--checkpoint", str(run)]) == 0
+    ids = (data / "testing_id.txt").read_text().split()
+    lines = out.read_text().splitlines()
+    assert [line.split(",", 1)[0] for line in lines] == ids and all(line.split(",", 1)[1].strip() for line in lines)
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    (None, "TF_CONFIG: not set"),
+    ("{\"cluster\": ", "TF_CONFIG: not valid JSON"),
+    ('{"cluster": {"worker": "127.0.0.1:2222"}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG: \"cluster\" must map task types"),
+    ('{"cluster": {"worker": ["127.0.0.1:2222"], "ps": ["127.0.0.1:2223"]}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG: the cluster may hold"),
+    ('{"cluster": {"worker": ["127.0.0.1:2222"]}, "task": {"type": "worker", "index": 1}}',
+     "TF_CONFIG: \"task\" must name"),
+], ids=["unset", "not-json", "addresses-not-a-list", "parameter-server", "index-out-of-range"])
+def test_multiworker_without_a_valid_tf_config_is_one_error_line(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                 tf_config, message):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    run = tmp_path / "run"
+    assert train.main(["--data-dir", str(tiny_data), "--ckpt-dir", str(run), "--strategy", "multiworker"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_the_manifest_is_created_whole_and_never_replaced(tmp_path):
+    path = tmp_path / "manifest.json"
+    assert extract_features.create_whole(path, '{"frames": 4}') is True
+    assert extract_features.create_whole(path, '{"frames": 6}') is False  # a later shard compares instead
+    assert path.read_text() == '{"frames": 4}' and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_two_shards_at_once_fill_one_feature_folder(tmp_path):
+    make_corpus(tmp_path / "corpus", train_videos=8, test_seen=0, seed=4)
+    video_dir = tmp_path / "corpus" / "training_data" / "video"
+    shared, whole = tmp_path / "shared", tmp_path / "whole"
+    command = [sys.executable, str(ROOT / "extract_features.py"), str(video_dir), str(shared), *FAST, "--frames", "4"]
+    started = time.perf_counter()
+    shards = [subprocess.Popen([*command, "--shard", f"{i}/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for i in range(2)]
+    try:
+        outputs = [shard.communicate(timeout=180) for shard in shards]
+    finally:
+        for shard in shards:
+            if shard.poll() is None:
+                shard.kill()
+                shard.wait()
+    shards_s = time.perf_counter() - started
+    assert [shard.returncode for shard in shards] == [0, 0], [err[-2000:] for _, err in outputs]
+    counts = [int(re.search(r"extracted (\d+)", out).group(1)) for out, _ in outputs]
+    print(f"\ntwo shards at once: {counts[0]} + {counts[1]} clips in {shards_s:.1f} s")
+    assert sum(counts) == 8 and min(counts) > 0
+
+    assert extract_features.main([str(video_dir), str(whole), *FAST, "--frames", "4"]) == 0
+    assert json.loads((shared / "manifest.json").read_text()) == json.loads((whole / "manifest.json").read_text())
+    names = sorted(p.name for p in whole.glob("*.npy"))
+    assert len(names) == 8 and sorted(p.name for p in shared.glob("*.npy")) == names
+    for name in names:
+        np.testing.assert_array_equal(np.load(shared / name), np.load(whole / name))
+    assert not [p for p in shared.iterdir() if p.name.startswith(".")]  # no temporary file left behind

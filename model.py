@@ -534,9 +534,13 @@ class S2VT(keras.Model):
         return tf.transpose(words_ta.stack(), [1, 2, 0]), tf.transpose(attention_ta.stack(), [1, 2, 0, 3])
 
 
-def caption_loss(logits, caption_ids):
-    """Masked cross-entropy summed over each caption, divided by its length, averaged over the batch."""
+def caption_losses(logits, caption_ids):
+    """Each caption's masked cross-entropy summed over its words, divided by its length: (batch,)."""
     mask = tf.cast(tf.not_equal(caption_ids, PAD), tf.float32)
     token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(caption_ids, tf.int32), logits=logits)
-    per_caption = tf.reduce_sum(token_loss * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
-    return tf.reduce_mean(per_caption)
+    return tf.reduce_sum(token_loss * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
+
+
+def caption_loss(logits, caption_ids):
+    """caption_losses averaged over the batch."""
+    return tf.reduce_mean(caption_losses(logits, caption_ids))

@@ -30,7 +30,7 @@ import tensorflow as tf
 import keras
 from tqdm import tqdm
 
-from model import ATTENTIONS, MATMUL_DTYPES, S2VT, S2VTConfig, caption_loss
+from model import ATTENTIONS, MATMUL_DTYPES, S2VT, S2VTConfig, caption_loss, caption_losses
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_config, restore, write_run_files
@@ -226,13 +226,6 @@ def distributed_batches(strategy, features, video_index, caption_ids, batch_size
         return dataset.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     return strategy.distribute_datasets_from_function(worker_dataset)
-
-
-def caption_losses(logits, caption_ids):
-    """Each caption's loss as model.caption_loss counts it (masked cross-entropy over its length), not averaged."""
-    mask = tf.cast(tf.not_equal(caption_ids, PAD), tf.float32)
-    token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(caption_ids, tf.int32), logits=logits)
-    return tf.reduce_sum(token_loss * mask, 1) / tf.maximum(tf.reduce_sum(mask, 1), 1.0)
 
 
 def make_train_step(model, optimizer, strategy=None):

@@ -34,10 +34,11 @@ from model import ATTENTIONS, MATMUL_DTYPES, S2VT, S2VTConfig, caption_loss, cap
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_config, restore, write_run_files
-from util.data import DataError, Split, encode_captions, epoch_pairs, make_dataset, read_feature_manifest
+from util.data import (DataError, Split, batch_tensors, encode_captions, epoch_pairs, make_dataset,
+                       read_feature_manifest)
 from util.evaluate import evaluate
 from util.plots import plot_training_curves
-from util.vocab import PAD, Vocabulary
+from util.vocab import Vocabulary
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SUM = tf.distribute.ReduceOp.SUM
@@ -208,17 +209,10 @@ def distributed_batches(strategy, features, video_index, caption_ids, batch_size
         local = context.num_replicas_in_sync // context.num_input_pipelines
         first = context.input_pipeline_id * local  # this worker's replicas are first ... first + local - 1
         starts, stops = replica_slices(len(video_index), batch_size, context.num_replicas_in_sync, skip_batches)
-
-        def gather(start, stop):
-            captions = caption_ids[start:stop]
-            length = max(1, int(np.max(np.sum(captions != PAD, axis=1), initial=0)))  # an empty slice keeps 1 step
-            return features[video_index[start:stop]].astype(np.float32), captions[:, :length]
+        all_videos, all_captions = tf.constant(video_index), tf.constant(caption_ids)
 
         def to_tensors(start, stop):
-            frame_features, captions = tf.numpy_function(gather, [start, stop], [tf.float32, tf.int32])
-            frame_features.set_shape([None, features.shape[1], features.shape[2]])
-            captions.set_shape([None, None])
-            return frame_features, captions
+            return batch_tensors(features, all_videos[start:stop], all_captions[start:stop])
 
         # batch-major, so the replicas of a worker take one global batch's slices in turn
         ranges = (starts[:, first:first + local].ravel(), stops[:, first:first + local].ravel())

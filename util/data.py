@@ -190,20 +190,25 @@ def epoch_pairs(video_index, caption_ids, mode, seed, epoch):
     return video_index[chosen], caption_ids[chosen]
 
 
-def make_dataset(features, video_index, caption_ids, batch_size, skip_batches=0):
-    """tf.data over already-ordered pairs: batches of (frame_features float32, caption_ids cut to the batch's
-    longest caption), gathered from the in-memory features, prefetched."""
+def batch_tensors(features, video_index, caption_ids):
+    """One batch as tensors, inside a tf.data map: frame_features (batch, frames, dim) float32 gathered from the
+    in-memory features, and caption_ids cut to the batch's longest caption (one step for an empty batch)."""
     import tensorflow as tf
 
     def gather(index, captions):
-        length = int(np.max(np.sum(captions != PAD, axis=1)))
+        length = max(1, int(np.max(np.sum(captions != PAD, axis=1), initial=0)))
         return features[index].astype(np.float32), captions[:, :length]
 
-    def to_tensors(index, captions):
-        frame_features, trimmed = tf.numpy_function(gather, [index, captions], [tf.float32, tf.int32])
-        frame_features.set_shape([None, features.shape[1], features.shape[2]])
-        trimmed.set_shape([None, None])
-        return frame_features, trimmed
+    frame_features, trimmed = tf.numpy_function(gather, [video_index, caption_ids], [tf.float32, tf.int32])
+    frame_features.set_shape([None, features.shape[1], features.shape[2]])
+    trimmed.set_shape([None, None])
+    return frame_features, trimmed
 
-    dataset = tf.data.Dataset.from_tensor_slices((video_index, caption_ids)).batch(batch_size)
-    return dataset.skip(skip_batches).map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+def make_dataset(features, video_index, caption_ids, batch_size, skip_batches=0):
+    """tf.data over already-ordered pairs: batch_tensors batches, prefetched."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((video_index, caption_ids)).batch(batch_size).skip(skip_batches)
+    return dataset.map(lambda index, captions: batch_tensors(features, index, captions),
+                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

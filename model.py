@@ -325,12 +325,13 @@ class S2VT(keras.Model):
 
     def lstm1_decode_step(self, h1, c1):
         """LSTM1 reads zero frames: returns its new (h1, c1); its output feeds LSTM2 through lstm1_to_lstm2."""
-        h1, c1, _ = lstm_cell(self.lstm1.bias + tf.matmul(h1, self.lstm1.recurrent_kernel), c1)
+        recurrent = matmul(h1, self.lstm1.recurrent_kernel, self.config.matmul_dtype)
+        h1, c1, _ = lstm_cell(self.lstm1.bias + recurrent, c1)
         return h1, c1
 
     def lstm1_to_lstm2(self, h1):
-        """LSTM1's output's share of LSTM2's gates, LSTM2's bias included: (batch, hidden) -> (batch, 4*hidden)."""
-        return tf.matmul(h1, self.lstm2.kernels[1]) + self.lstm2.bias
+        """LSTM1's output's share of LSTM2's gates, LSTM2's bias included: (..., hidden) -> (..., 4*hidden)."""
+        return sequence_matmul(h1, self.lstm2.kernels[1], self.config.matmul_dtype) + self.lstm2.bias
 
     def lstm2_decode_step(self, from_lstm1, word_ids, h2, c2, encoded, step_kernel):
         """Advance LSTM2 one word: from_lstm1 (batch, 4*hidden) from lstm1_to_lstm2, word_ids (batch,).
@@ -371,8 +372,7 @@ class S2VT(keras.Model):
                                       encoded["h1"], encoded["c1"], dtype)  # (length, batch, hidden)
         if training:
             h1_seq *= draws["h1_mask"]
-        from_lstm1 = sequence_matmul(h1_seq, self.lstm2.kernels[1], dtype) + self.lstm2.bias  # as lstm1_to_lstm2
-        from_lstm1_ta = tf.TensorArray(tf.float32, size=length).unstack(from_lstm1)
+        from_lstm1_ta = tf.TensorArray(tf.float32, size=length).unstack(self.lstm1_to_lstm2(h1_seq))
         h2_mask_ta = tf.TensorArray(tf.float32, size=length).unstack(
             draws["h2_mask"] if training else tf.ones([length, 1, 1]))
         step_kernel = self.lstm2_step_kernel()

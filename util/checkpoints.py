@@ -82,7 +82,10 @@ def load_model(path=None, matmul_dtype=None):
     config = read_run_config(run_dir)
     vocab = load_vocab(run_dir)
     try:
-        model_config = S2VTConfig(**dict(config["model"], **({"matmul_dtype": matmul_dtype} if matmul_dtype else {})))
+        settings = dict(config["model"])
+        if matmul_dtype:
+            settings["matmul_dtype"] = matmul_dtype
+        model_config = S2VTConfig(**settings)
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(f"{run_dir / 'config.json'}: no valid \"model\" section ({error})") from None
     if model_config.vocab_size != len(vocab):

@@ -77,32 +77,57 @@ def frame_indices(frame_count, frames):
 def read_frames(path, frames, image_size):
     """Decode `frames` uniformly sampled RGB frames of `path`, resized to image_size: (frames, size, size, 3) uint8.
 
-    The frame count comes from decoding the clip, since container headers (CAP_PROP_FRAME_COUNT) often lie.
+    The frames are chosen before decoding and only they are kept, so memory does not grow with the clip's length.
+    They are chosen from the container's frame count (CAP_PROP_FRAME_COUNT), which decoding then checks: headers
+    often lie, and when this one did the clip is decoded a second time with the true count.
     """
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
+    header_count = _frame_count_in_header(path)
+    picked, decoded_count = _decode_frames(path, frame_indices(header_count, frames) if header_count > 0 else [],
+                                           image_size)
+    if decoded_count == 0:
+        raise VideoError(f"{path}: no decodable frames")
+    if decoded_count != header_count:
+        picked, _ = _decode_frames(path, frame_indices(decoded_count, frames), image_size)
+    return picked[..., ::-1]  # OpenCV decodes BGR; keras.applications preprocessing expects RGB
+
+
+def _frame_count_in_header(path):
     capture = cv2.VideoCapture(str(path))
     try:
         if not capture.isOpened():
             raise VideoError(f"{path}: not a video OpenCV can open")
-        decoded = []
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            # Resize at once so a long or high-resolution clip never holds full-size frames in memory.
-            decoded.append(cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA))
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        capture.release()
+
+
+def _decode_frames(path, indices, image_size):
+    """Decode the whole clip, keeping the frames at `indices` (repeats allowed), each resized at once so a
+    high-resolution clip never holds full-size frames: (len(indices), size, size, 3) BGR, and the frame count."""
+    wanted = {}
+    for position, index in enumerate(indices):
+        wanted.setdefault(int(index), []).append(position)
+    picked = np.zeros((len(indices), image_size, image_size, 3), np.uint8)
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    try:
+        while capture.grab():  # grab() decodes; retrieve() converts only the frames kept
+            if count in wanted:
+                ok, frame = capture.retrieve()
+                if not ok:
+                    break
+                picked[wanted[count]] = cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA)
+            count += 1
     except cv2.error as error:
         raise VideoError(f"{path}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
     finally:
         capture.release()
-    if not decoded:
-        raise VideoError(f"{path}: no decodable frames")
-    picked = np.stack([decoded[i] for i in frame_indices(len(decoded), frames)])
-    return picked[..., ::-1]  # OpenCV decodes BGR; keras.applications preprocessing expects RGB
+    return picked, count
 
 
 def build_extractor(settings):
@@ -203,24 +228,35 @@ def save_atomic(path, array):
         np.save(handle, array)
 
 
+class DecodingFailed(DataError):
+    """An unexpected error in the decoding thread (not a bad clip): it ends the run with one line naming the clip."""
+
+
 def decoded_clips(video_paths, frames, image_size, skip=lambda path: False):
     """Yield (path, frames | VideoError | None if skipped) decoded in a background thread, so decoding overlaps
-    the CNN."""
+    the CNN. Any other error in the thread is raised here as DecodingFailed rather than leaving the loop waiting."""
     results = queue.Queue(maxsize=8)
 
     def decode_all():
-        for path in video_paths:
-            if skip(path):
-                results.put((path, None))
-                continue
-            try:
-                results.put((path, read_frames(path, frames, image_size)))
-            except VideoError as error:
-                results.put((path, error))
-        results.put(None)
+        path = None
+        try:
+            for path in video_paths:
+                if skip(path):
+                    results.put((path, None))
+                    continue
+                try:
+                    results.put((path, read_frames(path, frames, image_size)))
+                except VideoError as error:
+                    results.put((path, error))
+            results.put(None)
+        except BaseException as error:  # the consumer raises it; the thread ends here
+            results.put((path, DecodingFailed(f"{path}: decoding failed unexpectedly "
+                                              f"({type(error).__name__}: {error})").with_traceback(error.__traceback__)))
 
     threading.Thread(target=decode_all, daemon=True).start()
     while (item := results.get()) is not None:
+        if isinstance(item[1], DecodingFailed):
+            raise item[1]
         yield item
 
 
@@ -251,18 +287,22 @@ def extract(video_paths, settings, run_cnn, batch_size, on_clip, skip=lambda pat
 
     # cleared when done or failed, so stderr keeps only the error lines; the caller prints a summary
     with tqdm(total=len(video_paths), desc=desc, unit="clip", leave=False) as progress:
-        for path, clip in decoded_clips(video_paths, frames, settings.image_size, skip):
-            if clip is None:
-                skipped += 1
-            elif isinstance(clip, VideoError):
-                failures[path.name] = str(clip)
-                tqdm.write(f"error: {clip}", file=sys.stderr)
-            else:
-                waiting.append(clip)
-                clips.append(path)
-                run_batches()
-            progress.update(1)
-            progress.set_postfix(frames_per_s=f"{frame_total / (time.perf_counter() - started):.1f}")
+        try:
+            for path, clip in decoded_clips(video_paths, frames, settings.image_size, skip):
+                if clip is None:
+                    skipped += 1
+                elif isinstance(clip, VideoError):
+                    failures[path.name] = str(clip)
+                    tqdm.write(f"error: {clip}", file=sys.stderr)
+                else:
+                    waiting.append(clip)
+                    clips.append(path)
+                    run_batches()
+                progress.update(1)
+                progress.set_postfix(frames_per_s=f"{frame_total / (time.perf_counter() - started):.1f}")
+        except DecodingFailed:  # the clips decoded before the failure are still extracted and kept
+            run_batches(final=True)
+            raise
         run_batches(final=True)
     return done, skipped, failures, frame_total / max(time.perf_counter() - started, 1e-9)
 
@@ -342,7 +382,7 @@ def main(argv=None):
                                                skip=lambda path: output_path(path).exists())
         if failures:
             write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
-    except (VideoError, DataError) as error:  # a DataError: a bad --ids file or manifest, or a failed write
+    except (VideoError, DataError) as error:  # DataError: a bad --ids file or manifest, a failed write, DecodingFailed
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
@@ -196,3 +197,66 @@ def test_infer_refuses_features_made_with_other_settings(tiny_video_run, tmp_pat
     assert code == 2
     err = capsys.readouterr().err
     assert "manifest.json" in err and "resnet50" in err
+
+
+# extract a short clip (so TensorFlow and the CNN are in memory), then a long one, and report how much the
+# process's peak resident memory (VmHWM) grew for the long one
+LONG_CLIP_PEAK = """
+import re, sys
+sys.path.insert(0, sys.argv[1])
+import extract_features
+peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+settings = ["--weights", "none", "--layer", "block1_pool", "--image-size", "160", "--pool", "max", "--grids", "1",
+            "--frames", "80", "--batch-size", "16"]
+assert extract_features.main([sys.argv[2], sys.argv[3], *settings]) == 0
+before = peak()
+assert extract_features.main([sys.argv[4], sys.argv[5], *settings]) == 0
+print(peak() - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="reads peak memory from Linux's /proc")
+def test_a_long_clip_keeps_only_its_sampled_frames(tmp_path):
+    """20,000 frames at 64x64: only the 80 sampled frames (at 160 px, 6 MB) are kept, not all 20,000 (1.5 GB)."""
+    short_dir, long_dir = tmp_path / "short", tmp_path / "long"
+    short_dir.mkdir()
+    long_dir.mkdir()
+    write_clip(short_dir / "short.avi", range(0, 250, 10), size=(64, 64))
+    write_clip(long_dir / "long.avi", [i * 250 // 20000 for i in range(20000)], size=(64, 64))
+    result = subprocess.run([sys.executable, "-c", LONG_CLIP_PEAK, str(ROOT), str(short_dir), str(tmp_path / "f1"),
+                             str(long_dir), str(tmp_path / "f2")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth_mib = int(result.stdout.split()[-1]) / 1024
+    all_frames_mib = 20000 * 160 * 160 * 3 / 2**20
+    print(f"a 20,000-frame clip: peak memory grew {growth_mib:.0f} MiB (all its frames at 160 px: "
+          f"{all_frames_mib:.0f} MiB)")
+    assert growth_mib < 100
+    frames = extract_features.read_frames(long_dir / "long.avi", 9, 16)
+    expected = [i * 250 // 20000 for i in extract_features.frame_indices(20000, 9)]
+    np.testing.assert_allclose(frames.reshape(9, -1).mean(1), expected, atol=3)
+
+
+def test_an_unexpected_error_in_the_decoding_thread_ends_the_run(tmp_path, capsys, monkeypatch):
+    for name in ("a", "b", "c", "d"):
+        write_clip(tmp_path / f"{name}.avi", range(0, 200, 20))
+    out = tmp_path / "feat"
+    read_frames = extract_features.read_frames
+
+    def failing_read(path, *args):
+        if path.name == "c.avi":
+            raise MemoryError("injected")
+        return read_frames(path, *args)
+
+    monkeypatch.setattr(extract_features, "read_frames", failing_read)
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("code", extract_features.main(
+        [str(tmp_path), str(out), *FAST, "--frames", "4"])), daemon=True)
+    started = time.perf_counter()
+    runner.start()
+    runner.join(timeout=60)
+    assert not runner.is_alive(), "the run waited forever for the decoding thread"
+    print(f"the run ended {time.perf_counter() - started:.1f} s after it started")
+    assert result["code"] == 2
+    err = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+    assert err == [f"error: {tmp_path / 'c.avi'}: decoding failed unexpectedly (MemoryError: injected)"]
+    assert sorted(p.name for p in out.glob("*.npy")) == ["a.avi.npy", "b.avi.npy"]  # finished clips are kept

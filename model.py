@@ -27,10 +27,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from util.vocab import BOS, PAD, EOS
+from util.data import feature_moments
+from util.vocab import BOS, EOS, PAD, UNK
 
 ATTENTIONS = ("none", "bahdanau", "luong")
 MATMUL_DTYPES = ("float32", "bfloat16")
+NEVER_WRITTEN = (PAD, BOS, UNK)  # tokens that decoding never writes
 
 
 @dataclass
@@ -258,13 +260,11 @@ class S2VT(keras.Model):
         self.built = True
 
     def adapt_features(self, features):
-        """Set the standardisation from training features (videos, frames, dim).
+        """Set the standardisation from training features (videos, frames, dim), read in chunks.
 
         The variance gets a floor of 10% of the mean variance, so a nearly constant dimension (common in ReLU
         features) is not blown up into huge outliers that saturate the LSTMs."""
-        flat = features.reshape(-1, features.shape[-1])  # (videos * frames, dim)
-        mean = flat.mean(0, dtype="float64")
-        variance = flat.var(0, dtype="float64")
+        mean, variance = feature_moments(features)
         self.feature_mean.assign(mean.astype("float32"))
         self.feature_std.assign(np.sqrt(variance + 0.1 * variance.mean() + 1e-12).astype("float32"))
 
@@ -318,22 +318,26 @@ class S2VT(keras.Model):
         return {"h1": h1, "c1": c1, "h2": h2, "c2": c2, "outputs": encoder_outputs, "keys": keys}
 
     # ---- decoding stage: steps shared by training, greedy and beam search ----
-    def lstm2_step_kernel(self):
-        """LSTM2's word, context and recurrent kernels stacked, so a decoder step projects its inputs in one matmul."""
+    def decoding_kernels(self):
+        """The kernels the decoder's steps multiply by, cast to the matmul precision once, before the loop:
+        "step" stacks LSTM2's word, context and recurrent kernels, so a step projects its inputs in one matmul."""
         context = [self.lstm2.kernels[2]] if self.attention is not None else []
-        return tf.concat([self.lstm2.kernels[0], *context, self.lstm2.recurrent_kernel], 0)
+        kernels = {"step": tf.concat([self.lstm2.kernels[0], *context, self.lstm2.recurrent_kernel], 0),
+                   "lstm1_recurrent": self.lstm1.recurrent_kernel, "lstm1_to_lstm2": self.lstm2.kernels[1],
+                   "output": self.output_projection.kernel}
+        return {name: tf.cast(kernel, self.config.matmul_dtype) for name, kernel in kernels.items()}
 
-    def lstm1_decode_step(self, h1, c1):
+    def lstm1_decode_step(self, h1, c1, kernels):
         """LSTM1 reads zero frames: returns its new (h1, c1); its output feeds LSTM2 through lstm1_to_lstm2."""
-        recurrent = matmul(h1, self.lstm1.recurrent_kernel, self.config.matmul_dtype)
+        recurrent = matmul(h1, kernels["lstm1_recurrent"], self.config.matmul_dtype)
         h1, c1, _ = lstm_cell(self.lstm1.bias + recurrent, c1)
         return h1, c1
 
-    def lstm1_to_lstm2(self, h1):
+    def lstm1_to_lstm2(self, h1, kernels):
         """LSTM1's output's share of LSTM2's gates, LSTM2's bias included: (..., hidden) -> (..., 4*hidden)."""
-        return sequence_matmul(h1, self.lstm2.kernels[1], self.config.matmul_dtype) + self.lstm2.bias
+        return sequence_matmul(h1, kernels["lstm1_to_lstm2"], self.config.matmul_dtype) + self.lstm2.bias
 
-    def lstm2_decode_step(self, from_lstm1, word_ids, h2, c2, encoded, step_kernel):
+    def lstm2_decode_step(self, from_lstm1, word_ids, h2, c2, encoded, kernels):
         """Advance LSTM2 one word: from_lstm1 (batch, 4*hidden) from lstm1_to_lstm2, word_ids (batch,).
         Returns h2, c2 and the attention weights (batch, frames)."""
         inputs = [tf.gather(self.word_embedding.embeddings, word_ids)]
@@ -342,14 +346,19 @@ class S2VT(keras.Model):
             inputs.append(context)
         else:
             weights = tf.zeros([tf.shape(word_ids)[0], tf.shape(encoded["outputs"])[1]])
-        h2, c2, _ = lstm_cell(from_lstm1 + matmul(tf.concat(inputs + [h2], 1), step_kernel, self.config.matmul_dtype),
-                              c2)
+        step_inputs = tf.concat(inputs + [h2], 1)
+        h2, c2, _ = lstm_cell(from_lstm1 + matmul(step_inputs, kernels["step"], self.config.matmul_dtype), c2)
         return h2, c2, weights
 
-    def word_logits(self, h2):
+    def word_logits(self, h2, kernels):
         """(..., hidden) -> (..., vocab), in the configured matmul precision."""
-        kernel, bias = self.output_projection.kernel, self.output_projection.bias
-        return sequence_matmul(h2, kernel, self.config.matmul_dtype) + bias
+        return sequence_matmul(h2, kernels["output"], self.config.matmul_dtype) + self.output_projection.bias
+
+    def writable_log_probs(self, h2, kernels):
+        """Log-probabilities of the next word (batch, vocab), -inf for the tokens a caption never holds (<PAD>,
+        <BOS>, <UNK>): decoding must not write them, and the other words keep their model probabilities."""
+        never = tf.reduce_sum(tf.one_hot(NEVER_WRITTEN, self.config.vocab_size), 0) > 0  # (vocab,)
+        return tf.where(never, -np.inf, tf.nn.log_softmax(self.word_logits(h2, kernels)))
 
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=(0, 0), training=False):
         """Training / scoring pass. caption_ids (batch, length): the words then <EOS>, <PAD>-padded.
@@ -372,16 +381,17 @@ class S2VT(keras.Model):
                                       encoded["h1"], encoded["c1"], dtype)  # (length, batch, hidden)
         if training:
             h1_seq *= draws["h1_mask"]
-        from_lstm1_ta = tf.TensorArray(tf.float32, size=length).unstack(self.lstm1_to_lstm2(h1_seq))
+        kernels = self.decoding_kernels()
+        from_lstm1_ta = tf.TensorArray(tf.float32, size=length).unstack(self.lstm1_to_lstm2(h1_seq, kernels))
         h2_mask_ta = tf.TensorArray(tf.float32, size=length).unstack(
             draws["h2_mask"] if training else tf.ones([length, 1, 1]))
-        step_kernel = self.lstm2_step_kernel()
 
         def body(t, h2, c2, h2_out, outputs_ta, weights_ta, fed_ta):
             use_truth, truth = use_truth_ta.read(t), truth_ta.read(t)
             word = tf.cond(tf.reduce_all(use_truth), lambda: truth, lambda: tf.where(
-                use_truth, truth, tf.argmax(self.word_logits(tf.stop_gradient(h2_out)), -1, output_type=tf.int32)))
-            h2, c2, weights = self.lstm2_decode_step(from_lstm1_ta.read(t), word, h2, c2, encoded, step_kernel)
+                use_truth, truth,
+                tf.argmax(self.word_logits(tf.stop_gradient(h2_out), kernels), -1, output_type=tf.int32)))
+            h2, c2, weights = self.lstm2_decode_step(from_lstm1_ta.read(t), word, h2, c2, encoded, kernels)
             h2_out = h2 * h2_mask_ta.read(t)
             return (t + 1, h2, c2, h2_out, outputs_ta.write(t, h2_out), weights_ta.write(t, weights),
                     fed_ta.write(t, word))
@@ -391,7 +401,7 @@ class S2VT(keras.Model):
             (0, encoded["h2"], encoded["c2"], encoded["h2"], tf.TensorArray(tf.float32, size=length),
              tf.TensorArray(tf.float32, size=length), tf.TensorArray(tf.int32, size=length)))
         h2_seq = tf.transpose(outputs_ta.stack(), [1, 0, 2])  # (batch, length, hidden)
-        logits = self.word_logits(h2_seq)  # (batch, length, vocab)
+        logits = self.word_logits(h2_seq, kernels)  # (batch, length, vocab)
         return logits, tf.transpose(weights_ta.stack(), [1, 0, 2]), tf.transpose(fed_ta.stack())
 
     def greedy(self, frame_features, max_len=None):
@@ -399,13 +409,13 @@ class S2VT(keras.Model):
         Returns word ids (batch, steps) <PAD>-filled after <EOS>, and attention weights (batch, steps, frames)."""
         max_len = max_len or self.config.max_caption_len
         encoded = self.encode(frame_features)
-        step_kernel = self.lstm2_step_kernel()
+        kernels = self.decoding_kernels()
         batch = tf.shape(frame_features)[0]
 
         def body(t, h1, c1, h2, c2, word, finished, words_ta, weights_ta):
-            h1, c1 = self.lstm1_decode_step(h1, c1)
-            h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1), word, h2, c2, encoded, step_kernel)
-            word = tf.where(finished, PAD, tf.argmax(self.word_logits(h2), -1, output_type=tf.int32))
+            h1, c1 = self.lstm1_decode_step(h1, c1, kernels)
+            h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1, kernels), word, h2, c2, encoded, kernels)
+            word = tf.where(finished, PAD, tf.argmax(self.writable_log_probs(h2, kernels), -1, output_type=tf.int32))
             finished |= tf.equal(word, EOS)
             return t + 1, h1, c1, h2, c2, word, finished, words_ta.write(t, word), weights_ta.write(t, weights)
 
@@ -445,7 +455,7 @@ class S2VT(keras.Model):
         h1, c1 = encoded["h1"], encoded["c1"]
         encoded = {name: tf.repeat(encoded[name], beam, axis=0) for name in ("outputs", "keys", "h2", "c2")}
         frames = tf.shape(encoded["outputs"])[1]
-        step_kernel = self.lstm2_step_kernel()
+        kernels = self.decoding_kernels()
         first_rows = tf.range(batch)[:, None] * beam  # (batch, 1)
         neg_inf = tf.constant(-np.inf)
 
@@ -456,10 +466,10 @@ class S2VT(keras.Model):
             return tf.reduce_all(pool["rank"] > neg_inf, axis=1)  # (batch,)
 
         def body(t, h1, c1, state, words, live_scores, pool, tokens_ta, parents_ta, weights_ta):
-            h1, c1 = self.lstm1_decode_step(h1, c1)
-            from_lstm1 = tf.repeat(self.lstm1_to_lstm2(h1), beam, axis=0)  # (batch*beam, 4*hidden)
-            h2, c2, weights = self.lstm2_decode_step(from_lstm1, words, state["h2"], state["c2"], encoded, step_kernel)
-            log_probs = tf.reshape(tf.nn.log_softmax(self.word_logits(h2)), [batch, beam, vocab])
+            h1, c1 = self.lstm1_decode_step(h1, c1, kernels)
+            from_lstm1 = tf.repeat(self.lstm1_to_lstm2(h1, kernels), beam, axis=0)  # (batch*beam, 4*hidden)
+            h2, c2, weights = self.lstm2_decode_step(from_lstm1, words, state["h2"], state["c2"], encoded, kernels)
+            log_probs = tf.reshape(self.writable_log_probs(h2, kernels), [batch, beam, vocab])
             totals = tf.reshape(live_scores[:, :, None] + log_probs, [batch, beam * vocab])
             # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
             candidate_scores, candidate_ids = tf.math.top_k(totals, 2 * beam)  # (batch, 2*beam), best first

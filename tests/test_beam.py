@@ -70,6 +70,7 @@ def greedy_trap():
     transitions[:, EOS], transitions[:, 7:12] = 0.9, 0.02  # the default row
     transitions[BOS] = tiny
     transitions[BOS, [A, B]] = 0.6, 0.4
+    transitions[BOS, EOS] = tiny / 1000  # the empty caption is the least likely, not tied with other unlikely words
     transitions[A] = tiny
     transitions[A, [C, EOS, 7, 8, 9, 10]] = 0.5, 0.3, 0.05, 0.05, 0.05, 0.05
     return markov_model(transitions / transitions.sum(1, keepdims=True))
@@ -106,6 +107,9 @@ def test_wider_beam_is_never_less_likely_than_greedy_and_reports_the_true_log_pr
 
 def test_attention_is_the_best_hypothesis_s_own():
     model = random_model(3)  # its best captions run to max_len, switching beams on the way
+    bias = model.output_projection.bias.numpy()
+    bias[EOS] = -20.0  # so that no caption ends
+    model.output_projection.bias.assign(bias)
     frame_features = features(8)
     words, _, log_probs, attention_weights = model.beam_search(frame_features, 4, max_len=12)
     best = words.numpy()[:, 0]

@@ -2,10 +2,14 @@
 
     python bench.py [--what train|infer|extract] [--config reference|demo] [--batch-size 50] [--beam-size 5]
                     [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5]
+    python bench.py --what startup-memory [--videos 1450]
 
 Each figure is the median of --runs timed runs after --warmup untimed ones. Training uses the model's real
 training step (scheduled sampling at p=0.5, dropout, feature noise) with caption lengths drawn like MSVD's
 (about 7 words on average, at most 50 tokens); peak_rss_mib is the process's peak resident memory.
+startup-memory writes a synthetic corpus of --videos videos of 80 x 4096 float32 features (MSVD has 1450) and
+reports the peak resident memory of train.py over one short epoch of a small model on it: loading the features,
+standardising them, validating, saving.
 """
 import argparse
 import json
@@ -114,20 +118,61 @@ def bench_extract(args):
     return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32"}
 
 
+def write_synthetic_corpus(root, videos, frames=80, feature_dim=4096, dtype="float32", seed=0):
+    """An MLDS-layout training split of `videos` random feature files with 3 captions each; returns its size in
+    bytes on disk."""
+    import json
+    from pathlib import Path
+
+    rng = np.random.default_rng(seed)
+    feat_dir = Path(root) / "training_data" / "feat"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    words = "a man woman dog cat is running cooking playing with the ball guitar on in".split()
+    labels = []
+    for i in range(videos):
+        np.save(feat_dir / f"video{i}.avi.npy", rng.random((frames, feature_dim), np.float32).astype(dtype))
+        labels.append({"caption": [" ".join(rng.choice(words, 6)) for _ in range(3)], "id": f"video{i}.avi"})
+    (Path(root) / "training_label.json").write_text(json.dumps(labels))
+    return videos * frames * feature_dim * np.dtype(dtype).itemsize
+
+
+def bench_startup_memory(args):
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="s2vt-bench-") as scratch:
+        feature_bytes = write_synthetic_corpus(Path(scratch) / "data", args.videos)
+        command = [sys.executable, str(Path(__file__).parent / "train.py"), "--data-dir", str(Path(scratch) / "data"),
+                   "--ckpt-dir", str(Path(scratch) / "run"), "--epochs", "1", "--hidden", "32", "--batch-size", "50",
+                   "--pairs", "sample", "--min-word-count", "1"]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"videos": args.videos, "features_mib": feature_bytes / 2**20, "train_peak_rss_mib": peak_mib,
+            "above_features_mib": peak_mib - feature_bytes / 2**20, "train_s": seconds}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=("train", "infer", "extract"), help="default: all")
+    parser.add_argument("--what", choices=("train", "infer", "extract", "startup-memory"),
+                        help="default: train, infer and extract")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="reference")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the model's large matmuls (model.S2VTConfig.matmul_dtype)")
+    parser.add_argument("--videos", type=int, default=1450, help="startup-memory: videos in the synthetic corpus")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
-    if min(args.batch_size, args.beam_size, args.runs) <= 0 or args.warmup < 0:
-        parser.error("--batch-size, --beam-size and --runs must be positive, --warmup not negative")
+    if min(args.batch_size, args.beam_size, args.runs, args.videos) <= 0 or args.warmup < 0:
+        parser.error("--batch-size, --beam-size, --runs and --videos must be positive, --warmup not negative")
+    if args.what == "startup-memory":
+        print(json.dumps(bench_startup_memory(args)))
+        return 0
     import tensorflow as tf
 
     if args.device == "cpu":

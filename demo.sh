@@ -16,9 +16,11 @@ for split in training testing; do
   python extract_features.py "$DATA/${split}_data/video" "$DATA/${split}_data/feat" --frames 12 --weights none \
     --layer block3_pool --image-size 96 --pool max --grids 1,2 --batch-size 64
 done
+# Validation: 36 of the 720 training clips (--val-fraction 0.05, drawn with --seed) pick the best epoch.
 python train.py --data-dir "$DATA" --run "$RUN" --frames 12 --hidden 128 --batch-size 32 --epochs 20 \
   --learning-rate 2e-3 --dropout 0.3 --schedule linear --teacher-forcing-start 1.0 --teacher-forcing-end 0.8
+# The test split, scored once, after training, with the best checkpoint by validation BLEU@1.
 python infer.py "$DATA/testing_id.txt" out.txt --checkpoint "checkpoints/$RUN"
-python -m util.bleu out.txt --labels "$DATA/testing_label.json" | tail -1 | sed 's/^/MLDS BLEU@1 on the demo test split: /'
+python -m util.evaluate out.txt --labels "$DATA/testing_label.json"
 python -m util.demo_data --check out.txt --labels "$DATA/testing_label.json"
 echo "demo done in $(( $(date +%s) - start )) s; captions in out.txt, run in checkpoints/$RUN"

@@ -1,12 +1,14 @@
 """Train S2VT on data in the MLDS HW2-1 layout.
 
-    python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--strategy auto]
-                    [--resume]
+    python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--val-fraction 0.05]
+                    [--select-metric bleu1] [--patience N] [--strategy auto] [--resume]
 
-Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy, validates every epoch on
-PATH/testing_label.json with PATH/testing_data/feat, and writes checkpoints/<run>/ (see util/checkpoints.py):
-the last 3 checkpoints, the best by a validation metric, config.json, vocab.json, history.csv, curves.png and
-TensorBoard logs.
+Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
+of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/validation_data/feat is the
+validation split when the folder has one, else --val-fraction of the training videos are drawn with --seed. The
+test split is never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (see
+util/checkpoints.py): the last 3 checkpoints, the best by the validation metric, config.json, vocab.json,
+val_ids.txt, history.csv, curves.png and TensorBoard logs.
 Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
 With --strategy mirrored (several GPUs) or multiworker (machines named in TF_CONFIG) each global batch is split
 over the replicas with the same result as one device; the chief alone validates and writes the run folder.
@@ -32,15 +34,17 @@ from tqdm import tqdm
 
 from model import ATTENTIONS, MATMUL_DTYPES, S2VT, S2VTConfig, caption_loss, caption_losses
 from sampling import SCHEDULES, teacher_forcing_schedule
-from util.atomic import atomic_path
+from util.atomic import atomic_path, write_text_atomic
 from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_config, restore, write_run_files
-from util.data import (DataError, Split, batch_tensors, encode_captions, epoch_pairs, make_dataset,
-                       read_feature_manifest)
+from util.data import (DataError, Split, batch_tensors, encode_captions, epoch_pairs, hold_out_videos, load_labels,
+                       make_dataset, read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
 from util.evaluate import evaluate
-from util.plots import plot_training_curves
+from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import Vocabulary
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+SELECT_METRICS = ("bleu1", "bleu4", "cider")
+DEFAULT_VAL_FRACTION = 0.05
 SUM = tf.distribute.ReduceOp.SUM
 
 
@@ -49,6 +53,12 @@ def positive_int(text):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
     return value
+
+
+# the flags that change what is trained: --resume refuses to go on with any of them changed
+TRAINING_FLAGS = ("hidden", "frames", "attention", "max_caption_len", "min_word_count", "batch_size", "seed", "pairs",
+                  "epochs", "schedule", "teacher_forcing_start", "teacher_forcing_end", "learning_rate", "clip_norm",
+                  "dropout", "feature_noise", "val_fraction", "val_ids", "select_metric", "matmul_dtype")
 
 
 def parse_args(argv=None):
@@ -60,7 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-forcing-start", type=float, default=1.0, help="linear/constant schedules")
     parser.add_argument("--teacher-forcing-end", type=float, default=0.0, help="linear schedule")
     parser.add_argument("--epochs", type=positive_int, default=100)
-    parser.add_argument("--batch-size", type=positive_int, default=250)
+    parser.add_argument("--batch-size", type=positive_int, default=250, help="the global batch (all replicas)")
     parser.add_argument("--hidden", type=positive_int, default=600, help="LSTM size, also the frame/word embeddings")
     parser.add_argument("--frames", type=positive_int, default=80)
     parser.add_argument("--max-caption-len", type=positive_int, default=50, help="tokens, <EOS> included")
@@ -71,11 +81,19 @@ def parse_args(argv=None):
     parser.add_argument("--clip-norm", type=float, default=5.0, help="global gradient-norm clip")
     parser.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
                         help="precision of the large matmuls: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 "
-                             "and on GPUs (weights, gates and cell states stay float32)")
+                             "(weights, gates and cell states stay float32)")
     parser.add_argument("--pairs", choices=("all", "sample"), default="all",
                         help="an epoch is every (video, caption) pair, or one random caption per video")
-    parser.add_argument("--select-metric", choices=("bleu1", "bleu4", "cider"), default="bleu1",
+    parser.add_argument("--val-fraction", type=float,
+                        help=f"share of the training videos held out for validation, drawn with --seed (default "
+                             f"{DEFAULT_VAL_FRACTION}, unless the data folder has its own validation_label.json)")
+    parser.add_argument("--val-ids", help="validate on these training videos (one id per line) instead")
+    parser.add_argument("--select-metric", choices=SELECT_METRICS, default="bleu1",
                         help="validation metric that picks the best checkpoint (bleu1 = the MLDS course BLEU@1)")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="stop when --select-metric has not improved for this many epochs (0: never)")
+    parser.add_argument("--log-every", type=positive_int, default=10,
+                        help="show the loss every N batches (reading it waits for the device)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
                         help="auto: mirrored when more than one GPU is visible, else default (one device); "
@@ -87,10 +105,61 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0 <= args.dropout < 1:
         parser.error("--dropout must be in [0, 1)")
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
+        parser.error("--val-fraction must be in [0, 1)")
+    if args.val_fraction is not None and args.val_ids:
+        parser.error("give --val-fraction or --val-ids, not both")
+    if args.patience < 0:
+        parser.error("--patience must be 0 (off) or positive")
     if args.resume and not args.ckpt_dir:
         args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
     args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
     return args
+
+
+def check_resumable(run_dir, args, validation_ids):
+    """Refuse, before anything is written, to resume a run with other training flags or validation videos."""
+    saved = read_run_config(run_dir).get("train", {})
+    changed = [f"--{flag.replace('_', '-')}: {saved.get(flag)} saved, {getattr(args, flag)} asked"
+               for flag in TRAINING_FLAGS if saved.get(flag) != getattr(args, flag)]
+    saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
+    if saved_ids is not None and saved_ids != validation_ids:
+        changed.append(f"validation videos: {len(saved_ids)} in {run_dir / 'val_ids.txt'}, {len(validation_ids)} "
+                       f"others now")
+    if changed:
+        raise DataError(f"{run_dir}: cannot resume with changed training settings ({'; '.join(changed)})")
+
+
+def load_splits(args):
+    """(training, validation or None, description of the validation split), as util.data.Split objects."""
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found")
+    labels = load_labels(data_dir / "training_label.json")
+    feat_dir = data_dir / "training_data" / "feat"
+    own_split = data_dir / "validation_label.json"
+    if args.val_ids:
+        with warnings_as_lines():
+            training, validation = split_off_ids(labels, read_ids(args.val_ids), args.val_ids)
+        val_feat_dir, source = feat_dir, f"the training videos listed in {args.val_ids}"
+    elif own_split.is_file() and args.val_fraction is None:
+        training, validation = labels, load_labels(own_split)
+        overlap = {video_id for video_id, _ in validation} & {video_id for video_id, _ in training}
+        if overlap:
+            raise DataError(f"{own_split}: {len(overlap)} videos are in the training labels too, e.g. "
+                            f"{sorted(overlap)[0]}; a video is never in both splits")
+        val_feat_dir, source = data_dir / "validation_data" / "feat", str(own_split)
+    else:
+        fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
+        training, validation = hold_out_videos(labels, fraction, args.seed)
+        val_feat_dir, source = feat_dir, f"{fraction:g} of the training videos, drawn with seed {args.seed}"
+    if not training:
+        raise DataError(f"{data_dir / 'training_label.json'}: no training videos left after holding out "
+                        f"{len(validation)} for validation")
+    train_split = Split(training, feat_dir, frames=args.frames)
+    val_split = (Split(validation, val_feat_dir, frames=args.frames, feature_dim=train_split.features.shape[2])
+                 if validation else None)
+    return train_split, val_split, source
 
 
 def check_tf_config():
@@ -177,17 +246,41 @@ def greedy_captions(greedy_fn, vocab, split, batch_size):
     return captions
 
 
-def stop_agreement(strategy, stop):
-    """A function telling whether to stop now: Ctrl-C here or, in multi-worker training, on any worker, so that
-    every worker stops at the same batch (one that went on would wait for the others forever)."""
+def any_worker(strategy):
+    """A function flag -> bool that is True when the flag is set here or, in multi-worker training, on any worker,
+    so that every worker takes the same decision (stop now, save a best checkpoint, stop early): one that went on
+    alone would wait for the others forever."""
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return stop.is_set
+        return bool
 
     @tf.function
-    def any_worker(flag):
+    def reduce_flags(flag):
         return strategy.reduce(SUM, strategy.run(tf.identity, args=(flag,)), axis=None) > 0
 
-    return lambda: bool(any_worker(tf.constant(float(stop.is_set()))))
+    return lambda flag: bool(reduce_flags(tf.constant(float(flag))))
+
+
+def run_epoch(train_step, batches, teacher_forcing_prob, seed, first_step, stop, log_every, bar):
+    """Train on batches until they run out or stop() says so; returns the step losses, still on the device.
+
+    A loss is read back (which waits for the device) only for the progress bar, every log_every batches, so the
+    host queues the next steps while the device works."""
+    losses = []
+    for frame_features, captions in batches:
+        if stop():
+            break
+        step_seed = tf.constant([seed, first_step + len(losses)], tf.int64)
+        losses.append(train_step(frame_features, captions, tf.constant(teacher_forcing_prob, tf.float32), step_seed))
+        if (len(losses) - 1) % log_every == 0:
+            bar.set_postfix(loss=f"{float(losses[-1]):.3f}", teacher_forcing=f"{teacher_forcing_prob:.3f}")
+        bar.update(1)
+    return losses
+
+
+def configure_gpus():
+    """Let TensorFlow take GPU memory as it needs it rather than all of it at start-up."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
 
 
 def replica_slices(pairs, batch_size, replicas, skip_batches=0):
@@ -269,45 +362,39 @@ def make_train_step(model, optimizer, strategy=None):
 
 def train(args):
     run_dir = Path(args.ckpt_dir)
-    data_dir = Path(args.data_dir)
+    configure_gpus()
     strategy = make_strategy(args.strategy)  # first: MultiWorkerMirroredStrategy must precede any other TF work
     chief = is_chief(strategy)
-    # the other workers write their checkpoints and logs into a folder removed when train() returns
+    agree = any_worker(strategy)
+    # the other workers write their checkpoints into a folder removed when train() returns, and no logs
     scratch = None if chief else tempfile.TemporaryDirectory(prefix="s2vt-worker-")
     out_dir = run_dir if chief else Path(scratch.name)
 
     # ---- data ----
-    train_split = Split(data_dir, "training", frames=args.frames)
+    train_split, val_split, val_source = load_splits(args)
     feature_dim = train_split.features.shape[2]
-    manifest = read_feature_manifest(data_dir / "training_data" / "feat")
-    test_manifest = read_feature_manifest(data_dir / "testing_data" / "feat")
-    if manifest and test_manifest and manifest != test_manifest:
-        raise DataError(f"{data_dir / 'testing_data' / 'feat' / 'manifest.json'}: test features were made with other "
-                        f"settings than {data_dir / 'training_data' / 'feat' / 'manifest.json'}")
-    if args.resume and manifest != read_run_config(run_dir).get("features"):
-        raise DataError(f"{data_dir / 'training_data' / 'feat'}: features differ from those the run was trained on")
-    test_split = None
-    if not (data_dir / "testing_label.json").is_file():
-        print(f"warning: {data_dir / 'testing_label.json'} not found: no validation, the best checkpoint is the last")
-    elif chief:  # validation runs on the chief alone
-        test_split = Split(data_dir, "testing", frames=args.frames, feature_dim=feature_dim)
+    validation_ids = val_split.video_ids if val_split else []
+    manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
     if args.resume:
+        check_resumable(run_dir, args, validation_ids)
+        if manifest != read_run_config(run_dir).get("features"):
+            raise DataError(f"{Path(args.data_dir) / 'training_data' / 'feat'}: features differ from those the run "
+                            "was trained on")
         vocab = load_vocab(run_dir)
     else:
         vocab = Vocabulary.build((c for _, caps in train_split.labels for c in caps), args.min_word_count)
     video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
+    if val_split is None:
+        print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
+              "loss", file=sys.stderr)
+    else:
+        print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}")
 
     # ---- model ----
     config = S2VTConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
                         frame_embed=args.hidden, word_embed=args.hidden, attention=args.attention,
                         attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
                         feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype)
-    if args.resume:
-        saved = read_run_config(run_dir)["model"]
-        differing = {k: (v, config.to_dict()[k]) for k, v in saved.items() if config.to_dict().get(k) != v}
-        if differing:
-            detail = ", ".join(f"{k}: {old} saved, {new} asked" for k, (old, new) in differing.items())
-            raise DataError(f"{run_dir}: cannot resume with another model configuration ({detail})")
     keras.utils.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
     with strategy.scope():  # one copy of every weight and optimizer slot per replica
         model = S2VT(config)
@@ -317,8 +404,9 @@ def train(args):
     epoch_var = tf.Variable(0, dtype=tf.int64, name="epoch")  # epochs finished
     batch_var = tf.Variable(0, dtype=tf.int64, name="batch_in_epoch")  # batches done in the unfinished epoch
     best_var = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")  # of --select-metric
+    best_epoch_var = tf.Variable(0, dtype=tf.int64, name="best_epoch")  # for --patience
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, batch_in_epoch=batch_var,
-                                     best_score=best_var)
+                                     best_score=best_var, best_epoch=best_epoch_var)
     last_manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "last"), max_to_keep=3)
     best_manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "best"), max_to_keep=1)
     if args.resume:  # every worker restores the chief's checkpoint
@@ -330,6 +418,7 @@ def train(args):
               f"step {int(optimizer.iterations.numpy())}")
     else:
         write_run_files(out_dir, config, vars(args), vocab, manifest)
+        write_text_atomic(out_dir / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
 
     signature = [tf.TensorSpec([None, args.frames, feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32)]
     train_step = make_train_step(model, optimizer, strategy)
@@ -341,16 +430,16 @@ def train(args):
     greedy = tf.function(model.greedy, input_signature=signature[:1])
 
     # ---- loop ----
-    if test_split is not None:
-        val_videos, val_captions = encode_captions(test_split.labels, vocab, args.max_caption_len)
+    if val_split is not None:
+        val_videos, val_captions = encode_captions(val_split.labels, vocab, args.max_caption_len)
     probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start, args.teacher_forcing_end)
-    writer = tf.summary.create_file_writer(str(out_dir / "tensorboard"))
+    writer = tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief else None
     history_path = out_dir / "history.csv"
     history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
-    batches_per_epoch = None
+    metric_name = VALIDATION_METRICS[f"val_{args.select_metric}"]
+    step = int(optimizer.iterations.numpy())  # counted here from now on: reading it every step waits for the device
     started = time.perf_counter()
     with ctrl_c_stops_between_batches() as stop:
-        stopping = stop_agreement(strategy, stop)
         for epoch in range(int(epoch_var), args.epochs):
             p = float(probs[epoch])
             epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
@@ -358,59 +447,62 @@ def train(args):
             skip = int(batch_var)
             dataset = distributed_batches(strategy, train_split.features, epoch_videos, epoch_captions,
                                           args.batch_size, skip)
-            bar = tqdm(dataset, total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       unit="batch", leave=False)
-            losses = []
-            for frame_features, captions in bar:
-                if stopping():
-                    break
-                seed = tf.constant([args.seed, int(optimizer.iterations.numpy())], tf.int64)
-                losses.append(float(train_step(frame_features, captions, tf.constant(p, tf.float32), seed)))
-                batch_var.assign_add(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", teacher_forcing=f"{p:.3f}")
-            bar.close()
-            if int(batch_var) < batches_per_epoch:  # stopped
+            with tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                      leave=False) as bar:
+                losses = run_epoch(train_step, dataset, p, args.seed, step, lambda: agree(stop.is_set()),
+                                   args.log_every, bar)
+            step += len(losses)
+            batch_var.assign(skip + len(losses))
+            if skip + len(losses) < batches_per_epoch:  # stopped
                 return interrupted(last_manager.save(), epoch_var, batch_var, run_dir, chief)
 
             row = {"epoch": epoch + 1, "teacher_forcing_prob": p,
-                   "train_loss": float(np.mean(losses)) if losses else None}
-            if test_split is not None:
+                   "train_loss": float(np.mean([float(loss) for loss in losses])) if losses else None}
+            if val_split is not None:
                 val_losses = [float(eval_loss(f, c)) for f, c in
-                              make_dataset(test_split.features, val_videos, val_captions, args.batch_size)]
-                captions = greedy_captions(greedy, vocab, test_split, args.batch_size)
-                scores = evaluate(captions, test_split.references, use_java=False)  # no Java start-up every epoch
+                              make_dataset(val_split.features, val_videos, val_captions, args.batch_size)]
+                captions = greedy_captions(greedy, vocab, val_split, args.batch_size)
+                scores = evaluate(captions, val_split.references, use_java=False)  # no Java start-up every epoch
                 row.update(val_loss=float(np.mean(val_losses)), val_bleu1=scores["mlds_bleu1"],
                            val_bleu4=scores["bleu4"], val_cider=scores["cider"],
-                           example=f"{test_split.video_ids[0]}: {captions[test_split.video_ids[0]]}")
+                           example=f"{val_split.video_ids[0]}: {captions[val_split.video_ids[0]]}")
             history.append(row)
-            with writer.as_default(step=epoch + 1):
-                for key, value in row.items():
-                    if isinstance(value, float):
-                        tf.summary.scalar(key, value)
-            with atomic_path(history_path) as tmp:
-                pd.DataFrame(history).to_csv(tmp, index=False)
-            plot_training_curves(history_path, run_dir / "curves.png")
+            if chief:
+                with writer.as_default(step=epoch + 1):
+                    for key, value in row.items():
+                        if isinstance(value, float):
+                            tf.summary.scalar(key, value)
+                with atomic_path(history_path) as tmp:
+                    pd.DataFrame(history).to_csv(tmp, index=False)
+                plot_training_curves(history_path, out_dir / "curves.png", args.select_metric)
 
             epoch_var.assign(epoch + 1)
             batch_var.assign(0)
-            last_manager.save()
-            score = row[f"val_{args.select_metric}"] if test_split is not None else -float(row["train_loss"] or 0)
-            improved = score > float(best_var)
+            score = row[f"val_{args.select_metric}"] if val_split is not None else -float(row["train_loss"] or 0)
+            improved = agree(chief and score > float(best_var))  # the chief's validation decides for every worker
             if improved:
-                best_var.assign(score)
+                best_var.assign(score if chief else np.nan)
+                best_epoch_var.assign(epoch + 1)
+            last_manager.save()
+            if improved:
                 best_manager.save()
             print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  teacher_forcing {p:.3f}"
                   + (f"  val_loss {row['val_loss']:.4f}  BLEU@1 {row['val_bleu1']:.4f}  BLEU-4 {row['val_bleu4']:.4f}"
-                     f"  CIDEr {row['val_cider']:.4f}" if test_split else "")
-                  + ("  *best*" if improved else ""), flush=True)
-            if test_split is not None:
+                     f"  CIDEr {row['val_cider']:.4f}" if val_split else "")
+                  + (f"  *best {metric_name}*" if improved else ""), flush=True)
+            if val_split is not None:
                 print(f"  {row['example']}", flush=True)
-            if stopping() and epoch + 1 < args.epochs:  # Ctrl-C in an epoch's last batch, validation or saving
+            if args.patience and agree(chief and epoch + 1 - int(best_epoch_var) >= args.patience):
+                print(f"early stop: validation {metric_name} has not improved for {args.patience} epochs since "
+                      f"epoch {int(best_epoch_var)}", flush=True)
+                break
+            if agree(stop.is_set()) and epoch + 1 < args.epochs:  # Ctrl-C in the last batch, validation or saving
                 return interrupted(last_manager.latest_checkpoint, epoch_var, batch_var, run_dir, chief)
 
     elapsed = time.perf_counter() - started
-    best = f"best val {args.select_metric} {float(best_var):.4f}" if test_split is not None else "no validation"
-    print(f"trained {args.epochs} epochs ({elapsed:.0f} s this session); {best}; run folder {run_dir}")
+    best = (f"best validation {metric_name} {float(best_var):.4f} at epoch {int(best_epoch_var)}"
+            if val_split is not None else "no validation")
+    print(f"trained {int(epoch_var)} epochs ({elapsed:.0f} s this session); {best}; run folder {run_dir}")
     return 0
 
 

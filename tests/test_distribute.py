@@ -121,10 +121,11 @@ def test_mirrored_steps_equal_single_device_steps():
     assert report["max_weight_difference"] <= 1e-5
 
 
-# dropout and noise off, so two workers and one device compute the same steps; 72 pairs = 10 batches of 7 and 2
+# dropout and noise off, so two workers and one device compute the same steps; one of the 24 videos is held out
+# for validation, so 23 x 3 = 69 pairs = 9 batches of 7 and one of 6
 TINY_RUN = ["--hidden", "16", "--frames", "6", "--batch-size", "7", "--learning-rate", "0.01", "--min-word-count", "1",
             "--dropout", "0", "--feature-noise", "0", "--schedule", "constant", "--epochs", "2"]
-BATCHES_PER_EPOCH = 11
+BATCHES_PER_EPOCH = 10
 
 
 def free_loopback_ports(count):
@@ -221,13 +222,30 @@ def test_two_workers_stop_resume_and_equal_one_device(tmp_path):
     history = pd.read_csv(run / "history.csv")  # the chief's, with its validation
     assert list(history["epoch"]) == [1, 2] and history["val_bleu1"].notna().all()
     assert sorted(p.name for p in run.iterdir()) == ["best", "config.json", "curves.png", "history.csv", "last",
-                                                     "tensorboard", "vocab.json"]
+                                                     "tensorboard", "val_ids.txt", "vocab.json"]
     assert list(scratch.iterdir()) == []
     out = tmp_path / "out.txt"
     assert infer.main([str(data / "testing_id.txt"), str(out), "--checkpoint", str(run)]) == 0
     ids = (data / "testing_id.txt").read_text().split()
     lines = out.read_text().splitlines()
     assert [line.split(",", 1)[0] for line in lines] == ids and all(line.split(",", 1)[1].strip() for line in lines)
+
+
+def test_a_fresh_two_worker_run_with_a_folder_each_completes(tmp_path):
+    """Each worker names a run folder of its own (no shared file system): the chief writes its folder, worker 1
+    writes nothing there or in its own, and both finish every epoch."""
+    data = write_tiny_mlds(tmp_path / "data")
+    chief_dir, other_dir, logs, scratch = (tmp_path / name for name in ("chief", "other", "logs", "scratch"))
+    logs.mkdir()
+    scratch.mkdir()
+    argvs = [["--data-dir", str(data), "--ckpt-dir", str(folder), *TINY_RUN] for folder in (chief_dir, other_dir)]
+    started = time.perf_counter()
+    codes, outs = run_workers(argvs, logs, scratch)
+    print(f"\na fresh 2-worker run, a run folder each, 2 epochs: {time.perf_counter() - started:.1f} s")
+    assert codes == [0, 0], (outs, (logs / "0.worker1.err").read_text()[-3000:])
+    assert all("trained 2 epochs" in out for out in outs)
+    assert list(pd.read_csv(chief_dir / "history.csv")["epoch"]) == [1, 2] and (chief_dir / "curves.png").is_file()
+    assert not other_dir.exists() and list(scratch.iterdir()) == []
 
 
 @pytest.mark.parametrize("tf_config, message", [

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -85,10 +87,24 @@ def test_training_curves_show_loss_metrics_and_teacher_forcing(tmp_path):
     assert (loss_ax.get_ylabel(), metric_ax.get_ylabel(), cider_ax.get_ylabel()) == (
         "cross-entropy per word", "BLEU", "CIDEr")
     legend = [text.get_text() for text in cider_ax.get_legend().get_texts()]
-    assert legend == ["BLEU@1 (MLDS)", "BLEU-4", "CIDEr", "best BLEU@1 0.580, epoch 4"]
+    assert legend == ["BLEU@1 (MLDS)", "BLEU-4", "CIDEr", "best BLEU@1 (MLDS) 0.580, epoch 4"]
     assert len(loss_ax.get_lines()) == 2
     height, width, _ = read_png(run_dir / "curves.png").shape
     assert (width, height) == (14 * DPI, 4 * DPI)
+
+
+@pytest.mark.parametrize("metric, label, on_cider_axis", [("bleu4", "best BLEU-4 0.300, epoch 6", False),
+                                                          ("cider", "best CIDEr 1.300, epoch 6", True)])
+def test_training_curves_mark_the_best_epoch_of_the_selected_metric(tmp_path, metric, label, on_cider_axis):
+    run_dir = write_history(tmp_path / "run")
+    (run_dir / "config.json").write_text(json.dumps({"train": {"select_metric": metric}}))
+    assert main(["curves", str(run_dir)]) == 0  # the metric is read from the run's config.json
+    fig = plot_training_curves(run_dir / "history.csv", run_dir / "curves.png", metric)
+    _, metric_ax, _, cider_ax = fig.axes
+    legend = [text.get_text() for text in cider_ax.get_legend().get_texts()]
+    assert legend[-1] == label and not any("BLEU@1 (MLDS) 0.580" in text for text in legend)
+    marked = [line for ax in (metric_ax, cider_ax) for line in ax.get_lines() if line.get_label() == label]
+    assert len(marked) == 1 and (marked[0].axes is cider_ax) == on_cider_axis
 
 
 def test_training_curves_without_validation(tmp_path):

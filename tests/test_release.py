@@ -116,6 +116,7 @@ def test_export_bundle_layout(release):
     assert json.loads(files["MANIFEST.json"]) == json.loads(with_manifest(files)["MANIFEST.json"])
     metrics = json.loads(files["metrics.json"])
     assert metrics["last"]["epoch"] == 1 and metrics["epoch"] == 1
+    assert metrics["select_metric"] == "bleu1" and metrics["split"] == "validation"
     assert metrics["best_val_bleu1"] == metrics["last"]["val_bleu1"]
 
 

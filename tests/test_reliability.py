@@ -32,7 +32,8 @@ from model import S2VT, S2VTConfig
 from util import bleu, evaluate, release
 from util.checkpoints import restore
 
-# a tiny run with dropout, feature noise and scheduled sampling all on; 24 videos x 3 captions = 18 batches of 4
+# a tiny run with dropout, feature noise and scheduled sampling all on; 23 videos (one held out for validation)
+# x 3 captions = 18 batches of 4
 TRAIN = ["--hidden", "16", "--frames", "6", "--batch-size", "4", "--learning-rate", "0.01", "--min-word-count", "1",
          "--dropout", "0.3", "--feature-noise", "0.1", "--schedule", "constant", "--teacher-forcing-start", "0.5",
          "--epochs", "2"]
@@ -84,11 +85,10 @@ def no_temp_files(folder):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """Tiny MLDS data whose features claim to come from VIDEO_SETTINGS (so the run can caption raw clips), no
-    validation labels (faster), and the uninterrupted 2-epoch run the Ctrl-C test compares with."""
+    """Tiny MLDS data whose features claim to come from VIDEO_SETTINGS (so the run can caption raw clips), and
+    the uninterrupted 2-epoch run the Ctrl-C test compares with."""
     root = tmp_path_factory.mktemp("reliability")
     data = write_tiny_mlds(root / "data", dim=FEATURE_DIM)
-    (data / "testing_label.json").unlink()
     manifest = json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM))
     for split in ("training", "testing"):
         (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
@@ -325,8 +325,8 @@ def test_resume_with_another_hidden_size(tiny, tmp_path, capsys):
     data, run_dir = tiny
     run = copy_run(run_dir, tmp_path)
     argv = ["--data-dir", data, "--ckpt-dir", run, *TRAIN, "--hidden", "32", "--resume"]
-    assert_one_error(run_cli(train.main, argv, capsys), run, "cannot resume with another model configuration "
-                                                              "(hidden: 16 saved, 32 asked")
+    assert_one_error(run_cli(train.main, argv, capsys), run, "cannot resume with changed training settings "
+                                                              "(--hidden: 16 saved, 32 asked)")
 
 
 # ---- output ----

@@ -1,4 +1,7 @@
 """train.py -> checkpoint -> resume -> infer.py on a tiny configuration."""
+import os
+import signal
+
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -21,17 +24,37 @@ def weights(prefix):
     return {n: tf.train.load_variable(prefix, n) for n, _ in tf.train.list_variables(prefix) if n.startswith("model/")}
 
 
-def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp_path, capsys):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(tiny_data, straight, "--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5") == 0
-    assert run_train(tiny_data, resumed, "--epochs", "2", "--schedule", "constant", "--teacher-forcing-start", "0.5") == 0
-    first = tf.train.latest_checkpoint(str(resumed / "last"))
-    assert checkpoint_value(first, "epoch") == 2
-    steps_per_epoch = checkpoint_value(first, "optimizer/_iterations") // 2
-    assert steps_per_epoch == 72 // 8  # 24 videos x 3 captions, batch 8
+def interrupt_after(steps, monkeypatch):
+    """Make train.py's training step send this process Ctrl-C once it has run `steps` times."""
+    make_step, count = train.make_train_step, [0]
 
-    assert run_train(tiny_data, resumed, "--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5",
-                     "--resume") == 0
+    def make_interrupting_step(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def interrupting_step(*step_args):
+            count[0] += 1
+            if count[0] == steps:
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(*step_args)
+
+        return interrupting_step
+
+    monkeypatch.setattr(train, "make_train_step", make_interrupting_step)
+
+
+def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp_path, capsys, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ["--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5"]
+    steps_per_epoch = -(-69 // 8)  # 23 videos x 3 captions (one video held out for validation), batch 8
+    assert run_train(tiny_data, straight, *flags) == 0
+    with monkeypatch.context() as patch:
+        interrupt_after(steps_per_epoch + 3, patch)
+        assert run_train(tiny_data, resumed, *flags) == 130  # Ctrl-C in epoch 2
+    first = tf.train.latest_checkpoint(str(resumed / "last"))
+    assert checkpoint_value(first, "epoch") == 1 and checkpoint_value(first, "batch_in_epoch") == 3
+    assert checkpoint_value(first, "optimizer/_iterations") == steps_per_epoch + 3
+
+    assert run_train(tiny_data, resumed, *flags, "--resume") == 0
     assert "resumed" in capsys.readouterr().out
     latest = tf.train.latest_checkpoint(str(resumed / "last"))
     assert checkpoint_value(latest, "epoch") == 3
@@ -42,7 +65,7 @@ def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp
     reference = weights(tf.train.latest_checkpoint(str(straight / "last")))
     for name, value in weights(latest).items():
         np.testing.assert_allclose(value, reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    for name in ("config.json", "vocab.json", "best", "tensorboard", "curves.png"):
+    for name in ("config.json", "vocab.json", "best", "tensorboard", "curves.png", "val_ids.txt"):
         assert (resumed / name).exists()
     assert {"val_loss", "val_bleu1", "val_bleu4", "val_cider", "teacher_forcing_prob"} <= set(history.columns)
 
@@ -54,14 +77,34 @@ def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp
     assert all(line.split(",", 1)[1].strip() for line in lines)
 
 
-def test_resume_refuses_another_model_size(tiny_data, tmp_path, capsys):
+def folder_state(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_refuses_changed_training_flags_naming_each_and_writes_nothing(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert run_train(tiny_data, run_dir, "--epochs", "1") == 0
+    before = folder_state(run_dir)
     capsys.readouterr()
-    assert train.main(["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY[:0], "--hidden", "32",
-                       "--frames", "6", "--batch-size", "8", "--min-word-count", "1", "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "hidden: 16 saved, 32 asked" in err and str(run_dir) in err
+    changed = {"--batch-size": ("8", "6"), "--seed": ("0", "3"), "--pairs": ("all", "sample"),
+               "--epochs": ("1", "4"), "--schedule": ("inverse_sigmoid", "linear"),
+               "--teacher-forcing-end": ("0.0", "0.2"), "--learning-rate": ("0.01", "0.02"),
+               "--clip-norm": ("5.0", "1.0"), "--dropout": ("0.5", "0.1"), "--feature-noise": ("0.1", "0.0"),
+               "--val-fraction": ("None", "0.2"), "--select-metric": ("bleu1", "cider"),
+               "--matmul-dtype": ("float32", "bfloat16")}
+    for flag, (old, new) in changed.items():
+        argv = ["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, "--epochs", "1", flag, new,
+                "--resume"]
+        assert train.main(argv) == 2, flag
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run_dir}: cannot resume with changed training settings")
+        assert f"{flag}: {old} saved, {new} asked" in err[0], err[0]
+    # several at once: one line naming each
+    assert train.main(["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, "--epochs", "1",
+                       "--hidden", "32", "--seed", "5", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--hidden: 16 saved, 32 asked; --seed: 0 saved, 5 asked" in err
+    assert folder_state(run_dir) == before
 
 
 def test_infer_refuses_an_unknown_id(tiny_data, tmp_path, capsys):

@@ -44,7 +44,7 @@ def read_captions(path):
     if not path.is_file():
         raise DataError(f"{path}: captions file not found")
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     captions = {}

@@ -1,7 +1,7 @@
 """MLDS HW2-1 layout: labels JSON, id lists, per-video feature files, and the tf.data training pipeline.
 
-    DATA_DIR/training_label.json   [{"caption": [...], "id": "xxx.avi"}, ...]   (testing_label.json alike)
-    DATA_DIR/training_data/feat/<id>.npy   (frames, dim), float64 or float32   (testing_data/feat alike)
+    DATA_DIR/training_label.json   [{"caption": [...], "id": "xxx.avi"}, ...]   (validation_, testing_label.json alike)
+    DATA_DIR/training_data/feat/<id>.npy   (frames, dim), float64 or float32   (validation_data, testing_data alike)
     DATA_DIR/testing_id.txt, DATA_DIR/testing_data/id.txt   one id per line
 """
 import json
@@ -27,7 +27,7 @@ def read_json(path, missing="file not found"):
     if not path.is_file():
         raise DataError(f"{path}: {missing}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON ({error})") from None
 
@@ -68,7 +68,7 @@ def read_ids(path):
     if not path.is_file():
         raise DataError(f"{path}: ids file not found")
     try:
-        ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     if not ids:
@@ -148,16 +148,48 @@ def load_features(feat_dir, video_ids, frames=None, feature_dim=None, dtype=np.f
 
 
 class Split:
-    """One split in memory: video ids, their features, and their reference captions."""
+    """Videos in memory: their ids, features (videos, frames, dim) and reference captions."""
 
-    def __init__(self, data_dir, name, frames=None, feature_dim=None):
-        data_dir = Path(data_dir)
-        if not data_dir.is_dir():
-            raise DataError(f"{data_dir}: data folder not found")
-        self.labels = load_labels(data_dir / f"{name}_label.json")
-        self.video_ids = [video_id for video_id, _ in self.labels]
-        self.references = {video_id: captions for video_id, captions in self.labels}
-        self.features = load_features(data_dir / f"{name}_data" / "feat", self.video_ids, frames, feature_dim)
+    def __init__(self, labels, feat_dir, frames=None, feature_dim=None):
+        self.labels = labels
+        self.video_ids = [video_id for video_id, _ in labels]
+        self.references = dict(labels)
+        self.features = load_features(feat_dir, self.video_ids, frames, feature_dim)
+
+
+def hold_out_videos(labels, fraction, seed):
+    """Split labels into (training, validation) by whole videos: round(fraction * videos) of them, at least one
+    when fraction > 0, drawn with the seed; both keep the labels' order."""
+    count = int(round(fraction * len(labels))) or (1 if fraction > 0 else 0)
+    held = set(np.random.default_rng([seed, 1]).choice(len(labels), count, replace=False).tolist())
+    return ([entry for i, entry in enumerate(labels) if i not in held],
+            [entry for i, entry in enumerate(labels) if i in held])
+
+
+def split_off_ids(labels, video_ids, source):
+    """Split labels into (the rest, the videos named in video_ids, in the labels' order); every id must be there."""
+    wanted = set(video_ids)
+    unknown = wanted - {video_id for video_id, _ in labels}
+    if unknown:
+        raise DataError(f"{source}: {len(unknown)} ids are not in the training labels, e.g. {sorted(unknown)[0]}")
+    return ([e for e in labels if e[0] not in wanted], [e for e in labels if e[0] in wanted])
+
+
+def feature_moments(features, chunk_videos=16):
+    """Per-dimension mean and variance of (videos, frames, dim) features over all videos and frames, in one pass
+    over chunks of videos: float64 accumulators and one float64 chunk at a time, never a copy of all features."""
+    dim = features.shape[-1]
+    count, mean, sum_squares = 0, np.zeros(dim), np.zeros(dim)  # sum_squares: of deviations from the mean
+    for start in range(0, len(features), chunk_videos):
+        chunk = features[start:start + chunk_videos].reshape(-1, dim)  # (chunk videos * frames, dim)
+        chunk_mean = chunk.mean(0, dtype=np.float64)
+        chunk_squares = np.square(chunk - chunk_mean).sum(0)
+        delta, total = chunk_mean - mean, count + len(chunk)
+        # Chan et al.'s pairwise update: exact, and stable where sum(x^2) - n*mean^2 is not
+        mean += delta * len(chunk) / total
+        sum_squares += chunk_squares + delta * delta * count * len(chunk) / total
+        count = total
+    return mean, sum_squares / max(count, 1)
 
 
 def encode_captions(labels, vocab, max_len):

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from util.atomic import atomic_path
-from util.data import DataError
+from util.data import DataError, read_json
 
 DPI = 110
 VALIDATION_METRICS = {"val_bleu1": "BLEU@1 (MLDS)", "val_bleu4": "BLEU-4", "val_cider": "CIDEr"}
@@ -42,8 +42,9 @@ def read_history(history_csv):
     return history
 
 
-def plot_training_curves(history_csv, out_png):
-    """Three panels over the epochs: train/val loss, validation metrics, teacher-forcing probability."""
+def plot_training_curves(history_csv, out_png, select_metric="bleu1"):
+    """Three panels over the epochs: train/val loss, validation metrics, teacher-forcing probability; a ring marks
+    the best epoch by select_metric (bleu1, bleu4 or cider), the one train.py keeps as the best checkpoint."""
     history = read_history(history_csv)
     epochs = history["epoch"].to_numpy()
     style = {"marker": "o", "markersize": 3} if len(epochs) <= 40 else {}
@@ -66,11 +67,13 @@ def plot_training_curves(history_csv, out_png):
         if column == "val_cider":
             ax.set_ylabel("CIDEr", color=color)
             ax.set_ylim(bottom=0)
-    if "val_bleu1" in present:  # the epoch train.py keeps as the best checkpoint
-        best = int(history["val_bleu1"].idxmax())
-        lines += metric_ax.plot([epochs[best]], [history["val_bleu1"][best]], "o", markersize=9, color="black",
-                                fillstyle="none", label=f"best BLEU@1 {history['val_bleu1'][best]:.3f}, "
-                                                        f"epoch {epochs[best]}")
+    selected = f"val_{select_metric}"
+    if selected in present:  # the epoch train.py keeps as the best checkpoint (the first of equal scores)
+        best = int(history[selected].idxmax())
+        ax = top_ax if selected == "val_cider" else metric_ax
+        lines += ax.plot([epochs[best]], [history[selected][best]], "o", markersize=9, color="black",
+                         fillstyle="none", label=f"best {VALIDATION_METRICS[selected]} {history[selected][best]:.3f}, "
+                                                 f"epoch {epochs[best]}")
     if lines:
         # on the axes drawn last, so no curve covers it; rising curves leave the lower right free
         top_ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
@@ -87,6 +90,13 @@ def plot_training_curves(history_csv, out_png):
     fig.tight_layout()
     save_png(fig, out_png)
     return fig
+
+
+def run_select_metric(run_dir):
+    """The --select-metric a run was trained with (its config.json), bleu1 where it records none."""
+    path = Path(run_dir) / "config.json"
+    config = read_json(path) if path.is_file() else {}
+    return (config.get("train") or {}).get("select_metric") or "bleu1"
 
 
 def plot_attention(words, weights, out_png, frames_rgb=None, title=None):
@@ -172,10 +182,13 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     curves = commands.add_parser("curves", help="RUN_DIR/curves.png from RUN_DIR/history.csv")
     curves.add_argument("run_dir", help="a training run folder (checkpoints/<run>)")
+    curves.add_argument("--select-metric", choices=("bleu1", "bleu4", "cider"),
+                        help="the metric whose best epoch is marked (default: the run's, from config.json)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:
-        plot_training_curves(run_dir / "history.csv", run_dir / "curves.png")
+        metric = args.select_metric or run_select_metric(run_dir)
+        plot_training_curves(run_dir / "history.csv", run_dir / "curves.png", metric)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

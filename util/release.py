@@ -8,7 +8,8 @@ A bundle holds, at its top level:
     best/ckpt-N.index, best/ckpt-N.data-*, best/checkpoint   the chosen checkpoint (of best/ or last/)
     config.json, vocab.json                                  as in the run folder
     feature_manifest.json                                    config.json's "features" (may be null)
-    metrics.json                                             history.csv's last row, the best val_bleu1
+    metrics.json                                             history.csv's last row, the best validation score
+                                                             by the run's --select-metric
     MANIFEST.json                                            sha256 and size of every other file
 
 so the extracted folder is a run folder for util.checkpoints.load_model. The registry (releases.json) is a JSON
@@ -44,6 +45,7 @@ import tensorflow as tf
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, load_model, read_run_config
 from util.data import DataError, read_json
+from util.plots import run_select_metric
 
 DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
 BUNDLE_MANIFEST = "MANIFEST.json"
@@ -70,7 +72,7 @@ def export_release(run_dir, out_path, which="best"):
     if not out_path.parent.is_dir():
         raise DataError(f"{out_path}: output folder {out_path.parent} does not exist")
     checkpoint_name = Path(prefix).name
-    metrics = run_metrics(run_dir, prefix, which)
+    metrics = run_metrics(run_dir, prefix, which, run_select_metric(run_dir))
 
     # each bundle file comes from a Path (streamed: checkpoints can be large) or from bytes made here
     sources = {f"best/{path.name}": path for path in sorted(Path(prefix).parent.glob(f"{checkpoint_name}.*"))}
@@ -113,15 +115,18 @@ def _plain_member(member):
     return member
 
 
-def run_metrics(run_dir, prefix, which):
-    """Validation metrics for metrics.json: history.csv's last row, the best val_bleu1, the exported epoch."""
+def run_metrics(run_dir, prefix, which, select_metric="bleu1"):
+    """Validation metrics for metrics.json: history.csv's last row, the best score by the metric the run selected
+    its best checkpoint with (named, as val_<metric>), and the exported epoch."""
     history_path = Path(run_dir) / "history.csv"
     rows = []
     if history_path.is_file():
         with open(history_path, newline="") as file:
             rows = [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(file)]
-    scores = [row["val_bleu1"] for row in rows if isinstance(row.get("val_bleu1"), float)]
-    return {"last": rows[-1] if rows else None, "best_val_bleu1": max(scores, default=None), "checkpoint": which,
+    column = f"val_{select_metric}"
+    scores = [row[column] for row in rows if isinstance(row.get(column), float)]
+    return {"last": rows[-1] if rows else None, "select_metric": select_metric, "split": "validation",
+            f"best_{column}": max(scores, default=None), "checkpoint": which,
             "epoch": int(tf.train.load_variable(prefix, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))}
 
 

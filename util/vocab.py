@@ -54,4 +54,4 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path):
-        return cls(json.loads(Path(path).read_text()))
+        return cls(json.loads(Path(path).read_text(encoding="utf-8")))

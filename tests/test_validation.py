@@ -1,0 +1,190 @@
+"""The evaluation protocol: validation videos held out of the training labels choose the checkpoint and stop
+training early; train.py never reads the test split; the decoder never writes <UNK>; training does not wait for
+the device every step."""
+import json
+import shutil
+import sys
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+import train
+from conftest import write_tiny_mlds
+from model import NEVER_WRITTEN
+from test_model import batch, make_model
+from util.data import feature_moments, hold_out_videos, load_labels
+from util.vocab import UNK
+
+TINY = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]
+
+
+def run_train(data, run_dir, *extra):
+    return train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), *TINY, *extra])
+
+
+def test_held_out_videos_are_whole_videos_chosen_by_the_seed():
+    labels = [(f"v{i}.avi", [f"caption {i}"]) for i in range(40)]
+    kept, held = hold_out_videos(labels, 0.1, seed=0)
+    assert len(held) == 4 and len(kept) == 36
+    assert {v for v, _ in kept} | {v for v, _ in held} == {v for v, _ in labels}
+    assert not {v for v, _ in kept} & {v for v, _ in held}
+    assert hold_out_videos(labels, 0.1, seed=0) == (kept, held)  # deterministic
+    assert hold_out_videos(labels, 0.1, seed=1)[1] != held
+    assert [v for v, _ in held] == sorted((v for v, _ in held), key=lambda v: int(v[1:-4]))  # the labels' order
+    assert len(hold_out_videos(labels, 0.001, seed=0)[1]) == 1  # a fraction above 0 holds out at least one
+    assert hold_out_videos(labels, 0.0, seed=0) == (labels, [])
+
+
+# Python's audit hook sees every file a process opens (open(), io.open, os.open, numpy's loads)
+OPENED, RECORDING = [], threading.Event()
+sys.addaudithook(lambda event, args: OPENED.append(str(args[0])) if event == "open" and RECORDING.is_set() else None)
+
+
+def test_train_never_opens_the_test_split_and_validates_on_held_out_training_videos(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    OPENED.clear()
+    RECORDING.set()
+    try:
+        assert run_train(tiny_data, run_dir, "--epochs", "2", "--val-fraction", "0.25") == 0
+    finally:
+        RECORDING.clear()
+    assert [p for p in OPENED if "testing" in p] == []
+    assert any("training_label.json" in p for p in OPENED)
+    held = (run_dir / "val_ids.txt").read_text().split()
+    assert len(held) == 6 and all(v.startswith("training_") for v in held)
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history["example"].str.split(":").str[0].isin(held).all()  # the epoch's example caption is a held-out one
+    assert history["val_bleu1"].notna().all()
+
+    # the same run from a data folder that has no test split at all
+    shutil.rmtree(tiny_data / "testing_data")
+    (tiny_data / "testing_label.json").unlink()
+    assert run_train(tiny_data, tmp_path / "no_test", "--epochs", "2", "--val-fraction", "0.25") == 0
+    assert (tmp_path / "no_test" / "val_ids.txt").read_text().split() == held
+    again = pd.read_csv(tmp_path / "no_test" / "history.csv")
+    np.testing.assert_allclose(again["val_bleu1"], history["val_bleu1"])
+
+
+def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp_path, capsys):
+    ids = tmp_path / "val.txt"
+    ids.write_text("training_003.avi\ntraining_010.avi\n")
+    assert run_train(tiny_data, tmp_path / "by_ids", "--epochs", "1", "--val-ids", str(ids)) == 0
+    assert (tmp_path / "by_ids" / "val_ids.txt").read_text().split() == ["training_003.avi", "training_010.avi"]
+    assert "validation: 2 videos" in capsys.readouterr().out
+
+    ids.write_text("training_003.avi\nnot_a_training_video.avi\n")
+    assert run_train(tiny_data, tmp_path / "bad_ids", "--epochs", "1", "--val-ids", str(ids)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {ids}: 1 ids are not in the training labels, e.g. not_a_training_video.avi"
+    assert not (tmp_path / "bad_ids").exists()
+
+    # a data folder with validation_label.json (as util.datasets prepare writes it) validates on that split
+    labels = json.loads((tiny_data / "testing_label.json").read_text())
+    (tiny_data / "validation_label.json").write_text(json.dumps(labels[:4]))
+    shutil.copytree(tiny_data / "testing_data", tiny_data / "validation_data")
+    assert run_train(tiny_data, tmp_path / "own", "--epochs", "1") == 0
+    assert (tmp_path / "own" / "val_ids.txt").read_text().split() == [e["id"] for e in labels[:4]]
+    # ... and refuses one that shares a video with the training split
+    training = json.loads((tiny_data / "training_label.json").read_text())
+    (tiny_data / "validation_label.json").write_text(json.dumps(labels[:4] + training[:1]))
+    assert run_train(tiny_data, tmp_path / "overlap", "--epochs", "1") == 2
+    assert "a video is never in both splits" in capsys.readouterr().err
+
+
+def test_patience_stops_when_the_validation_metric_stalls(tiny_data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # a learning rate of 0 never changes the captions, so the metric never improves after epoch 1
+    assert run_train(tiny_data, run_dir, "--epochs", "6", "--learning-rate", "0", "--patience", "2") == 0
+    out = capsys.readouterr().out
+    assert "early stop: validation BLEU@1 (MLDS) has not improved for 2 epochs since epoch 1" in out
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3]
+    assert "trained 3 epochs" in out
+
+
+def test_the_selected_metric_is_named_where_the_best_checkpoint_is_reported(tiny_data, tmp_path, capsys):
+    assert run_train(tiny_data, tmp_path / "run", "--epochs", "2", "--select-metric", "cider") == 0
+    out = capsys.readouterr().out
+    assert "*best CIDEr*" in out and "best validation CIDEr" in out and "BLEU@1 (MLDS)*" not in out
+
+
+def test_feature_moments_stream_over_chunks_without_a_float64_copy():
+    import tracemalloc
+
+    features = np.random.default_rng(0).gamma(2.0, 1.0, size=(300, 8, 256)).astype(np.float16) * 100
+    flat = features.reshape(-1, 256).astype(np.float64)
+    tracemalloc.start()
+    mean, variance = feature_moments(features, chunk_videos=16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(variance, flat.var(0), rtol=1e-10)
+    # a float64 copy of all features is 4.9 MB; a chunk of 16 videos 0.26 MB
+    print(f"feature_moments peak allocation {peak / 2**20:.2f} MiB; all features in float64 {flat.nbytes / 2**20:.2f} MiB")
+    assert peak < flat.nbytes / 8
+
+
+@pytest.mark.parametrize("attention", ["none", "bahdanau"])
+def test_greedy_and_beam_never_write_unk_pad_or_bos(attention):
+    model = make_model(attention)
+    bias = np.zeros(model.config.vocab_size, np.float32)
+    bias[list(NEVER_WRITTEN)] = 50.0  # the model would rather say these than anything
+    model.output_projection.bias.assign(bias)
+    features, _ = batch(size=6)
+    greedy, _ = model.greedy(features)
+    beam, _, log_probs, _ = model.beam_search(features, beam_size=3, n_best=3)
+    for words in (greedy.numpy(), beam.numpy()):
+        assert words.size and not np.isin(words, [UNK, 1]).any()
+        assert (words[..., 0] != 0).all()  # no <PAD> as a first word either
+    assert np.isfinite(log_probs.numpy()).all()
+
+
+class DeviceLoss:
+    """A step's loss as the device hands it back: reading it (float) is what waits for the device."""
+    reads = 0
+
+    def __float__(self):
+        DeviceLoss.reads += 1
+        return 1.0
+
+
+def test_an_epoch_reads_the_loss_back_only_every_log_every_steps():
+    DeviceLoss.reads = 0
+    bar = SimpleNamespace(set_postfix=lambda **kwargs: None, update=lambda n: None)
+    losses = train.run_epoch(lambda *args: DeviceLoss(), [(None, None)] * 95, 0.5, seed=0, first_step=0,
+                             stop=lambda: False, log_every=10, bar=bar)
+    assert len(losses) == 95 and DeviceLoss.reads == 10  # steps 1, 11, ..., 91
+
+
+def test_gpu_memory_grows_as_needed(monkeypatch):
+    gpus, grown = ["GPU:0", "GPU:1"], []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", lambda gpu, on: grown.append((gpu, on)))
+    train.configure_gpus()
+    assert grown == [("GPU:0", True), ("GPU:1", True)]
+
+
+def test_tests_run_matmuls_in_full_float32():
+    """TensorFlow runs float32 matmuls in TF32 on Ampere and newer GPUs; conftest.py turns that off, so the
+    equivalence tests compare full float32 there too."""
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+
+
+def test_decoder_loops_cast_no_kernel_per_step():
+    """In bfloat16, every kernel the decoder multiplies by is cast once before the loop: each cast inside a loop
+    body takes a (batch, ...) activation."""
+    model = make_model("bahdanau", matmul_dtype="bfloat16")
+    features, captions = batch(size=5)
+    graphs = [tf.function(model.greedy).get_concrete_function(features).graph,
+              tf.function(lambda f: model.beam_search(f, 2)).get_concrete_function(features).graph,
+              tf.function(lambda f, c: model(f, c, teacher_forcing_prob=0.5, training=True)).get_concrete_function(features, captions).graph]
+    bodies = [function for graph in graphs for name, function in graph._functions.items() if "body" in name]
+    casts = [op for body in bodies for op in body.graph.get_operations()
+             if op.type == "Cast" and op.get_attr("DstT") == tf.bfloat16]
+    assert casts  # the loops do run bfloat16 matmuls
+    for op in casts:
+        shape = op.inputs[0].shape
+        assert shape.rank == 2 and shape[0] in (5, 10), (op.name, shape)  # batch 5, or 5 videos x 2 beams

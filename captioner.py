@@ -44,7 +44,8 @@ class Caption:
     n_best     beam search's best hypotheses, best first (empty for greedy decoding, which scores nothing)
     words      the attention rows' labels: the caption's words, then <EOS> if the caption ended
     attention  (len(words), frames) attention weights over the sampled frames, each row summing to 1
-    frames     (frames, size, size, 3) uint8 RGB, the sampled frames the CNN saw (None for features given directly)
+    frames     (frames, size, size, 3) uint8 RGB, the sampled frames the CNN saw: kept with attention=True for
+               thumbnails (None otherwise, and for features given directly)
     """
     caption: str
     n_best: Tuple[Hypothesis, ...]
@@ -74,8 +75,8 @@ class Captioner:
     def __init__(self, model, vocab, run_config, source, batch_size=100):
         self.model, self.vocab, self.run_config, self.source = model, vocab, run_config, source
         self.batch_size = batch_size
-        manifest = run_config.get("features")
-        self.settings = extract_features.FeatureSettings.from_manifest(manifest) if manifest else None
+        manifest = run_config.get("features")  # what extract_features.py did to the training clips, if it made them
+        self.feature_settings = extract_features.FeatureSettings.from_manifest(manifest) if manifest else None
         self._run_cnn = None  # built on first use: a Captioner given only features never builds the CNN
 
     @classmethod
@@ -133,7 +134,7 @@ class Captioner:
         """Caption features (frames, dim) of one video or (videos, frames, dim): a string or Caption per video,
         as caption() returns."""
         features = np.asarray(features)
-        if features.ndim not in (2, 3) or features.shape[-2:] != (self.frames, self.feature_dim):
+        if features.ndim not in (2, 3):
             raise ValueError(f"features must be (frames={self.frames}, dim={self.feature_dim}) or (videos, "
                              f"{self.frames}, {self.feature_dim}), not {features.shape}")
         return self.caption(features if features.ndim == 2 else list(features), beam_size, length_penalty, n_best,
@@ -181,7 +182,7 @@ class Captioner:
                 clips[i] = self._sample(item)
         if not (clips or paths):
             return features, frames, failures
-        settings = self.extractor_settings
+        settings = self._extractor_settings()
         total, done = (len(clips) + len(paths)) * settings.frames, 0
         report("features", done, total)
         # clip files are decoded in a background thread while the CNN works on those already read
@@ -203,30 +204,29 @@ class Captioner:
                 frames[i] = clip
         return features, frames, failures
 
-    @property
-    def extractor_settings(self):
-        if self.settings is None:
-            raise DataError(f"{self.source}: the checkpoint records no feature extractor (its features were not "
-                            "made by extract_features.py), so it can caption features only, not videos")
-        return self.settings
-
     def _check_features(self, array):
         if array.shape != (self.frames, self.feature_dim) or not np.issubdtype(array.dtype, np.number):
             raise ValueError(f"features must be (frames={self.frames}, dim={self.feature_dim}) numbers, not "
                              f"{array.shape} {array.dtype}")
         return array.astype(np.float32)
 
+    def _extractor_settings(self):
+        if self.feature_settings is None:
+            raise DataError(f"{self.source}: the checkpoint records no feature extractor (its features were not "
+                            "made by extract_features.py), so it can caption features only, not videos")
+        return self.feature_settings
+
     def _sample(self, frames_rgb):
         """Decoded RGB frames (frames, H, W, 3) uint8 -> the sampled frames the CNN takes, as for a clip file."""
         if frames_rgb.ndim != 4 or frames_rgb.shape[-1] != 3 or frames_rgb.dtype != np.uint8 or not len(frames_rgb):
             raise ValueError(f"decoded frames must be (frames, H, W, 3) uint8 RGB with at least one frame, not "
                              f"{frames_rgb.shape} {frames_rgb.dtype}")
-        settings = self.extractor_settings
+        settings = self._extractor_settings()
         picked = extract_features.frame_indices(len(frames_rgb), settings.frames)
         size = (settings.image_size, settings.image_size)
         return np.stack([cv2.resize(frames_rgb[i], size, interpolation=cv2.INTER_AREA) for i in picked])
 
     def _cnn(self, frames_rgb):
         if self._run_cnn is None:
-            self._run_cnn, _ = extract_features.build_extractor(self.extractor_settings)
+            self._run_cnn, _ = extract_features.build_extractor(self._extractor_settings())
         return self._run_cnn(frames_rgb)

@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -132,7 +132,7 @@ async def receive_upload(request, folder, max_bytes):
                 raise RequestError(413, f"upload is over the limit of {max_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as error:
+    except FormParserError as error:
         raise RequestError(400, f"malformed multipart body ({str(error).splitlines()[0]})") from None
     except ClientDisconnect:
         raise RequestError(400, f"upload cut off after {received} bytes") from None

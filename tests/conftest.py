@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mlds_hw2_1"
 
+import extract_features  # noqa: E402 (needs ROOT on sys.path)
+
+# what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
+VIDEO_SETTINGS = extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
+                                                  weights="none", seed=0, frames=6)
+FEATURE_DIM = 64
+
 
 @pytest.fixture
 def mlds():
@@ -53,3 +60,18 @@ def write_tiny_mlds(root, videos=(24, 8), frames=6, dim=12, seed=0):
 @pytest.fixture
 def tiny_data(tmp_path):
     return write_tiny_mlds(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def video_run(tmp_path_factory):
+    """A tiny trained run whose features claim to come from VIDEO_SETTINGS, so it captions raw clips."""
+    import train
+
+    data = write_tiny_mlds(tmp_path_factory.mktemp("video_run") / "data", dim=FEATURE_DIM)
+    manifest = json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM))
+    for split in ("training", "testing"):
+        (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
+    run_dir = data.parent / "run"
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), "--hidden", "16", "--frames", "6",
+                       "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1", "--epochs", "3"]) == 0
+    return run_dir

@@ -27,7 +27,7 @@ import extract_features
 import infer
 import sampling
 import train
-from conftest import ROOT, write_tiny_mlds
+from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
 from model import S2VT, S2VTConfig
 from util import bleu, evaluate, release
 from util.checkpoints import restore
@@ -38,10 +38,6 @@ TRAIN = ["--hidden", "16", "--frames", "6", "--batch-size", "4", "--learning-rat
          "--dropout", "0.3", "--feature-noise", "0.1", "--schedule", "constant", "--teacher-forcing-start", "0.5",
          "--epochs", "2"]
 BATCHES_PER_EPOCH = 18
-# what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
-VIDEO_SETTINGS = extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
-                                                  weights="none", seed=0, frames=6)
-FEATURE_DIM = 64
 
 
 def shown_lines(text):

@@ -1,0 +1,305 @@
+"""serve.py over 127.0.0.1: the JSON API on real clips, every kind of bad upload (a 4xx status, a one-line JSON
+error, the server still serving and no temporary file left), progress of a request in flight, and the page in
+headless Chromium."""
+import base64
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner import Captioner
+from conftest import ROOT
+
+LIMIT_MB = 2  # over the largest real clip (1.25 MB)
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+class Server:
+    def __init__(self, port, tmp, process, log):
+        self.port, self.tmp, self.process, self.log = port, tmp, process, log
+
+    def connection(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def get(self, path):
+        connection = self.connection()
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def post(self, body, content_type, query=""):
+        connection = self.connection()
+        connection.request("POST", f"/api/caption{query}", body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def caption(self, name, data, query=""):
+        return self.post(*multipart(name, data), query=query)
+
+    def raw(self, head, chunks=(), read=True):
+        """Send a request's head and body chunks on a plain socket, as far as the server takes them; then
+        (status, body) of its reply, or None without read (the socket is closed: an upload cut off)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            try:
+                sock.sendall(head)
+                for chunk in chunks:
+                    sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                pass  # the server answered before reading everything
+            if not read:
+                return None
+            sock.settimeout(60)
+            reply = b""
+            while b"\r\n\r\n" not in reply or len(reply.partition(b"\r\n\r\n")[2]) < _content_length(reply):
+                data = sock.recv(65536)
+                if not data:
+                    break
+                reply += data
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    def temp_entries(self):
+        """The server's upload folders left in its TMPDIR (TensorFlow's autograph writes files there too)."""
+        return sorted(p.name for p in self.tmp.glob("s2vt-serve-*"))
+
+
+def _content_length(reply):
+    for line in reply.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def multipart(name, data, field="file", boundary="s2vt-test-boundary", close=True):
+    """(body, content type) of a multipart/form-data upload of one file."""
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    if close:
+        body += f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(video_run, tmp_path_factory):
+    """serve.py in a child process, started from an unrelated folder, its temporary files in a folder of its own."""
+    root = tmp_path_factory.mktemp("serve")
+    tmp = root / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    log = open(root / "serve.log", "w+")
+    process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(video_run),
+                                "--port", str(port), "--max-upload-mb", str(LIMIT_MB)],
+                               cwd=root, env=dict(os.environ, TMPDIR=str(tmp)), stdout=log, stderr=subprocess.STDOUT)
+    server = Server(port, tmp, process, log)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if server.get("/api/info")[0] == 200:
+                break
+        except OSError:
+            pass
+        log.seek(0)
+        assert process.poll() is None and time.monotonic() < deadline, f"serve.py did not start:\n{log.read()}"
+        time.sleep(0.5)
+    yield server
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def real_clip(video_run):
+    clips = sorted((ROOT.parent / "shared" / "data" / "mlds_hw2_1" / "testing_data" / "video").glob("*.avi"))
+    if not clips:
+        pytest.skip("real MLDS clips not found in ../shared")
+    return clips[0]
+
+
+def test_info_names_the_checkpoint_and_the_limit(server, video_run):
+    status, body = server.get("/api/info")
+    info = json.loads(body)
+    assert status == 200 and info["checkpoint"].startswith(str(video_run)) and info["frames"] == 6
+    assert info["max_upload_bytes"] == LIMIT_MB * 1_000_000
+
+
+def test_caption_real_clips(server, video_run, mlds):
+    captioner = Captioner.load(video_run)
+    for clip in sorted((mlds / "testing_data" / "video").glob("*.avi"))[:2]:
+        status, raw = server.caption(clip.name, clip.read_bytes(), "?beam_size=3&n_best=2&plot=1")
+        assert status == 200, raw
+        body = json.loads(raw)
+        want = captioner.caption(clip, beam_size=3, n_best=2, attention=True)
+        assert body["file"] == clip.name and body["caption"] == want.caption
+        assert [h["caption"] for h in body["n_best"]] == [h.caption for h in want.n_best]
+        assert [h["score"] for h in body["n_best"]] == pytest.approx([h.score for h in want.n_best], abs=1e-3)
+        assert body["attention"]["words"] == list(want.words)
+        np.testing.assert_allclose(body["attention"]["weights"], want.attention, atol=1e-3)
+        assert body["decoding"] == {"beam_size": 3, "n_best": 2, "length_penalty": 0.0}
+        png = body["attention_png"].removeprefix("data:image/png;base64,")
+        assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+        assert set(body["timings"]) == {"upload_s", "queued_s", "caption_s", "plot_s", "total_s"}
+    assert not server.temp_entries()
+
+
+def truncated(clip):
+    body, content_type = multipart(clip.name, clip.read_bytes())
+    return body[:len(body) // 2], content_type
+
+
+def oversized_head(content_length):
+    return (f"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            f"Content-Length: {content_length}\r\n\r\n").encode()
+
+
+def pieces(data, size):
+    return [data[start:start + size] for start in range(0, len(data), size)]
+
+
+def chunked(parts):
+    return [f"{len(part):x}\r\n".encode() + part + b"\r\n" for part in parts] + [b"0\r\n\r\n"]
+
+
+# (send, status, error): send(server, clip) makes the request and returns (status, body)
+BAD_UPLOADS = {
+    "text-named-avi": (lambda s, clip: s.caption("notes.avi", b"not a video\n" * 100), 422,
+                       "notes.avi: not a video OpenCV can open"),
+    "text-file-name": (lambda s, clip: s.caption("notes.txt", b"not a video\n"), 415,
+                       "notes.txt: not a video file name"),
+    "empty-file": (lambda s, clip: s.caption("empty.avi", b""), 422, "empty.avi: empty file (0 bytes)"),
+    "path-like-name": (lambda s, clip: s.caption("../../x.avi", clip.read_bytes()), 400,
+                       "'../../x.avi': a file name, not a path, is expected"),
+    "windows-path-name": (lambda s, clip: s.caption("..\\..\\x.avi", clip.read_bytes()), 400,
+                          "a file name, not a path, is expected"),
+    "json-content-type": (lambda s, clip: s.post(b'{"file": "x.avi"}', "application/json"), 415,
+                          "expected a multipart/form-data upload with a `file` part, not application/json"),
+    "no-file-part": (lambda s, clip: s.post(*multipart("x.avi", clip.read_bytes(), field="video")), 400,
+                     "no `file` part in the upload"),
+    "no-closing-boundary": (lambda s, clip: s.post(*multipart(clip.name, clip.read_bytes(), close=False)), 400,
+                            "no closing boundary"),
+    "bad-beam-size": (lambda s, clip: s.caption(clip.name, clip.read_bytes(), "?beam_size=0"), 400,
+                      "need 1 <= beam_size <= 20"),
+    # refused on its Content-Length before any of the body is read
+    "oversized-declared": (lambda s, clip: s.raw(oversized_head(3 * LIMIT_MB * 1_000_000)), 413,
+                           f"upload of {3 * LIMIT_MB * 1_000_000} bytes is over the limit of "
+                           f"{LIMIT_MB * 1_000_000} bytes"),
+    # no Content-Length: counted as it streams in, refused once past the limit
+    "oversized-streamed": (lambda s, clip: s.raw(
+        b"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n", chunked(pieces(multipart("big.avi", b"x" * 3 * LIMIT_MB * 1_000_000,
+                                                                  boundary="b")[0], 250_000))),
+        413, f"upload is over the limit of {LIMIT_MB * 1_000_000} bytes"),
+}
+
+
+def still_serves(server, clip):
+    status, body = server.caption(clip.name, clip.read_bytes())
+    assert status == 200 and len(json.loads(body)["n_best"]) == 3, body  # the default beam 5, 3 best
+
+
+def no_temp_files_left(server, wait=0.0):
+    deadline = time.monotonic() + wait
+    while server.temp_entries() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not server.temp_entries(), server.temp_entries()
+
+
+@pytest.mark.parametrize("case", BAD_UPLOADS)
+def test_bad_upload_gets_a_4xx_and_one_json_line(server, real_clip, case):
+    send, status, error = BAD_UPLOADS[case]
+    got_status, body = send(server, real_clip)
+    assert got_status == status, body
+    message = json.loads(body)
+    assert list(message) == ["error"] and error in message["error"]
+    assert "\n" not in message["error"] and b"\n" not in body
+    no_temp_files_left(server)
+    still_serves(server, real_clip)
+    no_temp_files_left(server)
+
+
+def test_upload_cut_off_midway(server, real_clip):
+    body, content_type = multipart(real_clip.name, real_clip.read_bytes())
+    head = (f"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    server.raw(head, [body[:len(body) // 2]], read=False)  # then the client goes away
+    no_temp_files_left(server, wait=10)
+    still_serves(server, real_clip)
+    server.log.seek(0)
+    assert "Traceback" not in server.log.read()
+
+
+def test_progress_of_a_request_in_flight(server, real_clip):
+    job = uuid.uuid4().hex
+    body, content_type = multipart(real_clip.name, real_clip.read_bytes())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall((f"POST /api/caption?job={job} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body[:1000])
+        deadline = time.monotonic() + 10
+        while (progress := server.get(f"/api/progress/{job}"))[0] == 404 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert progress == (200, b'{"stage":"uploading","done":0,"total":0}')
+        assert server.caption(real_clip.name, b"", f"?job={job}")[0] == 409  # the id is taken while in flight
+        sock.sendall(body[1000:])
+        reply = b""
+        while b"}" not in reply:
+            reply += sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 200")
+    status, missing = server.get(f"/api/progress/{job}")
+    assert status == 404 and json.loads(missing)["error"] == f"no request in flight with job id {job!r}"
+
+
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+                    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+def test_page_in_headless_chromium(server, video_run, real_clip, tmp_path):
+    """Choose a clip on the page, with beam size 3, and read its caption, n-best list and attention picture; then
+    a bad file."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{server.port}/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "frames").text == "6")
+        expected = Captioner.load(video_run).caption(real_clip, beam_size=3, n_best=3)
+        driver.find_element(By.ID, "beam").clear()
+        driver.find_element(By.ID, "beam").send_keys("3")
+        driver.find_element(By.ID, "file").send_keys(str(real_clip))
+        WebDriverWait(driver, 60).until(
+            lambda d: d.find_element(By.ID, "result").is_displayed() or d.find_element(By.ID, "error").is_displayed())
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        assert expected.caption and driver.find_element(By.ID, "caption").text == expected.caption
+        rows = driver.find_elements(By.CSS_SELECTOR, "#nbest tbody tr")
+        assert [row.find_elements(By.TAG_NAME, "td")[1].text for row in rows] == [h.caption for h in expected.n_best]
+        assert driver.execute_script("return document.getElementById('attention').naturalWidth") > 100
+
+        bad = tmp_path / "notes.avi"
+        bad.write_text("not a video\n" * 100)
+        driver.find_element(By.ID, "file").send_keys(str(bad))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "error").is_displayed())
+        assert driver.find_element(By.ID, "error").text == "notes.avi: not a video OpenCV can open"
+        assert not driver.find_element(By.ID, "result").is_displayed()
+    finally:
+        driver.quit()
+    no_temp_files_left(server)

@@ -73,5 +73,5 @@ def video_run(tmp_path_factory):
         (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
     run_dir = data.parent / "run"
     assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), "--hidden", "16", "--frames", "6",
-                       "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1", "--epochs", "3"]) == 0
+                       "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1", "--epochs", "6"]) == 0
     return run_dir

@@ -4,9 +4,11 @@
                     [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5]
     python bench.py --what startup-memory [--videos 1450]
 
-Each figure is the median of --runs timed runs after --warmup untimed ones. Training uses the model's real
-training step (scheduled sampling at p=0.5, dropout, feature noise) with caption lengths drawn like MSVD's
-(about 7 words on average, at most 50 tokens); peak_rss_mib is the process's peak resident memory.
+Runs on the Keras backend of KERAS_BACKEND (tensorflow, the default, or jax). Each figure is the median of --runs
+timed runs after --warmup untimed ones; the first warm-up call is reported apart (first_*_s: compilation
+included). Training uses the model's real training step (scheduled sampling at p=0.5, dropout, feature noise) with
+caption lengths drawn like MSVD's (about 7 words on average, at most 50 tokens), padded as train.py pads them on
+that backend; peak_rss_mib is the process's peak resident memory, peak_gpu_memory_mib the device's.
 startup-memory writes a synthetic corpus of --videos videos of 80 x 4096 float32 features (MSVD has 1450) and
 reports the peak resident memory of train.py over one short epoch of a small model on it: loading the features,
 standardising them, validating, saving.
@@ -42,14 +44,18 @@ def caption_batch(rng, batch_size, vocab_size, max_len=50):
 
 
 def timed(function, runs, warmup):
+    """(median seconds of `runs` calls, seconds of the first warm-up call: compilation included)."""
+    first = None
     for _ in range(warmup):
+        start = time.perf_counter()
         function()
+        first = time.perf_counter() - start if first is None else first
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def build_model(config, matmul_dtype="float32"):
@@ -68,54 +74,54 @@ def features(rng, batch_size, config):
 
 def bench_train(args):
     import keras
-    import tensorflow as tf
-    from train import make_train_step
+
+    from train import replica_loss
+    from util import backend
+    from util.data import batch_arrays
 
     rng = np.random.default_rng(0)
     model = build_model(args.config, args.matmul_dtype)
     optimizer = keras.optimizers.Adam(1e-4, global_clipnorm=5.0)
     optimizer.build(model.trainable_variables)
-    train_step = make_train_step(model, optimizer)
-    # two batches alternate (train.py's pipeline prepares the next batch in the background)
-    batches = [(tf.constant(features(rng, args.batch_size, args.config)),
-                tf.constant(caption_batch(rng, args.batch_size, CONFIGS[args.config]["vocab_size"])))
-               for _ in range(2)]
+    distribution = backend.Distribution("default")
+    train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
+    rows, width_multiple = distribution.padding(args.batch_size)
+    # two batches alternate (train.py's pipeline prepares the next batch in the background), padded as train.py does
+    batches = [[batch_arrays(features(rng, args.batch_size, args.config), np.arange(args.batch_size),
+                             caption_batch(rng, args.batch_size, CONFIGS[args.config]["vocab_size"]), rows,
+                             width_multiple)] for _ in range(2)]
     state = {"i": 0}
 
     def step():
-        frame_features, captions = batches[state["i"] % len(batches)]
         state["i"] += 1
-        float(train_step(frame_features, captions, tf.constant(0.5), tf.constant([0, state["i"]], tf.int64)))
+        float(train_step(batches[state["i"] % 2], 0.5, backend.seed_tensor(0, state["i"])))
 
-    seconds = timed(step, args.runs, args.warmup)
-    return {"samples_per_s": args.batch_size / seconds, "step_s": seconds}
+    seconds, first = timed(step, args.runs, args.warmup)
+    return {"samples_per_s": args.batch_size / seconds, "step_s": seconds, "first_step_s": first}
 
 
 def bench_infer(args):
-    import tensorflow as tf
+    from util import backend
 
     rng = np.random.default_rng(0)
     model = build_model(args.config, args.matmul_dtype)
-    sizes = CONFIGS[args.config]
-    signature = [tf.TensorSpec([None, sizes["frames"], sizes["feature_dim"]], tf.float32)]
     if args.beam_size == 1:
-        decode = tf.function(model.greedy, input_signature=signature)
+        decode = backend.compile_function(model, model.greedy)
     else:
-        decode = tf.function(lambda f: model.beam_search(f, args.beam_size), input_signature=signature)
-    batch = tf.constant(features(rng, args.batch_size, args.config))
-    seconds = timed(lambda: [t.numpy() for t in tf.nest.flatten(decode(batch))], args.runs, args.warmup)
-    return {"captions_per_s": args.batch_size / seconds, "beam_size": args.beam_size}
+        decode = backend.compile_function(model, lambda f: model.beam_search(f, args.beam_size))
+    batch = features(rng, args.batch_size, args.config)
+    seconds, first = timed(lambda: backend.to_numpy(decode(batch)), args.runs, args.warmup)
+    return {"captions_per_s": args.batch_size / seconds, "beam_size": args.beam_size, "first_call_s": first}
 
 
 def bench_extract(args):
-    import tensorflow as tf
     import extract_features
 
-    settings = extract_features.FeatureSettings(weights="none", seed=0)  # VGG16 fc2, as users run it
+    settings = extract_features.FeatureSettings(weights="none", seed=0, random_weights="numpy")  # VGG16 fc2
     run_cnn, _ = extract_features.build_extractor(settings)
-    frames = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8))
-    seconds = timed(lambda: run_cnn(frames).numpy(), max(1, args.runs // 2), 1)
-    return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32"}
+    frames = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
+    seconds, first = timed(lambda: run_cnn(frames), max(1, args.runs // 2), 1)
+    return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32", "first_cnn_call_s": first}
 
 
 def write_synthetic_corpus(root, videos, frames=80, feature_dim=4096, dtype="float32", seed=0):
@@ -173,18 +179,20 @@ def main(argv=None):
     if args.what == "startup-memory":
         print(json.dumps(bench_startup_memory(args)))
         return 0
-    import tensorflow as tf
+    from util import backend
 
     if args.device == "cpu":
-        tf.config.set_visible_devices([], "GPU")
-    elif not tf.config.list_physical_devices("GPU"):
-        parser.error("--device gpu: TensorFlow sees no GPU")
+        backend.hide_gpus()
+    elif not backend.gpu_count():
+        parser.error(f"--device gpu: {backend.BACKEND} sees no GPU")
     benches = {"train": bench_train, "infer": bench_infer, "extract": bench_extract}
     result = {"config": args.config, "batch_size": args.batch_size, "device": args.device,
-              "matmul_dtype": args.matmul_dtype, "tensorflow": tf.__version__}
+              "matmul_dtype": args.matmul_dtype, "backend": backend.BACKEND, "devices": backend.device_description()}
     for what in ([args.what] if args.what else benches):
         result.update(benches[what](args))
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device == "gpu":
+        result["peak_gpu_memory_mib"] = backend.peak_device_memory() / 2**20
     print(json.dumps(result))
     return 0
 

@@ -1,7 +1,7 @@
 """Caption videos from Python: load a trained checkpoint once, then caption clips, decoded frames or features.
 
     from captioner import Captioner
-    captioner = Captioner.load("s2vt-demo")      # release name, run folder, checkpoint prefix or URL (None: newest run)
+    captioner = Captioner.load("s2vt-demo")      # release name, run folder, checkpoint or URL (None: newest run)
     captioner.caption("clip.mp4")                # 'a big red ring moves to the left'
     captioner.caption(["a.avi", "b.avi"], beam_size=5, n_best=3, attention=True)   # [Caption, Caption]
     captioner.caption_features(features)         # (frames, dim) or (videos, frames, dim)
@@ -18,10 +18,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 import extract_features
 from extract_features import VideoError
+from util import backend
 from util.data import DataError
+from util.vocab import EOS
 
 __all__ = ["Captioner", "Caption", "Hypothesis", "VideoError", "DataError"]
 
@@ -78,16 +81,18 @@ class Captioner:
         manifest = run_config.get("features")  # what extract_features.py did to the training clips, if it made them
         self.feature_settings = extract_features.FeatureSettings.from_manifest(manifest) if manifest else None
         self._run_cnn = None  # built on first use: a Captioner given only features never builds the CNN
+        self._decoders = {}
 
     @classmethod
     def load(cls, checkpoint=None, matmul_dtype=None, batch_size=100):
-        """From a run folder, a checkpoint prefix, a release name in checkpoints/releases.json or a release URL
+        """From a run folder, a checkpoint folder, a release name in checkpoints/releases.json or a release URL
         (downloaded once and checked against its sha256); None: the newest run under checkpoints/."""
         from util.checkpoints import load_model
         from util.release import checkpoint_location
 
-        model, vocab, run_config, prefix = load_model(checkpoint_location(checkpoint), matmul_dtype)
-        return cls(model, vocab, run_config, prefix, batch_size)
+        backend.check_supported()
+        model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)
+        return cls(model, vocab, run_config, source, batch_size)
 
     @property
     def frames(self):
@@ -123,8 +128,8 @@ class Captioner:
         if failures and errors == "raise":
             raise VideoError("; ".join(str(failures[i]) for i in sorted(failures)))
         good = sorted(features)
-        decoded = self._decode(np.stack([features[i] for i in good]), beam_size, length_penalty, n_best,
-                               report) if good else []
+        decoded = self.decode(np.stack([features[i] for i in good]), beam_size, length_penalty, n_best,
+                              report) if good else []
         results = [failures.get(i) for i in range(len(items))]
         for i, result in zip(good, decoded):
             results[i] = replace(result, frames=frames.get(i)) if attention or n_best > 1 else result.caption
@@ -140,16 +145,39 @@ class Captioner:
         return self.caption(features if features.ndim == 2 else list(features), beam_size, length_penalty, n_best,
                             attention)
 
-    def _decode(self, features, beam_size, length_penalty, n_best, report):
-        """Captions for (videos, frames, dim) float32 features, as Caption objects without frames."""
-        from infer import caption_features
-
+    def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None):
+        """Captions for (videos, frames, dim) features, batch by batch, greedy (beam_size 1) or by beam search:
+        a Caption per video (without frames)."""
+        report = report or (lambda stage, done, total: None)
+        decode = self._decoder(beam_size, length_penalty, n_best)
+        results = []
         report("decoding", 0, len(features))
-        results = caption_features(self.model, self.vocab, features, self.batch_size, beam_size=beam_size,
-                                   length_penalty=length_penalty, n_best=n_best)
-        report("decoding", len(features), len(features))
-        return [Caption(r["caption"], tuple(Hypothesis(*h) for h in r.get("n_best", ())), tuple(r["words"]),
-                        np.asarray(r["attention"])) for r in results]
+        for start in tqdm(range(0, len(features), self.batch_size), desc="captioning", unit="batch", leave=False,
+                          delay=0.5):
+            batch = np.asarray(features[start:start + self.batch_size], np.float32)
+            if beam_size == 1:
+                (words, attention), hypotheses = backend.to_numpy(decode(batch)), None
+            else:
+                hypotheses, scores, log_probs, attention = backend.to_numpy(decode(batch))
+                words = hypotheses[:, 0]  # (batch, steps): the best hypothesis
+            for row, (ids, weights) in enumerate(zip(words, attention)):
+                caption = self.vocab.decode(ids)
+                labels = caption.split() + (["<EOS>"] if EOS in ids else [])
+                n_best_list = () if hypotheses is None else tuple(
+                    Hypothesis(self.vocab.decode(h), float(sc), float(lp))
+                    for h, sc, lp in zip(hypotheses[row], scores[row], log_probs[row]))
+                results.append(Caption(caption, n_best_list, tuple(labels), weights[:len(labels)]))
+            report("decoding", len(results), len(features))
+        return results
+
+    def _decoder(self, beam_size, length_penalty, n_best):
+        """The compiled decoding function for these settings, made once per Captioner."""
+        key = (beam_size, length_penalty, n_best)
+        if key not in self._decoders:
+            model = self.model
+            self._decoders[key] = backend.compile_function(model, model.greedy if beam_size == 1 else (
+                lambda f: model.beam_search(f, beam_size, length_penalty, n_best=n_best)))
+        return self._decoders[key]
 
     # ---- features ----
 
@@ -195,7 +223,7 @@ class Captioner:
                 continue
             outputs = []
             for start in range(0, len(clip), CNN_BATCH):
-                outputs.append(self._cnn(clip[start:start + CNN_BATCH]).numpy())
+                outputs.append(self._cnn(clip[start:start + CNN_BATCH]))
                 done += len(outputs[-1])
                 report("features", done, total)
             # rounded through the dtype of the features the model was trained on

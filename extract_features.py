@@ -13,9 +13,7 @@ FEAT_DIR/failed.txt (exit status 1) while the rest go on.
 import argparse
 import json
 import os
-import queue
 import sys
-import threading
 import time
 import uuid
 import zlib
@@ -30,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
-from util.data import DataError, read_feature_manifest, read_ids, warnings_as_lines
+from util.data import DataError, prefetched, read_feature_manifest, read_ids, warnings_as_lines
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
@@ -55,6 +53,7 @@ class FeatureSettings:
     grids: Optional[Tuple[int, ...]] = None  # VGG conv layers only
     weights: str = "imagenet"  # imagenet, none or a weights file path
     seed: Optional[int] = None  # weights "none" only
+    random_weights: Optional[str] = None  # weights "none" only: "numpy", drawn the same way on every backend
     frames: int = 80
     dtype: str = "float32"
 
@@ -131,18 +130,22 @@ def _decode_frames(path, indices, image_size):
 
 
 def build_extractor(settings):
-    """The CNN from keras.applications as one function: uint8 frames (n, size, size, 3) -> features (n, dim).
+    """The CNN from keras.applications as one compiled function: uint8 frames (n, size, size, 3) -> numpy features
+    (n, dim).
 
     A VGG conv layer's map is pooled (avg, max or both) to each g x g grid in `grids` and the flattened grids are
     concatenated: a spatial pyramid, so coarse grids keep what the object is and fine ones where it is.
     """
     import keras
-    import tensorflow as tf
+
+    from util import backend
 
     constructor, module, default_layer, native_size = CNNS[settings.cnn]
     weights = None if settings.weights == "none" else settings.weights
-    if weights is None:
-        keras.utils.set_random_seed(settings.seed or 0)  # random weights are the same in every run sharing a FEAT_DIR
+    if weights is None and settings.random_weights != "numpy":
+        raise DataError(f"features made with random weights seeded by TensorFlow (an older s2vt, manifest "
+                        f"{settings}); extract them again: random weights are now drawn with numpy, the same on "
+                        f"every backend")
     build = getattr(keras.applications, constructor)
     if settings.layer == default_layer and default_layer in FC_LAYERS:
         base = build(weights=weights, include_top=True)
@@ -160,13 +163,24 @@ def build_extractor(settings):
             for pool in settings.pool.split("+"):  # avg keeps how much of a thing there is, max what is there
                 pooled.append(keras.layers.Flatten()(poolings[pool](size, strides=size)(feature_map)))  # (batch, g*g*c)
         cnn = keras.Model(base.input, pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled))
+    if weights is None:  # random weights are the same in every run sharing a FEAT_DIR, on every backend
+        draw_random_weights(cnn, settings.seed or 0)
     preprocess = getattr(keras.applications, module).preprocess_input
+    features = backend.compile_function(
+        cnn, lambda frames_rgb: cnn(preprocess(keras.ops.cast(frames_rgb, "float32")), training=False))
+    return (lambda frames_rgb: backend.to_numpy(features(frames_rgb))), int(cnn.output.shape[-1])
 
-    @tf.function(input_signature=[tf.TensorSpec([None, settings.image_size, settings.image_size, 3], tf.uint8)])
-    def run(frames_rgb):
-        return cnn(preprocess(tf.cast(frames_rgb, tf.float32)), training=False)
 
-    return run, int(cnn.output.shape[-1])
+def draw_random_weights(cnn, seed):
+    """Keras's default initialisation (Glorot-uniform kernels; biases and batch-norm statistics as built), with
+    the kernels drawn by numpy from the seed, so that every backend and machine gets the same network."""
+    rng = np.random.default_rng(seed)
+    for variable in cnn.weights:
+        if variable.name == "kernel":
+            shape = tuple(variable.shape)
+            receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+            limit = np.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
+            variable.assign(rng.uniform(-limit, limit, shape).astype("float32"))
 
 
 def in_shard(name, shard):
@@ -235,29 +249,18 @@ class DecodingFailed(DataError):
 def decoded_clips(video_paths, frames, image_size, skip=lambda path: False):
     """Yield (path, frames | VideoError | None if skipped) decoded in a background thread, so decoding overlaps
     the CNN. Any other error in the thread is raised here as DecodingFailed rather than leaving the loop waiting."""
-    results = queue.Queue(maxsize=8)
 
     def decode_all():
-        path = None
-        try:
-            for path in video_paths:
-                if skip(path):
-                    results.put((path, None))
-                    continue
-                try:
-                    results.put((path, read_frames(path, frames, image_size)))
-                except VideoError as error:
-                    results.put((path, error))
-            results.put(None)
-        except BaseException as error:  # the consumer raises it; the thread ends here
-            results.put((path, DecodingFailed(f"{path}: decoding failed unexpectedly "
-                                              f"({type(error).__name__}: {error})").with_traceback(error.__traceback__)))
+        for path in video_paths:
+            try:
+                yield path, None if skip(path) else read_frames(path, frames, image_size)
+            except VideoError as error:
+                yield path, error
+            except Exception as error:
+                raise DecodingFailed(f"{path}: decoding failed unexpectedly ({type(error).__name__}: {error})") \
+                    from error
 
-    threading.Thread(target=decode_all, daemon=True).start()
-    while (item := results.get()) is not None:
-        if isinstance(item[1], DecodingFailed):
-            raise item[1]
-        yield item
+    return prefetched(decode_all(), depth=8)
 
 
 def extract(video_paths, settings, run_cnn, batch_size, on_clip, skip=lambda path: False, desc="extracting"):
@@ -277,7 +280,7 @@ def extract(video_paths, settings, run_cnn, batch_size, on_clip, skip=lambda pat
         while waiting and (final or sum(len(w) for w in waiting) >= batch_size):
             pending = np.concatenate(waiting)
             waiting[:] = [pending[batch_size:]] if len(pending) > batch_size else []
-            outputs.append(run_cnn(pending[:batch_size]).numpy())
+            outputs.append(run_cnn(pending[:batch_size]))
         while clips and sum(len(o) for o in outputs) >= frames:
             features = np.concatenate(outputs)
             outputs[:] = [features[frames:]] if len(features) > frames else []
@@ -328,7 +331,8 @@ def settings_from_args(args, parser):
             parser.error(f"--weights {weights}: no such weights file")
         weights = str(Path(weights).resolve())
     return FeatureSettings(cnn=args.cnn, layer=layer, image_size=image_size, pool=pool, grids=grids, weights=weights,
-                           seed=args.seed if weights == "none" else None, frames=args.frames, dtype=args.dtype)
+                           seed=args.seed if weights == "none" else None,
+                           random_weights="numpy" if weights == "none" else None, frames=args.frames, dtype=args.dtype)
 
 
 def parse_shard(text):

@@ -8,17 +8,16 @@ of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/va
 validation split when the folder has one, else --val-fraction of the training videos are drawn with --seed. The
 test split is never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (see
 util/checkpoints.py): the last 3 checkpoints, the best by the validation metric, config.json, vocab.json,
-val_ids.txt, history.csv, curves.png and TensorBoard logs.
+val_ids.txt, history.csv, curves.png and, on TensorFlow, TensorBoard logs.
 Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
-With --strategy mirrored (several GPUs) or multiworker (machines named in TF_CONFIG) each global batch is split
-over the replicas with the same result as one device; the chief alone validates and writes the run folder.
+Runs on TensorFlow (the default) or JAX: KERAS_BACKEND=jax python train.py ... With --strategy mirrored (several
+GPUs) each global batch is split over the devices with the same result as one device; on TensorFlow, multiworker
+spreads it over machines named in TF_CONFIG, and the chief alone validates and writes the run folder.
 """
 import argparse
-import json
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -26,26 +25,26 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
-import keras
+from keras import ops
 from tqdm import tqdm
 
-from model import ATTENTIONS, MATMUL_DTYPES, S2VT, S2VTConfig, caption_loss, caption_losses
+from model import ATTENTIONS, MATMUL_DTYPES, S2VTConfig, S2VT, caption_losses
 from sampling import SCHEDULES, teacher_forcing_schedule
+from util import backend
 from util.atomic import atomic_path, write_text_atomic
-from util.checkpoints import DEFAULT_ROOT, load_vocab, newest_run, read_run_config, restore, write_run_files
-from util.data import (DataError, Split, batch_tensors, encode_captions, epoch_pairs, hold_out_videos, load_labels,
-                       make_dataset, read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
+from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, restore,
+                              save_checkpoint, write_run_files)
+from util.data import (DataError, Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels,
+                       read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
 from util.evaluate import evaluate
 from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import Vocabulary
 
-STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SELECT_METRICS = ("bleu1", "bleu4", "cider")
 DEFAULT_VAL_FRACTION = 0.05
-SUM = tf.distribute.ReduceOp.SUM
 
 
 def positive_int(text):
@@ -95,7 +94,7 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=positive_int, default=10,
                         help="show the loss every N batches (reading it waits for the device)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="auto",
+    parser.add_argument("--strategy", choices=backend.STRATEGIES, default="auto",
                         help="auto: mirrored when more than one GPU is visible, else default (one device); "
                              "mirrored: every local GPU (or logical CPU); multiworker: the cluster in TF_CONFIG")
     parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
@@ -162,60 +161,11 @@ def load_splits(args):
     return train_split, val_split, source
 
 
-def check_tf_config():
-    """Check the TF_CONFIG variable MultiWorkerMirroredStrategy reads: a cluster of host:port lists and this
-    process's task in it; anything else is a one-line DataError rather than a hang or a deep traceback."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        raise DataError("TF_CONFIG: not set; --strategy multiworker needs the cluster and this worker's task in it "
-                        "(README, \"Multi-GPU and multi-worker training\")")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"TF_CONFIG: not valid JSON ({error})") from None
-    config = config if isinstance(config, dict) else {}
-    cluster, task = config.get("cluster"), config.get("task")
-
-    def is_address_list(value):
-        return isinstance(value, list) and value and all(isinstance(a, str) and ":" in a for a in value)
-
-    if not isinstance(cluster, dict) or not cluster or not all(map(is_address_list, cluster.values())):
-        raise DataError("TF_CONFIG: \"cluster\" must map task types to non-empty lists of \"host:port\" strings")
-    if set(cluster) - {"chief", "worker"} or len(cluster.get("chief", [])) > 1:
-        raise DataError(f"TF_CONFIG: the cluster may hold \"worker\" tasks and one \"chief\", not {sorted(cluster)}")
-    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
-            or not 0 <= task["index"] < len(cluster[task["type"]]):
-        raise DataError(f"TF_CONFIG: \"task\" must name a type of the cluster ({', '.join(cluster)}) and an index "
-                        f"into its list, not {task!r}")
-
-
-def make_strategy(name):
-    """The tf.distribute strategy for --strategy."""
-    if name == "auto":
-        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([device.name for device in devices])
-    check_tf_config()
-    return tf.distribute.MultiWorkerMirroredStrategy()
-
-
-def is_chief(strategy):
-    """The chief writes the run folder: the "chief" task, else worker 0; a single process always."""
-    resolver = strategy.cluster_resolver
-    if resolver is None or resolver.task_type is None:
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "chief" or (not has_chief and resolver.task_type == "worker" and resolver.task_id == 0)
-
-
 @contextmanager
 def ctrl_c_stops_between_batches():
     """Yield an Event that Ctrl-C sets, for the loop to stop and save between batches rather than take a
-    KeyboardInterrupt inside TensorFlow, which can corrupt its memory (an abort, "free(): invalid next size").
-    A second Ctrl-C raises KeyboardInterrupt at once."""
+    KeyboardInterrupt inside TensorFlow or XLA, which can corrupt their memory (an abort, "free(): invalid next
+    size"). A second Ctrl-C raises KeyboardInterrupt at once."""
     stop = threading.Event()
 
     def request_stop(signum, frame):
@@ -230,145 +180,69 @@ def ctrl_c_stops_between_batches():
         signal.signal(signal.SIGINT, previous)
 
 
-def interrupted(path, epoch_var, batch_var, run_dir, chief=True):
-    saved = f"saved {path}" if chief else "the chief saved its checkpoint"
-    print(f"interrupted: {saved} at epoch {int(epoch_var) + 1}, batch {int(batch_var)}; "
-          f"continue with --resume --ckpt-dir {run_dir}")
-    return 130
+def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
+    """A replica's training loss: its captions' losses summed and divided by the global batch size, so that summed
+    over the replicas it is the mean over the global batch."""
+    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                         training=True)
+    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
 
 
-def greedy_captions(greedy_fn, vocab, split, batch_size):
-    captions = {}
-    for start in range(0, len(split.video_ids), batch_size):
-        words, _ = greedy_fn(tf.constant(split.features[start:start + batch_size], tf.float32))
-        for video_id, ids in zip(split.video_ids[start:start + batch_size], words.numpy()):
-            captions[video_id] = vocab.decode(ids)
-    return captions
-
-
-def any_worker(strategy):
-    """A function flag -> bool that is True when the flag is set here or, in multi-worker training, on any worker,
-    so that every worker takes the same decision (stop now, save a best checkpoint, stop early): one that went on
-    alone would wait for the others forever."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return bool
-
-    @tf.function
-    def reduce_flags(flag):
-        return strategy.reduce(SUM, strategy.run(tf.identity, args=(flag,)), axis=None) > 0
-
-    return lambda flag: bool(reduce_flags(tf.constant(float(flag))))
-
-
-def run_epoch(train_step, batches, teacher_forcing_prob, seed, first_step, stop, log_every, bar):
-    """Train on batches until they run out or stop() says so; returns the step losses, still on the device.
+def run_epoch(train_step, epoch_batches, teacher_forcing_prob, seed, first_step, stop, log_every, bar):
+    """Train on epoch_batches until they run out or stop() says so; returns the step losses, still on the device.
 
     A loss is read back (which waits for the device) only for the progress bar, every log_every batches, so the
     host queues the next steps while the device works."""
     losses = []
-    for frame_features, captions in batches:
+    for slices in epoch_batches:
         if stop():
             break
-        step_seed = tf.constant([seed, first_step + len(losses)], tf.int64)
-        losses.append(train_step(frame_features, captions, tf.constant(teacher_forcing_prob, tf.float32), step_seed))
+        losses.append(train_step(slices, teacher_forcing_prob, backend.seed_tensor(seed, first_step + len(losses))))
         if (len(losses) - 1) % log_every == 0:
             bar.set_postfix(loss=f"{float(losses[-1]):.3f}", teacher_forcing=f"{teacher_forcing_prob:.3f}")
         bar.update(1)
     return losses
 
 
-def configure_gpus():
-    """Let TensorFlow take GPU memory as it needs it rather than all of it at start-up."""
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
+class Validator:
+    """Scores the model on the validation videos: teacher-forced loss and greedy captions (MLDS BLEU@1, BLEU-4,
+    CIDEr with the fallback tokenizer: no Java start-up every epoch)."""
+
+    def __init__(self, model, vocab, split, max_caption_len, batch_size, padding):
+        self.vocab, self.split, self.batch_size, self.padding = vocab, split, batch_size, padding
+        self.videos, self.captions = encode_captions(split.labels, vocab, max_caption_len)
+        self.summed_losses = backend.compile_function(
+            model, lambda f, c: ops.sum(caption_losses(model(f, c)[0], c)))
+        self.greedy = backend.compile_function(model, lambda f: model.greedy(f)[0])
+
+    def __call__(self):
+        rows, width_multiple = self.padding
+        total = sum(float(self.summed_losses(*batch)) for (batch,) in batches(
+            self.split.features, self.videos, self.captions, self.batch_size, rows=rows, width_multiple=width_multiple))
+        captions = {}
+        for start in range(0, len(self.split.video_ids), self.batch_size):
+            words = backend.to_numpy(self.greedy(self.split.features[start:start + self.batch_size].astype("float32")))
+            for video_id, ids in zip(self.split.video_ids[start:start + self.batch_size], words):
+                captions[video_id] = self.vocab.decode(ids)
+        scores = evaluate(captions, self.split.references, use_java=False)
+        first = self.split.video_ids[0]
+        return {"val_loss": total / len(self.captions), "val_bleu1": scores["mlds_bleu1"], "val_bleu4": scores["bleu4"],
+                "val_cider": scores["cider"], "example": f"{first}: {captions[first]}"}
 
 
-def replica_slices(pairs, batch_size, replicas, skip_batches=0):
-    """(starts, stops), each (batches, replicas): global batch k is pairs [k*batch_size, k*batch_size + size),
-    cut into `replicas` consecutive slices whose sizes differ by at most one (a short last batch may leave a
-    replica an empty slice)."""
-    starts = np.arange(skip_batches * batch_size, pairs, batch_size)
-    sizes = np.minimum(batch_size, pairs - starts)
-    bounds = starts[:, None] + np.arange(replicas + 1) * sizes[:, None] // replicas
-    return bounds[:, :-1], bounds[:, 1:]
-
-
-def distributed_batches(strategy, features, video_index, caption_ids, batch_size, skip_batches=0):
-    """The epoch's global batches of (frame_features, caption_ids) as a distributed dataset: each worker gathers
-    only its replicas' slices, each slice cut to its own longest caption. With one replica this is
-    util.data.make_dataset's batches."""
-
-    def worker_dataset(context):
-        local = context.num_replicas_in_sync // context.num_input_pipelines
-        first = context.input_pipeline_id * local  # this worker's replicas are first ... first + local - 1
-        starts, stops = replica_slices(len(video_index), batch_size, context.num_replicas_in_sync, skip_batches)
-        all_videos, all_captions = tf.constant(video_index), tf.constant(caption_ids)
-
-        def to_tensors(start, stop):
-            return batch_tensors(features, all_videos[start:stop], all_captions[start:stop])
-
-        # batch-major, so the replicas of a worker take one global batch's slices in turn
-        ranges = (starts[:, first:first + local].ravel(), stops[:, first:first + local].ravel())
-        dataset = tf.data.Dataset.from_tensor_slices(ranges)
-        return dataset.map(to_tensors, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-    return strategy.distribute_datasets_from_function(worker_dataset)
-
-
-def make_train_step(model, optimizer, strategy=None):
-    """One optimisation step as a tf.function: (features, captions, teacher_forcing_prob, seed) -> the global
-    batch's mean loss. bench.py times this same function on one device.
-
-    Under a strategy of several replicas the features and captions are a distributed_batches element. Each
-    replica divides its captions' summed loss by the global batch size and the replicas' gradients are summed,
-    so the step equals the single-device step on the whole batch, gradient clipping included.
-    """
-    strategy = strategy or tf.distribute.get_strategy()
-    cfg = model.config
-    variables = model.trainable_variables
-    replicas = strategy.num_replicas_in_sync
-
-    def replica_step(frame_features, captions, teacher_forcing_prob, seed):
-        context = tf.distribute.get_replica_context()
-        if replicas > 1:  # each replica its own noise, dropout and sampling coins
-            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
-        global_batch = context.all_reduce(SUM, tf.shape(captions)[0])
-        with tf.GradientTape() as tape:
-            logits, _, _ = model(frame_features, captions, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
-                                 training=True)
-            loss = tf.nn.compute_average_loss(caption_losses(logits, captions), global_batch_size=global_batch)
-        gradients = tape.gradient(loss, variables)
-        if replicas > 1:
-            # Keras would clip each replica's part before summing the parts: sum and clip here, as on one device
-            # (a second all-reduce), and hand it equal shares, each within the clip norm, to sum back
-            gradients = context.all_reduce(SUM, gradients)
-            if optimizer.global_clipnorm:
-                gradients, _ = tf.clip_by_global_norm(gradients, optimizer.global_clipnorm)
-            gradients = [g / replicas for g in gradients]
-        optimizer.apply_gradients(zip(gradients, variables))
-        return loss
-
-    # a batch as distributed_batches yields it (one tensor per replica with several), taken from an empty epoch
-    batch_spec = distributed_batches(strategy, np.zeros((0, cfg.frames, cfg.feature_dim), np.float32),
-                                     np.zeros(0, np.int32), np.zeros((0, 1), np.int32), 1).element_spec
-
-    @tf.function(input_signature=[*batch_spec, tf.TensorSpec([], tf.float32), tf.TensorSpec([2], tf.int64)])
-    def train_step(frame_features, captions, teacher_forcing_prob, seed):
-        losses = strategy.run(replica_step, args=(frame_features, captions, teacher_forcing_prob, seed))
-        return strategy.reduce(SUM, losses, axis=None)
-
-    return train_step
+def interrupted(checkpoint, state, run_dir):
+    saved = f"saved {checkpoint}" if checkpoint else "the chief saved its checkpoint"
+    print(f"interrupted: {saved} at epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}; "
+          f"continue with --resume --ckpt-dir {run_dir}")
+    return 130
 
 
 def train(args):
     run_dir = Path(args.ckpt_dir)
-    configure_gpus()
-    strategy = make_strategy(args.strategy)  # first: MultiWorkerMirroredStrategy must precede any other TF work
-    chief = is_chief(strategy)
-    agree = any_worker(strategy)
-    # the other workers write their checkpoints into a folder removed when train() returns, and no logs
-    scratch = None if chief else tempfile.TemporaryDirectory(prefix="s2vt-worker-")
-    out_dir = run_dir if chief else Path(scratch.name)
+    backend.check_supported()
+    backend.configure_devices()
+    distribution = backend.Distribution(args.strategy)  # first: TensorFlow's multi-worker setup precedes other work
+    chief, agree = distribution.chief, distribution.agreement()
 
     # ---- data ----
     train_split, val_split, val_source = load_splits(args)
@@ -396,113 +270,101 @@ def train(args):
                         attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
                         feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype)
     keras.utils.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
-    with strategy.scope():  # one copy of every weight and optimizer slot per replica
+    with distribution.scope():  # on TensorFlow, one copy of every weight and optimizer slot per replica
         model = S2VT(config)
         model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
         optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
         optimizer.build(model.trainable_variables)
-    epoch_var = tf.Variable(0, dtype=tf.int64, name="epoch")  # epochs finished
-    batch_var = tf.Variable(0, dtype=tf.int64, name="batch_in_epoch")  # batches done in the unfinished epoch
-    best_var = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")  # of --select-metric
-    best_epoch_var = tf.Variable(0, dtype=tf.int64, name="best_epoch")  # for --patience
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, batch_in_epoch=batch_var,
-                                     best_score=best_var, best_epoch=best_epoch_var)
-    last_manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "last"), max_to_keep=3)
-    best_manager = tf.train.CheckpointManager(checkpoint, str(out_dir / "best"), max_to_keep=1)
+    state = {"epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_epoch": 0}
     if args.resume:  # every worker restores the chief's checkpoint
-        latest = tf.train.latest_checkpoint(str(run_dir / "last"))
+        latest = latest_checkpoint(run_dir / "last")
         if not latest:
             raise DataError(f"{run_dir / 'last'}: no checkpoint to resume from")
-        restore(checkpoint, latest)
-        print(f"resumed {latest}: epoch {int(epoch_var) + 1}, batch {int(batch_var)}, "
+        state.update({k: v for k, v in restore(latest, model, optimizer).items() if k in state})
+        print(f"resumed {latest}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, "
               f"step {int(optimizer.iterations.numpy())}")
-    else:
-        write_run_files(out_dir, config, vars(args), vocab, manifest)
-        write_text_atomic(out_dir / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
+    elif chief:
+        write_run_files(run_dir, config, vars(args), vocab, manifest)
+        write_text_atomic(run_dir / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
+    train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
+    padding = distribution.padding(args.batch_size)
+    validate = (Validator(model, vocab, val_split, args.max_caption_len, args.batch_size, padding)
+                if val_split is not None and chief else None)
+    step = int(optimizer.iterations.numpy())  # counted here from now on: reading it every step waits for the device
 
-    signature = [tf.TensorSpec([None, args.frames, feature_dim], tf.float32), tf.TensorSpec([None, None], tf.int32)]
-    train_step = make_train_step(model, optimizer, strategy)
-
-    @tf.function(input_signature=signature)
-    def eval_loss(frame_features, captions):
-        return caption_loss(model(frame_features, captions)[0], captions)
-
-    greedy = tf.function(model.greedy, input_signature=signature[:1])
+    def save(folder, keep, with_optimizer=True):
+        """The chief's checkpoint of now (the other workers save nothing), or None."""
+        if not chief:
+            return None
+        train_step.sync()
+        return save_checkpoint(run_dir / folder, step, model, dict(state, step=step, seed=args.seed,
+                                                                   backend=backend.BACKEND),
+                               optimizer if with_optimizer else None, keep)
 
     # ---- loop ----
-    if val_split is not None:
-        val_videos, val_captions = encode_captions(val_split.labels, vocab, args.max_caption_len)
     probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start, args.teacher_forcing_end)
-    writer = tf.summary.create_file_writer(str(out_dir / "tensorboard")) if chief else None
-    history_path = out_dir / "history.csv"
+    write_scalars = backend.summary_writer(run_dir / "tensorboard") if chief else None
+    history_path = run_dir / "history.csv"
     history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
     metric_name = VALIDATION_METRICS[f"val_{args.select_metric}"]
-    step = int(optimizer.iterations.numpy())  # counted here from now on: reading it every step waits for the device
     started = time.perf_counter()
     with ctrl_c_stops_between_batches() as stop:
-        for epoch in range(int(epoch_var), args.epochs):
+        for epoch in range(state["epoch"], args.epochs):
             p = float(probs[epoch])
             epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
             batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
-            skip = int(batch_var)
-            dataset = distributed_batches(strategy, train_split.features, epoch_videos, epoch_captions,
-                                          args.batch_size, skip)
+            skip = state["batch_in_epoch"]
+            epoch_batches = batches(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip,
+                                    (distribution.slices, distribution.first_slice, distribution.local_slices),
+                                    *padding)
             with tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                       leave=False) as bar:
-                losses = run_epoch(train_step, dataset, p, args.seed, step, lambda: agree(stop.is_set()),
+                losses = run_epoch(train_step, epoch_batches, p, args.seed, step, lambda: agree(stop.is_set()),
                                    args.log_every, bar)
             step += len(losses)
-            batch_var.assign(skip + len(losses))
-            if skip + len(losses) < batches_per_epoch:  # stopped
-                return interrupted(last_manager.save(), epoch_var, batch_var, run_dir, chief)
+            state["batch_in_epoch"] = skip + len(losses)
+            if state["batch_in_epoch"] < batches_per_epoch:  # stopped
+                return interrupted(save("last", 3), state, run_dir)
 
             row = {"epoch": epoch + 1, "teacher_forcing_prob": p,
                    "train_loss": float(np.mean([float(loss) for loss in losses])) if losses else None}
-            if val_split is not None:
-                val_losses = [float(eval_loss(f, c)) for f, c in
-                              make_dataset(val_split.features, val_videos, val_captions, args.batch_size)]
-                captions = greedy_captions(greedy, vocab, val_split, args.batch_size)
-                scores = evaluate(captions, val_split.references, use_java=False)  # no Java start-up every epoch
-                row.update(val_loss=float(np.mean(val_losses)), val_bleu1=scores["mlds_bleu1"],
-                           val_bleu4=scores["bleu4"], val_cider=scores["cider"],
-                           example=f"{val_split.video_ids[0]}: {captions[val_split.video_ids[0]]}")
+            if validate is not None:
+                train_step.sync()
+                row.update(validate())
             history.append(row)
             if chief:
-                with writer.as_default(step=epoch + 1):
-                    for key, value in row.items():
-                        if isinstance(value, float):
-                            tf.summary.scalar(key, value)
+                if write_scalars:
+                    write_scalars(epoch + 1, {k: v for k, v in row.items() if isinstance(v, float)})
                 with atomic_path(history_path) as tmp:
                     pd.DataFrame(history).to_csv(tmp, index=False)
-                plot_training_curves(history_path, out_dir / "curves.png", args.select_metric)
+                plot_training_curves(history_path, run_dir / "curves.png", args.select_metric)
 
-            epoch_var.assign(epoch + 1)
-            batch_var.assign(0)
+            state.update(epoch=epoch + 1, batch_in_epoch=0)
             score = row[f"val_{args.select_metric}"] if val_split is not None else -float(row["train_loss"] or 0)
-            improved = agree(chief and score > float(best_var))  # the chief's validation decides for every worker
+            improved = agree(chief and (state["best_score"] is None or score > state["best_score"]))
+            if improved:  # the chief's validation decides for every worker
+                state.update(best_score=score if chief else None, best_epoch=epoch + 1)
+            save("last", 3)
             if improved:
-                best_var.assign(score if chief else np.nan)
-                best_epoch_var.assign(epoch + 1)
-            last_manager.save()
-            if improved:
-                best_manager.save()
+                save("best", 1, with_optimizer=False)
             print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  teacher_forcing {p:.3f}"
                   + (f"  val_loss {row['val_loss']:.4f}  BLEU@1 {row['val_bleu1']:.4f}  BLEU-4 {row['val_bleu4']:.4f}"
-                     f"  CIDEr {row['val_cider']:.4f}" if val_split else "")
+                     f"  CIDEr {row['val_cider']:.4f}" if "val_loss" in row else "")
                   + (f"  *best {metric_name}*" if improved else ""), flush=True)
-            if val_split is not None:
+            if "example" in row:
                 print(f"  {row['example']}", flush=True)
-            if args.patience and agree(chief and epoch + 1 - int(best_epoch_var) >= args.patience):
+            if args.patience and agree(chief and epoch + 1 - state["best_epoch"] >= args.patience):
                 print(f"early stop: validation {metric_name} has not improved for {args.patience} epochs since "
-                      f"epoch {int(best_epoch_var)}", flush=True)
+                      f"epoch {state['best_epoch']}", flush=True)
                 break
             if agree(stop.is_set()) and epoch + 1 < args.epochs:  # Ctrl-C in the last batch, validation or saving
-                return interrupted(last_manager.latest_checkpoint, epoch_var, batch_var, run_dir, chief)
+                return interrupted(latest_checkpoint(run_dir / "last") if chief else None, state, run_dir)
 
     elapsed = time.perf_counter() - started
-    best = (f"best validation {metric_name} {float(best_var):.4f} at epoch {int(best_epoch_var)}"
-            if val_split is not None else "no validation")
-    print(f"trained {int(epoch_var)} epochs ({elapsed:.0f} s this session); {best}; run folder {run_dir}")
+    best = (f"best validation {metric_name} {state['best_score']:.4f} at epoch {state['best_epoch']}"
+            if val_split is not None and chief else "no validation" if val_split is None else "validated by the chief")
+    print(f"trained {state['epoch']} epochs ({elapsed:.0f} s this session, {backend.BACKEND}); {best}; "
+          f"run folder {run_dir}")
     return 0
 
 

@@ -19,7 +19,7 @@ import extract_features  # noqa: E402 (needs ROOT on sys.path)
 
 # what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
 VIDEO_SETTINGS = extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
-                                                  weights="none", seed=0, frames=6)
+                                                  weights="none", seed=0, random_weights="numpy", frames=6)
 FEATURE_DIM = 64
 
 

@@ -1,4 +1,4 @@
-"""MLDS HW2-1 layout: labels JSON, id lists, per-video feature files, and the tf.data training pipeline.
+"""MLDS HW2-1 layout: labels JSON, id lists, per-video feature files, and the training batches.
 
     DATA_DIR/training_label.json   [{"caption": [...], "id": "xxx.avi"}, ...]   (validation_, testing_label.json alike)
     DATA_DIR/training_data/feat/<id>.npy   (frames, dim), float64 or float32   (validation_data, testing_data alike)
@@ -222,25 +222,68 @@ def epoch_pairs(video_index, caption_ids, mode, seed, epoch):
     return video_index[chosen], caption_ids[chosen]
 
 
-def batch_tensors(features, video_index, caption_ids):
-    """One batch as tensors, inside a tf.data map: frame_features (batch, frames, dim) float32 gathered from the
-    in-memory features, and caption_ids cut to the batch's longest caption (one step for an empty batch)."""
-    import tensorflow as tf
-
-    def gather(index, captions):
-        length = max(1, int(np.max(np.sum(captions != PAD, axis=1), initial=0)))
-        return features[index].astype(np.float32), captions[:, :length]
-
-    frame_features, trimmed = tf.numpy_function(gather, [video_index, caption_ids], [tf.float32, tf.int32])
-    frame_features.set_shape([None, features.shape[1], features.shape[2]])
-    trimmed.set_shape([None, None])
-    return frame_features, trimmed
+def replica_slices(pairs, batch_size, replicas, skip_batches=0):
+    """(starts, stops), each (batches, replicas): global batch k is pairs [k*batch_size, k*batch_size + size),
+    cut into `replicas` consecutive slices whose sizes differ by at most one (a short last batch may leave a
+    replica an empty slice)."""
+    starts = np.arange(skip_batches * batch_size, pairs, batch_size)
+    sizes = np.minimum(batch_size, pairs - starts)
+    bounds = starts[:, None] + np.arange(replicas + 1) * sizes[:, None] // replicas
+    return bounds[:, :-1], bounds[:, 1:]
 
 
-def make_dataset(features, video_index, caption_ids, batch_size, skip_batches=0):
-    """tf.data over already-ordered pairs: batch_tensors batches, prefetched."""
-    import tensorflow as tf
+def batch_arrays(features, video_index, caption_ids, rows=None, width_multiple=1):
+    """One batch: frame_features (batch, frames, dim) float32 gathered from the in-memory features, and
+    caption_ids cut to the batch's longest caption (one step for an empty batch), that width rounded up to a
+    multiple of width_multiple and, with rows, padded with empty (all-<PAD>) rows to that many: fixed shapes
+    spare a compiler (XLA) one compilation per shape, and a <PAD> row counts for nothing in the loss."""
+    length = max(1, int(np.max(np.sum(caption_ids != PAD, axis=1), initial=0)))
+    length = -(-length // width_multiple) * width_multiple
+    frame_features = features[video_index].astype(np.float32)
+    captions = np.full((len(caption_ids), length), PAD, np.int32)
+    captions[:, :min(length, caption_ids.shape[1])] = caption_ids[:, :length]
+    if rows is not None and rows > len(captions):
+        frame_features = np.concatenate([frame_features, np.zeros((rows - len(captions),) + frame_features.shape[1:],
+                                                                  np.float32)])
+        captions = np.concatenate([captions, np.full((rows - len(captions), length), PAD, np.int32)])
+    return frame_features, captions
 
-    dataset = tf.data.Dataset.from_tensor_slices((video_index, caption_ids)).batch(batch_size).skip(skip_batches)
-    return dataset.map(lambda index, captions: batch_tensors(features, index, captions),
-                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+def batches(features, video_index, caption_ids, batch_size, skip_batches=0, slices=(1, 0, 1), rows=None,
+            width_multiple=1):
+    """The global batches of already-ordered pairs, from batch skip_batches on, gathered one ahead in a background
+    thread. Each is a list of this process's slices [(frame_features, caption_ids), ...]: slices = (count, first,
+    local) cuts every global batch into `count` parts (util.data.replica_slices) of which this process gathers
+    `local` from `first` on; rows and width_multiple pad each part (batch_arrays)."""
+    count, first, local = slices
+    starts, stops = replica_slices(len(video_index), batch_size, count, skip_batches)
+
+    def produce():
+        for batch_starts, batch_stops in zip(starts[:, first:first + local], stops[:, first:first + local]):
+            yield [batch_arrays(features, video_index[a:b], caption_ids[a:b], rows, width_multiple)
+                   for a, b in zip(batch_starts, batch_stops)]
+
+    return prefetched(produce())
+
+
+def prefetched(iterable, depth=2):
+    """Iterate in a background thread, up to `depth` items ahead (numpy's gathers and casts run without the GIL).
+    An error in the thread is raised here."""
+    import queue
+    import threading
+
+    items, done = queue.Queue(maxsize=depth), object()
+
+    def fill():
+        try:
+            for item in iterable:
+                items.put(item)
+        except BaseException as error:  # handed over and raised by the consumer
+            items.put(error)
+        items.put(done)
+
+    threading.Thread(target=fill, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

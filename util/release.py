@@ -5,15 +5,17 @@
 
 A bundle holds, at its top level:
 
-    best/ckpt-N.index, best/ckpt-N.data-*, best/checkpoint   the chosen checkpoint (of best/ or last/)
+    best/step-N/model.weights.h5, best/step-N/state.json     the chosen checkpoint's inference weights (of best/ or
+                                                             last/; no optimizer state)
     config.json, vocab.json                                  as in the run folder
     feature_manifest.json                                    config.json's "features" (may be null)
     metrics.json                                             history.csv's last row, the best validation score
                                                              by the run's --select-metric
     MANIFEST.json                                            sha256 and size of every other file
 
-so the extracted folder is a run folder for util.checkpoints.load_model. The registry (releases.json) is a JSON
-list of {name, url, sha256, size, trained_on, metrics, created}. A download is checked against its sha256, unpacked
+so the extracted folder is a run folder for util.checkpoints.load_model, on any backend. The registry
+(releases.json) is a JSON list of {name, url, sha256, size, trained_on, metrics, created}; a url without a scheme
+is a file beside the registry (a release shipped in the repository). A download is checked against its sha256, unpacked
 member by member (plain files and folders only, nothing outside), checked against MANIFEST.json and restored into
 the model once, in a hidden folder beside the target, and only then renamed to DIR/<name>: a reader never sees a
 half-unpacked release. DIR/<name>/SOURCE.json records where it came from; a second fetch of it makes no request.
@@ -40,10 +42,10 @@ from pathlib import Path, PurePosixPath
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
-import tensorflow as tf
 
 from util.atomic import atomic_path
-from util.checkpoints import DEFAULT_ROOT, load_model, read_run_config
+from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, load_model, read_run_config, \
+    read_state
 from util.data import DataError, read_json
 from util.plots import run_select_metric
 
@@ -66,19 +68,15 @@ def export_release(run_dir, out_path, which="best"):
     """Pack run_dir's newest `which` checkpoint into the bundle out_path; returns (sha256, size, registry entry)."""
     run_dir, out_path = Path(run_dir), Path(out_path)
     config = read_run_config(run_dir)
-    prefix = tf.train.latest_checkpoint(str(run_dir / which))
-    if not prefix:
+    checkpoint = latest_checkpoint(run_dir / which)
+    if not checkpoint:
         raise DataError(f"{run_dir / which}: holds no checkpoint")
     if not out_path.parent.is_dir():
         raise DataError(f"{out_path}: output folder {out_path.parent} does not exist")
-    checkpoint_name = Path(prefix).name
-    metrics = run_metrics(run_dir, prefix, which, run_select_metric(run_dir))
+    metrics = run_metrics(run_dir, checkpoint, which, run_select_metric(run_dir))
 
     # each bundle file comes from a Path (streamed: checkpoints can be large) or from bytes made here
-    sources = {f"best/{path.name}": path for path in sorted(Path(prefix).parent.glob(f"{checkpoint_name}.*"))}
-    # the state file names the checkpoint relative to its folder, so the bundle works wherever it is unpacked
-    sources["best/checkpoint"] = (f'model_checkpoint_path: "{checkpoint_name}"\n'
-                                  f'all_model_checkpoint_paths: "{checkpoint_name}"\n').encode()
+    sources = {f"best/{checkpoint.name}/{name}": checkpoint / name for name in (MODEL_FILE, STATE_FILE)}
     sources["config.json"] = run_dir / "config.json"
     sources["vocab.json"] = run_dir / "vocab.json"
     sources["feature_manifest.json"] = json.dumps(config.get("features"), indent=1).encode()
@@ -115,7 +113,7 @@ def _plain_member(member):
     return member
 
 
-def run_metrics(run_dir, prefix, which, select_metric="bleu1"):
+def run_metrics(run_dir, checkpoint, which, select_metric="bleu1"):
     """Validation metrics for metrics.json: history.csv's last row, the best score by the metric the run selected
     its best checkpoint with (named, as val_<metric>), and the exported epoch."""
     history_path = Path(run_dir) / "history.csv"
@@ -127,7 +125,7 @@ def run_metrics(run_dir, prefix, which, select_metric="bleu1"):
     scores = [row[column] for row in rows if isinstance(row.get(column), float)]
     return {"last": rows[-1] if rows else None, "select_metric": select_metric, "split": "validation",
             f"best_{column}": max(scores, default=None), "checkpoint": which,
-            "epoch": int(tf.train.load_variable(prefix, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))}
+            "epoch": read_state(checkpoint).get("epoch")}
 
 
 def _number(text):
@@ -188,6 +186,8 @@ def fetch_release(spec, directory=None, sha256=None, registry=None):
         if spec not in releases:
             raise DataError(f"{spec}: not a local checkpoint, a URL, or a release name in {registry_path}")
         name, url = spec, releases[spec]["url"]
+        if not urllib.parse.urlsplit(url).scheme:  # shipped beside the registry
+            url = (registry_path.resolve().parent / url).as_uri()
         if sha256 and sha256 != releases[spec]["sha256"]:
             raise DataError(f"{spec}: --sha256 {sha256} differs from the registry's {releases[spec]['sha256']}")
         sha256 = releases[spec]["sha256"]

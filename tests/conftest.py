@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
-
-# TensorFlow runs float32 matmuls in TF32 on Ampere and newer GPUs: the tests compare in full float32 there too
-tf.config.experimental.enable_tensor_float_32_execution(False)
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mlds_hw2_1"
+
+from util import backend  # noqa: E402 (needs ROOT on sys.path)
+
+# GPUs run float32 matmuls in TF32 (TensorFlow's default on Ampere and newer) or lower (JAX's default precision):
+# the tests compare in full float32 there too
+backend.full_float32_matmuls()
 
 import extract_features  # noqa: E402 (needs ROOT on sys.path)
 

@@ -153,6 +153,21 @@ def configure_devices():
             tf.config.experimental.set_memory_growth(gpu, True)
 
 
+def full_float32_matmuls():
+    """float32 matmuls in full float32 where the backend would use TF32 on Ampere and newer GPUs (TensorFlow's
+    default) or its default matmul precision (JAX): for the tests, which compare results to 1e-4."""
+    if BACKEND == "jax":
+        jax.config.update("jax_default_matmul_precision", "highest")
+    else:
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+
+
+def matmuls_are_full_float32():
+    if BACKEND == "jax":
+        return jax.config.jax_default_matmul_precision == "highest"
+    return not tf.config.experimental.tensor_float_32_execution_enabled()
+
+
 def gpu_count():
     if BACKEND == "jax":
         return len([d for d in jax.devices() if d.platform == "gpu"])

@@ -1,0 +1,207 @@
+"""One S2VT on TensorFlow and on JAX: the same loss, gradients and captions from the same weights and random draws;
+runs trained on one backend caption byte-identically on the other; the JAX path runs with TensorFlow made
+unimportable; the backend-neutral test files pass on JAX too. A Keras process has one backend, so each backend
+runs in child processes (KERAS_BACKEND=tensorflow|jax)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
+from model import S2VT, S2VTConfig
+
+BACKENDS = ("tensorflow", "jax")
+CONFIG = dict(vocab_size=13, feature_dim=10, frames=7, hidden=16, frame_embed=12, word_embed=8, attention_dim=9,
+              max_caption_len=6)
+QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
+
+
+def run(backend, argv, timeout=300, env=None, check=True):
+    """A child process on `backend`: (exit status, stdout, stderr)."""
+    result = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, **QUIET, "KERAS_BACKEND": backend, **(env or {})})
+    if check:
+        assert result.returncode == 0, f"{backend}: {argv}\n{result.stderr[-3000:]}"
+    return result.returncode, result.stdout, result.stderr
+
+
+# for each job of the JSON list in argv[2], the loss, gradients and decoded captions of the model in job["weights"]
+# (config job["config"]) with the batch and draws of job["draws"], written to job["out"]
+COMPUTE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from model import S2VT, S2VTConfig, caption_loss
+from util import backend
+backend.full_float32_matmuls()
+for job in json.loads(open(sys.argv[2]).read()):
+    model = S2VT(S2VTConfig(**json.loads(open(job["config"]).read())))
+    model.load_weights(job["weights"])
+    data = dict(np.load(job["draws"]))
+    features, captions, training = data.pop("features"), data.pop("captions"), bool(data.pop("training"))
+    draws = dict({"noise": None, "encoder_mask": None, "h1_mask": None, "h2_mask": None}, **data)
+    loss, gradients = backend.loss_and_gradients(
+        model, lambda: caption_loss(model(features, captions, training=training, draws=draws)[0], captions))
+    greedy, _ = model.greedy(features)
+    beam, _, log_probs, attention = model.beam_search(features, 3, n_best=3)
+    out = {"loss": loss, "greedy": greedy, "beam": beam, "log_probs": log_probs, "beam_attention": attention}
+    out.update({f"gradient_{i}": g for i, g in enumerate(gradients)})
+    np.savez(job["out"], **backend.to_numpy(out))
+"""
+
+
+def model_files(tmp_path, attention):
+    """A small model with trained-like weights (standardisation set, peaked outputs), saved for both backends."""
+    keras.utils.set_random_seed(11)
+    config = dict(CONFIG, attention=attention)
+    model = S2VT(S2VTConfig(**config))
+    rng = np.random.default_rng(11)
+    model.adapt_features(rng.normal(2.0, 3.0, size=(20, 7, 10)).astype(np.float32))
+    model.output_projection.kernel.assign(keras.ops.convert_to_numpy(model.output_projection.kernel) * 4.0)
+    weights, config_file = tmp_path / f"{attention}.weights.h5", tmp_path / f"{attention}.json"
+    model.save_weights(weights)
+    config_file.write_text(json.dumps(config))
+    return weights, config_file
+
+
+def draws_file(tmp_path, name, training, teacher_forcing_prob):
+    """A batch and every random draw of a training pass, made with numpy, so both backends see the same."""
+    rng = np.random.default_rng(5)
+    batch, length, cfg = 6, 6, CONFIG
+    captions = rng.integers(4, cfg["vocab_size"], size=(batch, length)).astype(np.int32)
+    for row, n in zip(captions, rng.integers(2, length + 1, size=batch)):
+        row[n - 1], row[n:] = 2, 0
+    data = {"features": rng.normal(2.0, 3.0, size=(batch, cfg["frames"], cfg["feature_dim"])).astype(np.float32),
+            "captions": captions, "training": np.array(training),
+            "use_truth": (rng.random((length, batch)) < teacher_forcing_prob) | (np.arange(length) == 0)[:, None]}
+    if training:
+        keep = 0.7
+        mask = lambda *shape: (rng.random(shape) < keep).astype(np.float32) / keep
+        data.update(noise=rng.uniform(-0.1, 0.1, (batch, cfg["frames"], cfg["feature_dim"])).astype(np.float32),
+                    encoder_mask=mask(cfg["frames"], batch, cfg["hidden"]), h1_mask=mask(length, batch, cfg["hidden"]),
+                    h2_mask=mask(length, batch, cfg["hidden"]))
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **data)
+    return path
+
+
+def test_loss_gradients_and_captions_agree_across_backends(tmp_path):
+    jobs = []
+    for attention in ("none", "bahdanau", "luong"):
+        weights, config_file = model_files(tmp_path, attention)
+        for case, draws in (("p=1, no dropout", draws_file(tmp_path, "forced", False, 1.0)),
+                            ("p=0.5, dropout and noise", draws_file(tmp_path, "sampled", True, 0.5))):
+            jobs.append({"attention": attention, "case": case, "weights": str(weights), "config": str(config_file),
+                         "draws": str(draws), "out": str(tmp_path / f"{attention}-{draws.stem}-BACKEND.npz")})
+    for backend in BACKENDS:
+        jobs_file = tmp_path / f"jobs-{backend}.json"
+        jobs_file.write_text(json.dumps([dict(job, out=job["out"].replace("BACKEND", backend)) for job in jobs]))
+        run(backend, ["-c", COMPUTE, ROOT, jobs_file])
+    for job in jobs:
+        tf_out, jax_out = (dict(np.load(job["out"].replace("BACKEND", backend))) for backend in BACKENDS)
+        gradients = sorted(k for k in tf_out if k.startswith("gradient_"))
+        worst = max(float(np.max(np.abs(tf_out[k] - jax_out[k])) / max(np.max(np.abs(tf_out[k])), 1e-8))
+                    for k in gradients)
+        print(f"\n{job['attention']}, {job['case']}: loss {float(tf_out['loss']):.7f} (TensorFlow) "
+              f"{float(jax_out['loss']):.7f} (JAX); worst gradient difference {worst:.2e} of its largest entry, over "
+              f"{len(gradients)} weights")
+        assert float(jax_out["loss"]) == pytest.approx(float(tf_out["loss"]), rel=1e-4)
+        assert worst <= 1e-4 and any(np.abs(tf_out[k]).max() > 0 for k in gradients)
+        np.testing.assert_array_equal(jax_out["greedy"], tf_out["greedy"])
+        np.testing.assert_array_equal(jax_out["beam"], tf_out["beam"])
+        np.testing.assert_allclose(jax_out["log_probs"], tf_out["log_probs"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(jax_out["beam_attention"], tf_out["beam_attention"], atol=1e-5)
+        assert len({tuple(row) for row in tf_out["greedy"]}) > 1  # the captions differ from video to video
+
+
+TINY = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1",
+        "--epochs", "8", "--schedule", "constant", "--teacher-forcing-start", "0.9"]
+
+
+def test_a_run_trained_on_one_backend_captions_byte_identically_on_the_other(tmp_path):
+    data = write_tiny_mlds(tmp_path / "data")
+    for trained_on in BACKENDS:
+        run_dir = tmp_path / f"run-{trained_on}"
+        run(trained_on, [ROOT / "train.py", "--data-dir", data, "--ckpt-dir", run_dir, *TINY])
+        outputs = {}
+        for captioned_on in BACKENDS:
+            for decoding in (["--beam-size", "1"], ["--beam-size", "3", "--n-best", "2"]):
+                out = tmp_path / f"{trained_on}-{captioned_on}-{decoding[1]}.txt"
+                run(captioned_on, [ROOT / "infer.py", data / "testing_id.txt", out, "--checkpoint", run_dir, *decoding])
+                outputs[captioned_on, decoding[1]] = out.read_bytes()
+        for beam in ("1", "3"):
+            assert outputs["tensorflow", beam] == outputs["jax", beam], (trained_on, beam)
+        captions = [line.split(",", 1)[1] for line in outputs["jax", "1"].decode().splitlines()]
+        print(f"\ntrained on {trained_on}: greedy captions on both backends {sorted(set(captions))}")
+        assert all(captions) and len(set(captions)) > 1  # real captions, told apart by the features
+
+
+# a `tensorflow` package that refuses to import, and logs who asked
+BLOCKER = '''
+import traceback
+with open(__file__.rsplit("/", 2)[0] + "/attempts.log", "a") as log:
+    log.write("".join(traceback.format_stack()[:-1]) + "\\n----\\n")
+raise ImportError("tensorflow is blocked in this test")
+'''
+
+
+def importer(stack):
+    """The file whose import statement a logged stack records: its innermost frame outside importlib."""
+    files = [f for f in re.findall(r'File "([^"]+)"', stack) if not f.startswith("<frozen")]
+    return files[-1] if files else "?"
+
+
+def test_the_jax_path_trains_and_captions_without_tensorflow(tmp_path, mlds):
+    blocker = tmp_path / "blocked" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(BLOCKER)
+    env = {"PYTHONPATH": str(tmp_path / "blocked")}
+    data = write_tiny_mlds(tmp_path / "data", dim=FEATURE_DIM)
+    manifest = json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM))  # the features claim a CNN that clips can go through
+    for split in ("training", "testing"):
+        (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
+    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
+    _, trained, _ = run("jax", [ROOT / "train.py", "--data-dir", data, "--ckpt-dir", run_dir, *TINY[:-4],
+                                "--epochs", "2"], env=env)
+    run("jax", [ROOT / "infer.py", data / "testing_id.txt", out, "--checkpoint", run_dir, "--beam-size", "2"], env=env)
+    clip = sorted((mlds / "testing_data" / "video").iterdir())[0]
+    _, captioned, _ = run("jax", [ROOT / "infer.py", "--video", clip, "--checkpoint", run_dir], env=env)
+    log = tmp_path / "attempts.log"
+    importers = [importer(stack) for stack in log.read_text().split("----")[:-1]] if log.exists() else []
+    ours = [path for path in importers if path.startswith(f"{ROOT}/") and "site-packages" not in path]
+    print(f"\nwithout TensorFlow: {trained.splitlines()[-1]}; {len(out.read_text().splitlines())} captions; "
+          f"{captioned.strip()}; tensorflow imported by {sorted(set(importers)) or 'nobody'}")
+    assert "trained 2 epochs" in trained and "jax" in trained
+    assert captioned.startswith(f"{clip},")
+    assert ours == []
+
+
+def test_requirement_files_pin_the_same_versions():
+    """requirements-jax.txt is requirements.txt less TensorFlow and TensorBoard, plus JAX."""
+    def pins(name):
+        lines = (ROOT / name).read_text().splitlines()
+        return dict(re.split(r"(?=[=<>])", line, 1) for line in lines if line and not line.startswith(("#", "-")))
+
+    default, jax_only = pins("requirements.txt"), pins("requirements-jax.txt")
+    assert set(default) - set(jax_only) == {"tensorflow", "tensorboard"}
+    assert set(jax_only) - set(default) == {"jax", "jaxlib"}
+    assert all(jax_only[name] == version for name, version in default.items() if name in jax_only)
+
+
+# the test files written with keras.ops, numpy and util.backend alone
+NEUTRAL_TESTS = ["test_model.py", "test_beam.py", "test_speed_equivalence.py", "test_roundtrip.py", "test_data.py",
+                 "test_validation.py", "test_captioner.py"]
+
+
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") == "jax", reason="this run is on JAX already")
+def test_the_backend_neutral_tests_pass_on_jax():
+    code, out, err = run("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 *(f"tests/{name}" for name in NEUTRAL_TESTS)], timeout=900, check=False)
+    print(f"\nKERAS_BACKEND=jax pytest {' '.join(NEUTRAL_TESTS)}: {out.strip().splitlines()[-1]}")
+    assert code == 0, out[-5000:] + err[-2000:]

@@ -17,7 +17,7 @@ tests/test_speed_equivalence.py checks it against a plain step-by-step S2VT):
   after the loop rather than a small one per step.
 - A decoder step does one matmul for LSTM2's word, context and recurrent inputs together; the output projection
   for the loss is one matmul after the loop (inside it only scheduled sampling's argmax needs it, with no gradient,
-  and not at all in a step where every caption is fed its ground truth).
+  and not at all when the ground truth alone is fed: scoring and validation).
 - Bahdanau attention's forward and backward are each one fused kernel, and the backward recomputes
   tanh(W1 h_s + W2 h_t) rather than keeping a (batch, frames, dim) tensor per decoder step.
 - matmul_dtype="bfloat16" runs the large matmuls in bfloat16 (weights, gates and cell states stay float32), each
@@ -377,6 +377,8 @@ class S2VT(keras.Model):
         caption_ids = ops.cast(caption_ids, "int32")
         batch, length = ops.shape(caption_ids)[0], ops.shape(caption_ids)[1]
         dtype = self.config.matmul_dtype
+        # fed only the ground truth (scoring, evaluation): no argmax of the previous step's words is needed
+        forced = draws is None and isinstance(teacher_forcing_prob, (int, float)) and teacher_forcing_prob >= 1
         if draws is None:
             seed = backend.seed_tensor(0) if seed is None else seed
             draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
@@ -393,9 +395,8 @@ class S2VT(keras.Model):
         def step(state, inputs):
             h2, c2, h2_out = state
             use_truth, truth, from_lstm1, h2_mask = inputs
-            word = ops.cond(ops.all(use_truth), lambda: truth, lambda: ops.where(
-                use_truth, truth,
-                ops.cast(ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1), "int32")))
+            word = truth if forced else ops.where(
+                use_truth, truth, ops.cast(ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1), "int32"))
             h2, c2, weights = self.lstm2_decode_step(from_lstm1, word, h2, c2, encoded, kernels)
             h2_out = h2 * h2_mask
             return (h2, c2, h2_out), (h2_out, weights, word)

@@ -77,8 +77,8 @@ def test_markdown_on_stdout_links_from_the_current_folder(clips, tmp_path, monke
                  "--count", "2"]) == 0
     out, err = capsys.readouterr()
     groups = sections(out)
-    assert linked_videos(groups["Correct descriptions"]) == {"TZ860P4iTaM_15_28.avi"}  # the top CIDEr-D
-    assert len(linked_videos(groups["Relevant but incorrect descriptions"]) & set(RELEVANT)) == 1
+    assert linked_videos(groups["Correct descriptions"]) == {"qvg9eM4Hmzk_4_10.avi"}  # the top BLEU@1, 0.889
+    assert linked_videos(groups["Relevant but incorrect descriptions"]) == {"778mkceE0UQ_40_46.avi"}  # the lowest
     for link in LINK.findall(out):
         assert link.startswith("raw_videos/") and (tmp_path / link).is_file()
     assert "2 GIFs" in err.splitlines()[-1]
@@ -98,16 +98,33 @@ def test_cider_separates_what_bleu1_does_not(mlds):
                                                                      [r.rstrip(".") for r in refs])
 
 
-def test_correct_from_the_top_relevant_from_the_middle():
-    ciders = [3.0, 2.5, 2.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.4, 0.05, 0.0]
-    scored = [Scored(f"v{i}.avi", f"caption {i}", ["ref"], 0.5, c) for i, c in enumerate(ciders)]
-    correct, relevant = correct_and_relevant(scored[::-1], 4)
-    assert [s.cider for s in correct] == [3.0, 2.5]
-    assert [s.cider for s in relevant] == [1.2, 1.0]  # middle of the 7 scoring >= RELEVANT_CIDER after the top 2
-    correct, relevant = correct_and_relevant(scored, 30)  # more asked than there are: all relevant ones, once
-    assert len(correct) == 9 and relevant == []
-    correct, relevant = correct_and_relevant(scored[-2:], 4)
-    assert correct == [] and relevant == []
+def test_correct_from_the_top_incorrect_from_the_bottom_of_the_relevant():
+    bleu1s = [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.45, 0.4]
+    ciders = [2.0, 0.5, 3.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.4, 0.05, 0.0]  # the two last are not relevant
+    scored = [Scored(f"v{i}.avi", f"caption {i}", ["ref"], b, c) for i, (b, c) in enumerate(zip(bleu1s, ciders))]
+    correct, incorrect = correct_and_relevant(scored[::-1], 4)
+    assert [s.bleu1 for s in correct] == [1.0, 0.95]  # by BLEU@1, whatever their CIDEr-D
+    assert [s.bleu1 for s in incorrect] == [0.6, 0.5]  # the furthest of the 9 relevant, furthest last
+    correct, incorrect = correct_and_relevant(scored, 30)  # more asked than there are: all relevant ones, once
+    assert len(correct) == 9 and incorrect == []
+    correct, incorrect = correct_and_relevant(scored[-2:], 4)
+    assert correct == [] and incorrect == []
+
+
+def test_a_right_paraphrase_ranks_above_a_wrong_attribute():
+    """Averaged over six paraphrased references, CIDEr-D can rank a caption that names a wrong direction above
+    one that copies a rarer paraphrase; BLEU@1 against any reference does not."""
+    references = ["a big green bar moves to the right", "a big green bar is moving right",
+                  "the big green bar moves to the right", "a large green stick is sliding right",
+                  "a green bar goes rightward", "there is a big green bar moving right"]
+    other = ["a small red ring moves down", "a small red ring is moving down", "a red ring goes downward"]
+    labels = [("right.avi", references), ("wrong.avi", references), ("other.avi", other)]
+    scored = {s.video_id: s for s in score_captions({"right.avi": "a green bar goes rightward",
+                                                     "wrong.avi": "a big green bar moves to the left",
+                                                     "other.avi": "a small red ring moves down"}, labels)}
+    assert scored["wrong.avi"].cider > scored["right.avi"].cider >= RELEVANT_CIDER  # CIDEr-D prefers the wrong one
+    correct, incorrect = correct_and_relevant(list(scored.values()), 2)
+    assert [s.video_id for s in incorrect] == ["wrong.avi"] and "right.avi" not in {s.video_id for s in incorrect}
 
 
 def test_gif_size_cap_lowers_the_quality_until_it_fits(mlds):
@@ -138,12 +155,12 @@ def test_a_missing_clip_is_left_out_with_a_warning(clips, tmp_path, capsys):
     some = tmp_path / "some_videos"
     some.mkdir()
     for clip in videos.iterdir():
-        if clip.name != "TZ860P4iTaM_15_28.avi":
+        if clip.name != "qvg9eM4Hmzk_4_10.avi":
             (some / clip.name).symlink_to(clip)
     assert main([str(captions), "--labels", str(labels), "--videos", str(some), "--gifs", str(tmp_path / "g"),
                  "--markdown", str(tmp_path / "g.md"), "--count", "2"]) == 0
     assert f"warning: {some}: no clip for 1 of the 8" in capsys.readouterr().err
-    assert "TZ860P4iTaM" not in (tmp_path / "g.md").read_text()
+    assert "qvg9eM4Hmzk" not in (tmp_path / "g.md").read_text()
     assert linked_videos(sections((tmp_path / "g.md").read_text())["Correct descriptions"]) == \
         {"0lh_UWF9ZP4_62_69.avi"}  # the next best
 

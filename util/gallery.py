@@ -13,11 +13,11 @@ half of the tiles are the best captions by MLDS BLEU@1, the rest the worst.
 GIFs (--gifs DIR): one animated GIF per chosen clip in DIR, named after the video (`<id without .avi>.gif`), at
 most 300 KB and 160 px wide: 8 fps and 64 colours, or fewer frames, colours and pixels where a clip needs it to
 fit (GIF_STEPS). Then a Markdown table in the two sections of the course repository's README: "Correct
-descriptions", the best-scored (--count + 1) // 2 captions, and "Relevant but incorrect descriptions", --count // 2
-captions from the middle of the rest. Both groups hold only captions scoring at least RELEVANT_CIDER.
-Captions are scored by per-video CIDEr-D (pycocoevalcap, util.evaluate's fallback tokenizer, document frequencies
-over the references of all captioned, labelled videos): it weighs n-grams by how rare they are across videos, so
-a caption that only shares "a", "is", "the" with the references scores about 0, where MLDS BLEU@1 gives it 0.4
+descriptions", the (--count + 1) // 2 captions closest to their references by MLDS BLEU@1, and "Relevant but
+incorrect descriptions", the --count // 2 furthest. Both groups hold only relevant captions: per-video CIDEr-D
+(pycocoevalcap, util.evaluate's fallback tokenizer, document frequencies over the references of all captioned,
+labelled videos) of at least RELEVANT_CIDER. CIDEr-D weighs n-grams by how rare they are across videos, so a
+caption that only shares "a", "is", "the" with the references scores about 0, where MLDS BLEU@1 gives it 0.4
 (tests/test_gallery.py). The groups are ranks, not verdicts: look at the GIFs before publishing the table.
 The Markdown goes to stdout, its links relative to the current folder (run from the repository root, they work in
 its README), with the summary line on stderr; or with --markdown FILE to FILE, links relative to FILE's folder,
@@ -155,12 +155,13 @@ def best_and_worst(scored, count):
 
 
 def correct_and_relevant(scored, count):
-    """(correct, relevant but incorrect): of the captions scoring at least RELEVANT_CIDER, the (count + 1) // 2
-    best by CIDEr-D, then count // 2 from the middle of the rest."""
-    ranked = [s for s in sorted(scored, key=lambda s: (-s.cider, -s.bleu1, s.video_id)) if s.cider >= RELEVANT_CIDER]
+    """(correct, relevant but incorrect): of the captions that share content with their references (CIDEr-D at
+    least RELEVANT_CIDER), the (count + 1) // 2 closest to their references by MLDS BLEU@1 (CIDEr-D breaking ties),
+    then the count // 2 furthest of the rest, furthest last. BLEU@1 ranks a caption by the words it gets right
+    against any reference, where CIDEr-D, averaged over the references, also ranks which paraphrase it chose."""
+    ranked = sorted((s for s in scored if s.cider >= RELEVANT_CIDER), key=lambda s: (-s.bleu1, -s.cider, s.video_id))
     correct, rest = ranked[:(count + 1) // 2], ranked[(count + 1) // 2:]
-    start = max(0, (len(rest) - count // 2) // 2)
-    return correct, rest[start:start + count // 2]
+    return correct, rest[max(0, len(rest) - count // 2):]
 
 
 def gallery_candidates(captions_path, labels_path, video_dir):

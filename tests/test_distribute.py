@@ -37,8 +37,9 @@ from util.vocab import EOS, PAD
 MIRRORED_STEPS = """
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-if os.environ["KERAS_BACKEND"] == "tensorflow":  # before TensorFlow starts
+if os.environ["KERAS_BACKEND"] == "tensorflow":  # before TensorFlow starts; the CPU alone, where a GPU is seen too
     import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
@@ -176,7 +177,8 @@ def test_jax_mirrored_shards_the_batch_over_two_devices_as_one_device_would_trai
     data = write_tiny_mlds(tmp_path / "data")
     run = tmp_path / "run"
     report = run_mirrored_steps("jax", "--data-dir", str(data), "--ckpt-dir", str(run),
-                                *TINY_RUN, "--epochs", "1", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                                *TINY_RUN, "--epochs", "1", JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     single, mirrored = report["single"], report["mirrored"]
     flops_share = mirrored["flops"] / single["flops"]
     print(f"  FLOPs of a step on each device: {single['flops']:.3g} on one device, {mirrored['flops']:.3g} on each "
@@ -318,17 +320,21 @@ def test_two_workers_stop_resume_and_equal_one_device(tmp_path):
 
 def test_a_fresh_two_worker_run_with_a_folder_each_completes(tmp_path):
     """Each worker names a run folder of its own (no shared file system): the chief writes its folder, worker 1
-    writes nothing there or in its own, and both finish every epoch."""
+    writes nothing there or in its own, and both finish every epoch. Batches of 17 end each epoch's 69 pairs with
+    a batch of 1, which leaves the chief an empty slice."""
     data = write_tiny_mlds(tmp_path / "data")
     chief_dir, other_dir, logs, scratch = (tmp_path / name for name in ("chief", "other", "logs", "scratch"))
     logs.mkdir()
     scratch.mkdir()
-    argvs = [["--data-dir", str(data), "--ckpt-dir", str(folder), *TINY_RUN] for folder in (chief_dir, other_dir)]
+    argvs = [["--data-dir", str(data), "--ckpt-dir", str(folder), *TINY_RUN, "--batch-size", "17"]
+             for folder in (chief_dir, other_dir)]
     started = time.perf_counter()
     codes, outs = run_workers(argvs, logs, scratch)
     print(f"\na fresh 2-worker run, a run folder each, 2 epochs: {time.perf_counter() - started:.1f} s")
     assert codes == [0, 0], (outs, (logs / "0.worker1.err").read_text()[-3000:])
     assert all("trained 2 epochs" in out for out in outs)
+    epoch_losses = [re.findall(r"epoch \d/2  loss (\S+)", out) for out in outs]  # the global batches' mean
+    assert len(epoch_losses[0]) == 2 and epoch_losses[0] == epoch_losses[1]
     assert list(pd.read_csv(chief_dir / "history.csv")["epoch"]) == [1, 2] and (chief_dir / "curves.png").is_file()
     assert not other_dir.exists() and list(scratch.iterdir()) == []
 

@@ -340,7 +340,7 @@ def train(args):
                 plot_training_curves(history_path, run_dir / "curves.png", args.select_metric)
 
             state.update(epoch=epoch + 1, batch_in_epoch=0)
-            score = row[f"val_{args.select_metric}"] if val_split is not None else -float(row["train_loss"] or 0)
+            score = row.get(f"val_{args.select_metric}") if val_split is not None else -float(row["train_loss"] or 0)
             improved = agree(chief and (state["best_score"] is None or score > state["best_score"]))
             if improved:  # the chief's validation decides for every worker
                 state.update(best_score=score if chief else None, best_epoch=epoch + 1)

@@ -366,7 +366,8 @@ class _TensorFlowTrainStep:
 class _JaxTrainStep:
     """The whole step (loss, gradients, clipping, Adam) as one jax.jit over the model's and optimizer's values,
     through stateless_call and stateless_apply; with several devices the batch is sharded over them and the
-    weights replicated, and XLA adds the all-reduce."""
+    weights replicated: each device's loss and gradients on its shard (jax.shard_map) are summed over the devices,
+    and clipping and Adam run on the sums."""
 
     def __init__(self, model, optimizer, distribution, batch_loss):
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -377,14 +378,25 @@ class _JaxTrainStep:
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.devices = len(distribution.devices)
         trainable, others = model.trainable_variables, model.non_trainable_variables
+        sharded = self.devices > 1
 
         def loss_fn(trainable_values, other_values, frame_features, captions, teacher_forcing_prob, seed):
+            rows = jnp.sum(jnp.any(captions != 0, axis=1))  # rows of padding count for nothing
+            if sharded:  # this device's shard of the batch: every shard's rows, and draws of its own
+                rows = jax.lax.psum(rows, "batch")
+                seed = fold_in(seed, jax.lax.axis_index("batch"))
             mapping = list(zip(trainable, trainable_values)) + list(zip(others, other_values))
             with keras.StatelessScope(state_mapping=mapping):
-                return batch_loss(model, frame_features, captions, teacher_forcing_prob, seed,
-                                  jnp.sum(jnp.any(captions != 0, axis=1)))  # rows of padding count for nothing
+                return batch_loss(model, frame_features, captions, teacher_forcing_prob, seed, rows)
 
-        gradient_fn = jax.value_and_grad(loss_fn)
+        gradient_fn = shard_gradient_fn = jax.value_and_grad(loss_fn)
+        if sharded:
+            # each device runs the model on its shard alone and the parts are summed: left to itself, XLA's sharding
+            # propagation stops at the LSTM loops and runs most of them on the whole batch on every device
+            gradient_fn = jax.shard_map(
+                lambda *args: jax.lax.psum(shard_gradient_fn(*args), "batch"), mesh=mesh, out_specs=PartitionSpec(),
+                in_specs=(PartitionSpec(),) * 2 + (PartitionSpec("batch"),) * 2 + (PartitionSpec(),) * 2,
+                check_vma=False)
 
         @jax.jit
         def step(trainable_values, other_values, optimizer_values, frame_features, captions, teacher_forcing_prob,

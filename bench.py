@@ -3,6 +3,7 @@
     python bench.py [--what train|infer|extract] [--config reference|demo] [--batch-size 50] [--beam-size 5]
                     [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5]
     python bench.py --what startup-memory [--videos 1450]
+    python bench.py --what feature-files [--videos 6513] [--batch-size 50] [--data-dir DIR]
 
 Runs on the Keras backend of KERAS_BACKEND (tensorflow, the default, or jax). Each figure is the median of --runs
 timed runs after --warmup untimed ones; the first warm-up call is reported apart (first_*_s: compilation
@@ -11,7 +12,9 @@ caption lengths drawn like MSVD's (about 7 words on average, at most 50 tokens),
 that backend; peak_rss_mib is the process's peak resident memory, peak_gpu_memory_mib the device's.
 startup-memory writes a synthetic corpus of --videos videos of 80 x 4096 float32 features (MSVD has 1450) and
 reports the peak resident memory of train.py over one short epoch of a small model on it: loading the features,
-standardising them, validating, saving.
+standardising them, validating, saving. feature-files trains on --videos videos (MSR-VTT's 6513) of float16
+features read from their files (--features files) and on 100 videos in memory, with the same model and batch, and
+reports each run's peak anonymous memory (RssAnon: not the page cache) and its second epoch's samples/s.
 """
 import argparse
 import json
@@ -124,22 +127,31 @@ def bench_extract(args):
     return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32", "first_cnn_call_s": first}
 
 
-def write_synthetic_corpus(root, videos, frames=80, feature_dim=4096, dtype="float32", seed=0):
-    """An MLDS-layout training split of `videos` random feature files with 3 captions each; returns its size in
-    bytes on disk."""
+def write_synthetic_corpus(root, videos, frames=80, feature_dim=4096, dtype="float32", captions=3, seed=0):
+    """An MLDS-layout training split of `videos` random feature files with `captions` captions each, written once
+    (a folder that has it already is kept); returns its features' size in bytes."""
     import json
     from pathlib import Path
 
-    rng = np.random.default_rng(seed)
-    feat_dir = Path(root) / "training_data" / "feat"
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    words = "a man woman dog cat is running cooking playing with the ball guitar on in".split()
-    labels = []
-    for i in range(videos):
-        np.save(feat_dir / f"video{i}.avi.npy", rng.random((frames, feature_dim), np.float32).astype(dtype))
-        labels.append({"caption": [" ".join(rng.choice(words, 6)) for _ in range(3)], "id": f"video{i}.avi"})
-    (Path(root) / "training_label.json").write_text(json.dumps(labels))
+    root = Path(root)
+    feat_dir = root / "training_data" / "feat"
+    if not (root / "training_label.json").is_file():
+        rng = np.random.default_rng(seed)
+        feat_dir.mkdir(parents=True, exist_ok=True)
+        words = "a man woman dog cat is running cooking playing with the ball guitar on in".split()
+        labels = []
+        for i in range(videos):
+            np.save(feat_dir / f"video{i}.avi.npy", rng.random((frames, feature_dim), np.float32).astype(dtype))
+            labels.append({"caption": [" ".join(rng.choice(words, 6)) for _ in range(captions)], "id": f"video{i}.avi"})
+        (root / "training_label.json").write_text(json.dumps(labels))
     return videos * frames * feature_dim * np.dtype(dtype).itemsize
+
+
+def train_command(data_dir, run_dir, *flags):
+    from pathlib import Path
+
+    return [sys.executable, str(Path(__file__).parent / "train.py"), "--data-dir", str(data_dir), "--ckpt-dir",
+            str(run_dir), "--min-word-count", "1", *flags]
 
 
 def bench_startup_memory(args):
@@ -149,9 +161,8 @@ def bench_startup_memory(args):
 
     with tempfile.TemporaryDirectory(prefix="s2vt-bench-") as scratch:
         feature_bytes = write_synthetic_corpus(Path(scratch) / "data", args.videos)
-        command = [sys.executable, str(Path(__file__).parent / "train.py"), "--data-dir", str(Path(scratch) / "data"),
-                   "--ckpt-dir", str(Path(scratch) / "run"), "--epochs", "1", "--hidden", "32", "--batch-size", "50",
-                   "--pairs", "sample", "--min-word-count", "1"]
+        command = train_command(Path(scratch) / "data", Path(scratch) / "run", "--epochs", "1", "--hidden", "32",
+                                "--batch-size", "50", "--pairs", "sample", "--features", "memory")
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
@@ -160,9 +171,54 @@ def bench_startup_memory(args):
             "above_features_mib": peak_mib - feature_bytes / 2**20, "train_s": seconds}
 
 
+def peak_anonymous_memory(command):
+    """Run command; (the peak of its RssAnon in MiB, sampled every 0.1 s: anonymous memory, not the page cache or
+    memory-mapped files, seconds)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    started, peak = time.perf_counter(), 0
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while process.poll() is None:
+        try:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            peak = max(peak, int(re.search(r"RssAnon:\s+(\d+) kB", status).group(1)))
+        except (OSError, AttributeError):  # it has just ended
+            pass
+        time.sleep(0.1)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-2000:]}")
+    return peak / 1024, time.perf_counter() - started
+
+
+def bench_feature_files(args):
+    """train.py on --videos videos (MSR-VTT: 6513) of 80 x 4096 float16 features read from their files, against
+    100 videos in memory, same model and batch: peak anonymous memory and the second epoch's samples/s."""
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(args.data_dir or tempfile.mkdtemp(prefix="s2vt-bench-"))
+    model_flags = ["--hidden", "256", "--batch-size", str(args.batch_size), "--epochs", "2", "--val-fraction", "0.01"]
+    result = {"videos": args.videos, "batch_size": args.batch_size, "hidden": 256}
+    for name, videos, flags in (("in_memory", 100, ["--features", "memory", "--pairs", "all"]),
+                                ("from_files", args.videos, ["--features", "files", "--pairs", "sample"])):
+        data = root / f"{videos}-videos"
+        feature_bytes = write_synthetic_corpus(data, videos, dtype="float16", captions=20)
+        peak_mib, seconds = peak_anonymous_memory(train_command(data, root / f"run-{name}", *model_flags, *flags))
+        history = pd.read_csv(root / f"run-{name}" / "history.csv")
+        result.update({f"{name}_features_mib": feature_bytes / 2**20, f"{name}_rss_anon_peak_mib": peak_mib,
+                       f"{name}_samples_per_s": float(history["train_samples_per_s"].iloc[-1]), f"{name}_s": seconds})
+    result["rss_anon_above_in_memory_mib"] = result["from_files_rss_anon_peak_mib"] - result["in_memory_rss_anon_peak_mib"]
+    result["samples_per_s_ratio"] = result["from_files_samples_per_s"] / result["in_memory_samples_per_s"]
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--what", choices=("train", "infer", "extract", "startup-memory"),
+    parser.add_argument("--what", choices=("train", "infer", "extract", "startup-memory", "feature-files"),
                         help="default: train, infer and extract")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="reference")
     parser.add_argument("--batch-size", type=int, default=50)
@@ -170,14 +226,19 @@ def main(argv=None):
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the model's large matmuls (model.S2VTConfig.matmul_dtype)")
-    parser.add_argument("--videos", type=int, default=1450, help="startup-memory: videos in the synthetic corpus")
+    parser.add_argument("--videos", type=int, help="startup-memory, feature-files: videos in the synthetic corpus "
+                        "(default 1450, MSVD's, and 6513, MSR-VTT's)")
+    parser.add_argument("--data-dir", help="feature-files: where the synthetic corpora are written, or kept from an "
+                        "earlier run (default: a new temporary folder)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.videos is None:
+        args.videos = 6513 if args.what == "feature-files" else 1450
     if min(args.batch_size, args.beam_size, args.runs, args.videos) <= 0 or args.warmup < 0:
         parser.error("--batch-size, --beam-size, --runs and --videos must be positive, --warmup not negative")
-    if args.what == "startup-memory":
-        print(json.dumps(bench_startup_memory(args)))
+    if args.what in ("startup-memory", "feature-files"):  # train.py runs in child processes
+        print(json.dumps({"startup-memory": bench_startup_memory, "feature-files": bench_feature_files}[args.what](args)))
         return 0
     from util import backend
 

@@ -38,7 +38,7 @@ from util.atomic import atomic_path, write_text_atomic
 from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, restore,
                               save_checkpoint, write_run_files)
 from util.data import (DataError, Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels,
-                       read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
+                       open_feature_file, read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
 from util.evaluate import evaluate
 from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import Vocabulary
@@ -93,6 +93,10 @@ def parse_args(argv=None):
                         help="stop when --select-metric has not improved for this many epochs (0: never)")
     parser.add_argument("--log-every", type=positive_int, default=10,
                         help="show the loss every N batches (reading it waits for the device)")
+    parser.add_argument("--features", choices=("memory", "files"),
+                        help="memory: every video's features in memory (float16); files: read from their .npy files a "
+                             "batch at a time, so memory does not grow with the data set (default: memory when the "
+                             "training features take at most a quarter of this machine's memory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strategy", choices=backend.STRATEGIES, default="auto",
                         help="auto: mirrored when more than one GPU is visible, else default (one device); "
@@ -155,10 +159,20 @@ def load_splits(args):
     if not training:
         raise DataError(f"{data_dir / 'training_label.json'}: no training videos left after holding out "
                         f"{len(validation)} for validation")
-    train_split = Split(training, feat_dir, frames=args.frames)
-    val_split = (Split(validation, val_feat_dir, frames=args.frames, feature_dim=train_split.features.shape[2])
-                 if validation else None)
+    in_memory = features_fit_in_memory(feat_dir, training, args.frames) if args.features is None \
+        else args.features == "memory"
+    train_split = Split(training, feat_dir, frames=args.frames, in_memory=in_memory)
+    val_split = (Split(validation, val_feat_dir, frames=args.frames, feature_dim=train_split.features.shape[2],
+                       in_memory=in_memory) if validation else None)
     return train_split, val_split, source
+
+
+def features_fit_in_memory(feat_dir, labels, frames, share=0.25):
+    """Whether the videos' features, as float16, take at most `share` of this machine's memory (judged from the
+    first video's file)."""
+    first = open_feature_file(Path(feat_dir) / f"{labels[0][0]}.npy", frames, mmap=True)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return len(labels) * first.size * 2 <= share * total
 
 
 @contextmanager
@@ -221,7 +235,8 @@ class Validator:
             self.split.features, self.videos, self.captions, self.batch_size, rows=rows, width_multiple=width_multiple))
         captions = {}
         for start in range(0, len(self.split.video_ids), self.batch_size):
-            words = backend.to_numpy(self.greedy(self.split.features[start:start + self.batch_size].astype("float32")))
+            batch = np.asarray(self.split.features[start:start + self.batch_size], np.float32)
+            words = backend.to_numpy(self.greedy(batch))
             for video_id, ids in zip(self.split.video_ids[start:start + self.batch_size], words):
                 captions[video_id] = self.vocab.decode(ids)
         scores = evaluate(captions, self.split.references, use_java=False)
@@ -262,7 +277,8 @@ def train(args):
         print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
               "loss", file=sys.stderr)
     else:
-        print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}")
+        print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
+              f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
 
     # ---- model ----
     config = S2VTConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
@@ -317,6 +333,7 @@ def train(args):
             epoch_batches = batches(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip,
                                     (distribution.slices, distribution.first_slice, distribution.local_slices),
                                     *padding)
+            epoch_started = time.perf_counter()
             with tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                       leave=False) as bar:
                 losses = run_epoch(train_step, epoch_batches, p, args.seed, step, lambda: agree(stop.is_set()),
@@ -326,8 +343,10 @@ def train(args):
             if state["batch_in_epoch"] < batches_per_epoch:  # stopped
                 return interrupted(save("last", 3), state, run_dir)
 
-            row = {"epoch": epoch + 1, "teacher_forcing_prob": p,
-                   "train_loss": float(np.mean([float(loss) for loss in losses])) if losses else None}
+            train_loss = float(np.mean([float(loss) for loss in losses])) if losses else None  # waits for the device
+            trained_pairs = len(epoch_videos) - skip * args.batch_size
+            row = {"epoch": epoch + 1, "teacher_forcing_prob": p, "train_loss": train_loss,
+                   "train_samples_per_s": trained_pairs / (time.perf_counter() - epoch_started)}
             if validate is not None:
                 train_step.sync()
                 row.update(validate())

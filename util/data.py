@@ -102,8 +102,9 @@ def read_feature_manifest(feat_dir):
     return manifest
 
 
-def load_feature_file(path, frames=None, feature_dim=None):
-    """One (frames, dim) feature array as float32, never unpickling; shape and values checked."""
+def open_feature_file(path, frames=None, feature_dim=None, mmap=False):
+    """One (frames, dim) float feature array, never unpickling, its shape checked; with mmap, memory-mapped: its
+    header and size are checked and no data is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: feature file not found")
@@ -111,7 +112,7 @@ def load_feature_file(path, frames=None, feature_dim=None):
         if file.read(len(NPY_MAGIC)) != NPY_MAGIC:  # else np.load reports a text file as pickled data
             raise DataError(f"{path}: not a .npy file (no NUMPY header)")
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as error:
         raise DataError(f"{path}: not a plain, complete .npy array ({error})") from None
     except (OSError, EOFError) as error:
@@ -123,38 +124,79 @@ def load_feature_file(path, frames=None, feature_dim=None):
         raise DataError(f"{path}: has {array.shape[0]} frames, expected {frames}")
     if feature_dim is not None and array.shape[1] != feature_dim:
         raise DataError(f"{path}: features are {array.shape[1]}-d, expected {feature_dim}-d")
+    return array
+
+
+def load_feature_file(path, frames=None, feature_dim=None, dtype=np.float32):
+    """One (frames, dim) feature array as dtype, never unpickling; shape and values checked."""
+    array = open_feature_file(path, frames, feature_dim)
     if not np.isfinite(array).all():
         raise DataError(f"{path}: holds NaN or infinite values")
-    return array.astype(np.float32)
+    return array.astype(dtype, copy=False)
+
+
+def _feature_paths(feat_dir, video_ids):
+    feat_dir = Path(feat_dir)
+    if not feat_dir.is_dir():
+        raise DataError(f"{feat_dir}: feature folder not found")
+    return [feat_dir / f"{video_id}.npy" for video_id in video_ids]
+
+
+def _check_same_shape(path, shape, first_path, first_shape):
+    if shape != first_shape:
+        raise DataError(f"{path}: shape {shape} differs from {first_path.name}'s {first_shape}; "
+                        "the folder mixes features of different kinds")
 
 
 def load_features(feat_dir, video_ids, frames=None, feature_dim=None, dtype=np.float16):
     """Stack every video's features: (videos, frames, dim), float16 by default to halve memory."""
-    feat_dir = Path(feat_dir)
-    if not feat_dir.is_dir():
-        raise DataError(f"{feat_dir}: feature folder not found")
-    first_path = feat_dir / f"{video_ids[0]}.npy"
-    first = load_feature_file(first_path, frames, feature_dim)
-    stacked = np.empty((len(video_ids),) + first.shape, dtype)
-    stacked[0] = first
-    for i, video_id in enumerate(video_ids[1:], 1):
-        path = feat_dir / f"{video_id}.npy"
-        array = load_feature_file(path, frames, feature_dim)
-        if array.shape != first.shape:
-            raise DataError(f"{path}: shape {array.shape} differs from {first_path.name}'s {first.shape}; "
-                            "the folder mixes features of different kinds")
+    paths = _feature_paths(feat_dir, video_ids)
+    first = load_feature_file(paths[0], frames, feature_dim)
+    stacked = np.empty((len(paths),) + first.shape, dtype)
+    for i, path in enumerate(paths):
+        array = first if i == 0 else load_feature_file(path, frames, feature_dim)
+        _check_same_shape(path, array.shape, paths[0], first.shape)
         stacked[i] = array
     return stacked
 
 
-class Split:
-    """Videos in memory: their ids, features (videos, frames, dim) and reference captions."""
+class FeatureFiles:
+    """Videos' features left in their .npy files and read when indexed: indexing it like the (videos, frames, dim)
+    array of load_features (an int, a slice, an int array) reads those videos' files, as float32 holding float16
+    values. Every file's
+    header and size are checked up front, its values when read. Memory does not grow with the number of videos."""
 
-    def __init__(self, labels, feat_dir, frames=None, feature_dim=None):
+    def __init__(self, feat_dir, video_ids, frames=None, feature_dim=None):
+        self.paths = _feature_paths(feat_dir, video_ids)
+        first = open_feature_file(self.paths[0], frames, feature_dim, mmap=True).shape
+        for path in self.paths:
+            _check_same_shape(path, open_feature_file(path, frames, feature_dim, mmap=True).shape, self.paths[0],
+                              first)
+        self.shape, self.dtype = (len(self.paths),) + first, np.dtype(np.float32)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        picked = np.arange(len(self.paths))[index]
+        if np.ndim(picked) == 0:
+            return self._read(picked)
+        return np.stack([self._read(i) for i in picked]) if len(picked) else np.zeros((0,) + self.shape[1:], np.float32)
+
+    def _read(self, i):
+        """Rounded through float16 as load_features stores them: in memory or from files, the same batches."""
+        return load_feature_file(self.paths[i], dtype=np.float16).astype(np.float32)
+
+
+class Split:
+    """Videos: their ids, features (videos, frames, dim) and reference captions. The features are in memory as
+    float16 (load_features) or, with in_memory=False, read from their files a batch at a time (FeatureFiles)."""
+
+    def __init__(self, labels, feat_dir, frames=None, feature_dim=None, in_memory=True):
         self.labels = labels
         self.video_ids = [video_id for video_id, _ in labels]
         self.references = dict(labels)
-        self.features = load_features(feat_dir, self.video_ids, frames, feature_dim)
+        self.features = (load_features if in_memory else FeatureFiles)(feat_dir, self.video_ids, frames, feature_dim)
 
 
 def hold_out_videos(labels, fraction, seed):
@@ -239,7 +281,7 @@ def batch_arrays(features, video_index, caption_ids, rows=None, width_multiple=1
     spare a compiler (XLA) one compilation per shape, and a <PAD> row counts for nothing in the loss."""
     length = max(1, int(np.max(np.sum(caption_ids != PAD, axis=1), initial=0)))
     length = -(-length // width_multiple) * width_multiple
-    frame_features = features[video_index].astype(np.float32)
+    frame_features = np.asarray(features[video_index], np.float32)  # float16 in memory, float32 from files
     captions = np.full((len(caption_ids), length), PAD, np.int32)
     captions[:, :min(length, caption_ids.shape[1])] = caption_ids[:, :length]
     if rows is not None and rows > len(captions):

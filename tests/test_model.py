@@ -1,5 +1,4 @@
 import h5py
-import keras
 import numpy as np
 import pytest
 from keras import ops

@@ -21,9 +21,11 @@ import extract_features  # noqa: E402 (needs ROOT on sys.path)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Eager JAX recompiles each scan at every call: reuse the programs compiled earlier in the session."""
-    backend.cache_compilations(tmp_path_factory.mktemp("xla_cache"))
+def compilation_cache(request, tmp_path_factory):
+    """Eager JAX recompiles each scan at every call: reuse the programs compiled before, kept in pytest's cache
+    folder (.pytest_cache; pytest --cache-clear empties it) from one session to the next."""
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    backend.cache_compilations(cache.mkdir("xla_cache") if cache else tmp_path_factory.mktemp("xla_cache"))
 
 
 # what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1

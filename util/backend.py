@@ -154,9 +154,9 @@ def configure_devices():
 
 
 def cache_compilations(folder):
-    """Keep XLA's compiled programs in folder and reuse them whenever the same program is compiled again: outside
-    jax.jit, JAX compiles every scan afresh at each call (a new step function each time), seconds each on a CPU,
-    which the cache cuts to milliseconds. TensorFlow compiles nothing there."""
+    """Keep XLA's compiled programs in folder and reuse them whenever the same program is compiled again, in this
+    process or a later one: outside jax.jit, JAX compiles every scan afresh at each call (a new step function each
+    time), seconds each on a CPU, which the cache cuts to milliseconds. TensorFlow compiles nothing there."""
     if BACKEND == "jax":
         jax.config.update("jax_compilation_cache_dir", str(folder))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

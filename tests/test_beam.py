@@ -18,10 +18,11 @@ def random_model(seed, attention="bahdanau"):
     """A random tiny model with peaked outputs and attention that ends some captions early and never says <PAD>
     or <BOS>."""
     model = make_model(attention, seed)
-    # large enough word embeddings and attention scores that beams with different histories attend differently
+
     def scale(variable, factor):
         variable.assign(ops.convert_to_numpy(variable) * factor)
 
+    # large enough word embeddings and attention scores that beams with different histories attend differently
     scale(model.word_embedding.embeddings, 20.0)
     if attention == "bahdanau":
         scale(model.attention.v, 20.0)

@@ -424,6 +424,7 @@ class S2VT(keras.Model):
                                                          kernels)
                 best = ops.cast(ops.argmax(self.writable_log_probs(h2, kernels), -1), "int32")
                 word = ops.where(finished, PAD, best)
+                weights = ops.where(finished[:, None], 0.0, weights)  # zero after the caption's end, as beam_search
                 return (h1, c1, h2, c2, word, ops.logical_or(finished, word == EOS)), (word, weights)
 
             ended = (ops.full((batch,), PAD, "int32"), ops.zeros((batch, frames)))

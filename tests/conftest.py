@@ -19,6 +19,15 @@ backend.full_float32_matmuls()
 
 import extract_features  # noqa: E402 (needs ROOT on sys.path)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(request, tmp_path_factory):
+    """Eager JAX recompiles each scan at every call: reuse the programs compiled before, kept in pytest's cache
+    folder (.pytest_cache; pytest --cache-clear empties it) from one session to the next."""
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    backend.cache_compilations(cache.mkdir("xla_cache") if cache else tmp_path_factory.mktemp("xla_cache"))
+
+
 # what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
 VIDEO_SETTINGS = extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
                                                   weights="none", seed=0, random_weights="numpy", frames=6)

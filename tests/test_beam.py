@@ -1,30 +1,33 @@
-import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 from model import S2VT, S2VTConfig
 from test_model import DIM, FRAMES, VOCAB, make_model
+from util import backend
 from util.vocab import BOS, EOS, PAD
 
 A, B, C = 4, 5, 6  # three ordinary words of the hand-built model
 
 
 def features(size, seed=3):
-    return tf.constant(np.random.default_rng(seed).normal(size=(size, FRAMES, DIM)).astype(np.float32))
+    return np.random.default_rng(seed).normal(size=(size, FRAMES, DIM)).astype(np.float32)
 
 
 def random_model(seed, attention="bahdanau"):
     """A random tiny model with peaked outputs and attention that ends some captions early and never says <PAD>
     or <BOS>."""
-    keras.utils.set_random_seed(seed)
-    model = make_model(attention)
+    model = make_model(attention, seed)
+
+    def scale(variable, factor):
+        variable.assign(ops.convert_to_numpy(variable) * factor)
+
     # large enough word embeddings and attention scores that beams with different histories attend differently
-    model.word_embedding.embeddings.assign(model.word_embedding.embeddings * 20.0)
+    scale(model.word_embedding.embeddings, 20.0)
     if attention == "bahdanau":
-        model.attention.v.assign(model.attention.v * 20.0)
-        model.attention.w_query.assign(model.attention.w_query * 5.0)
-    model.output_projection.kernel.assign(model.output_projection.kernel * 5.0)
+        scale(model.attention.v, 20.0)
+        scale(model.attention.w_query, 5.0)
+    scale(model.output_projection.kernel, 5.0)
     bias = np.zeros(VOCAB, np.float32)
     bias[[PAD, BOS]] = -20.0
     bias[EOS] = 0.5
@@ -34,10 +37,11 @@ def random_model(seed, attention="bahdanau"):
 
 def teacher_forced_log_prob(model, frame_features, caption_ids):
     """Summed log-probability of each <PAD>-padded caption (batch, length) under the model."""
-    caption_ids = tf.constant(caption_ids, tf.int32)
+    caption_ids = np.asarray(ops.convert_to_numpy(caption_ids), np.int32)
     logits, _, _ = model(frame_features, caption_ids)
-    token_log_probs = tf.gather(tf.nn.log_softmax(logits), caption_ids, batch_dims=2)  # (batch, length)
-    return tf.reduce_sum(tf.where(caption_ids != PAD, token_log_probs, 0.0), 1).numpy()
+    log_probs = ops.convert_to_numpy(ops.log_softmax(logits, axis=-1))
+    token_log_probs = np.take_along_axis(log_probs, caption_ids[:, :, None], 2)[:, :, 0]  # (batch, length)
+    return np.sum(np.where(caption_ids != PAD, token_log_probs, 0.0), 1)
 
 
 def markov_model(transitions):
@@ -54,11 +58,10 @@ def markov_model(transitions):
     saturated = np.full((VOCAB, VOCAB), 30.0, np.float32)
     model.word_embedding.embeddings.assign(eye)
     model.lstm2.kernels[0].assign(np.concatenate([saturated, -saturated, 30.0 * eye, saturated], 1))
-    model.lstm2.kernels[1].assign(tf.zeros_like(model.lstm2.kernels[1]))
-    model.lstm2.recurrent_kernel.assign(tf.zeros_like(model.lstm2.recurrent_kernel))
-    model.lstm2.bias.assign(tf.zeros_like(model.lstm2.bias))
+    for variable in (model.lstm2.kernels[1], model.lstm2.recurrent_kernel, model.lstm2.bias,
+                     model.output_projection.bias):
+        variable.assign(np.zeros(variable.shape, np.float32))
     model.output_projection.kernel.assign(np.log(transitions).astype(np.float32) / np.tanh(1.0))
-    model.output_projection.bias.assign(tf.zeros_like(model.output_projection.bias))
     return model
 
 
@@ -80,25 +83,26 @@ def greedy_trap():
 def test_beam_of_one_is_greedy(attention, seed):
     model = random_model(seed, attention)
     frame_features = features(8)
-    greedy_words, greedy_attention = model.greedy(frame_features, max_len=7)
-    words, scores, log_probs, attention_weights = model.beam_search(frame_features, 1, max_len=7)
-    assert 0 < np.sum(greedy_words.numpy() == EOS) < 8  # some captions end, some run to max_len
-    np.testing.assert_array_equal(words.numpy()[:, 0], greedy_words.numpy())
-    np.testing.assert_allclose(log_probs.numpy()[:, 0], teacher_forced_log_prob(model, frame_features, greedy_words),
+    greedy_words, greedy_attention = backend.to_numpy(model.greedy(frame_features, max_len=7))
+    words, scores, log_probs, attention_weights = backend.to_numpy(model.beam_search(frame_features, 1, max_len=7))
+    assert 0 < np.sum(greedy_words == EOS) < 8  # some captions end, some run to max_len
+    np.testing.assert_array_equal(words[:, 0], greedy_words)
+    np.testing.assert_allclose(log_probs[:, 0], teacher_forced_log_prob(model, frame_features, greedy_words),
                                atol=1e-4)
-    spoken = (greedy_words.numpy() != PAD)[:, :, None]  # greedy keeps stepping finished captions
-    np.testing.assert_allclose(attention_weights.numpy(), greedy_attention.numpy() * spoken, atol=1e-6)
+    np.testing.assert_allclose(attention_weights, greedy_attention, atol=1e-6)
+    spoken = (greedy_words != PAD)[:, :, None]  # both are zero after each caption's end
+    np.testing.assert_array_equal(attention_weights * ~spoken, 0.0)
 
 
 def test_wider_beam_is_never_less_likely_than_greedy_and_reports_the_true_log_prob():
     model = random_model(0)
     frame_features = features(8)
-    greedy_words, _ = model.greedy(frame_features, max_len=12)
-    words, scores, log_probs, _ = model.beam_search(frame_features, 4, max_len=12)
-    best = words.numpy()[:, 0]
+    greedy_words, _ = backend.to_numpy(model.greedy(frame_features, max_len=12))
+    words, scores, log_probs, _ = backend.to_numpy(model.beam_search(frame_features, 4, max_len=12))
+    best = words[:, 0]
     true_log_probs = teacher_forced_log_prob(model, frame_features, best)
-    np.testing.assert_allclose(log_probs.numpy()[:, 0], true_log_probs, atol=1e-4)
-    np.testing.assert_allclose(scores.numpy(), log_probs.numpy())  # no length penalty: the raw log-probability
+    np.testing.assert_allclose(log_probs[:, 0], true_log_probs, atol=1e-4)
+    np.testing.assert_allclose(scores, log_probs)  # no length penalty: the raw log-probability
     greedy_log_probs = teacher_forced_log_prob(model, frame_features, greedy_words)
     assert np.all(true_log_probs >= greedy_log_probs - 1e-4)
     assert np.any(true_log_probs > greedy_log_probs + 1.0)  # and beam does find better captions here
@@ -107,90 +111,109 @@ def test_wider_beam_is_never_less_likely_than_greedy_and_reports_the_true_log_pr
 
 def test_attention_is_the_best_hypothesis_s_own():
     model = random_model(3)  # its best captions run to max_len, switching beams on the way
-    bias = model.output_projection.bias.numpy()
+    bias = ops.convert_to_numpy(model.output_projection.bias)
     bias[EOS] = -20.0  # so that no caption ends
     model.output_projection.bias.assign(bias)
     frame_features = features(8)
-    words, _, log_probs, attention_weights = model.beam_search(frame_features, 4, max_len=12)
-    best = words.numpy()[:, 0]
-    assert not np.any(best == EOS)  # unfinished captions come back when none finished
-    np.testing.assert_allclose(log_probs.numpy()[:, 0], teacher_forced_log_prob(model, frame_features, best),
-                               atol=1e-4)
-    _, true_attention, _ = model(frame_features, tf.constant(best))
-    np.testing.assert_allclose(attention_weights.numpy(), true_attention.numpy(), atol=1e-5)
+    words, _, log_probs, attention_weights = backend.to_numpy(model.beam_search(frame_features, 4, max_len=12))
+    best = words[:, 0]
+    assert not np.any(best == EOS) and not np.any(best == PAD)  # unfinished captions come back when none finished
+    np.testing.assert_allclose(log_probs[:, 0], teacher_forced_log_prob(model, frame_features, best), atol=1e-4)
+    _, true_attention, _ = model(frame_features, best)
+    np.testing.assert_allclose(attention_weights, ops.convert_to_numpy(true_attention), atol=1e-5)
+
+
+def padded(rows, width):
+    """Captions as <PAD>-filled rows of the decoders' fixed width."""
+    return [row + [PAD] * (width - len(row)) for row in rows]
 
 
 def test_beam_escapes_the_greedy_trap():
     model = greedy_trap()
     frame_features = features(3)
-    greedy_words, _ = model.greedy(frame_features)
-    np.testing.assert_array_equal(greedy_words.numpy(), [[A, C, EOS]] * 3)
+    greedy_words, _ = backend.to_numpy(model.greedy(frame_features))
+    np.testing.assert_array_equal(greedy_words, padded([[A, C, EOS]] * 3, 10))
     np.testing.assert_allclose(teacher_forced_log_prob(model, frame_features, greedy_words), np.log(0.27), atol=1e-4)
-    words, scores, log_probs, attention_weights = model.beam_search(frame_features, 2)
-    np.testing.assert_array_equal(words.numpy(), [[[B, EOS]]] * 3)
-    np.testing.assert_allclose(log_probs.numpy(), np.log(0.36), atol=1e-4)
-    np.testing.assert_allclose(teacher_forced_log_prob(model, frame_features, words.numpy()[:, 0]), np.log(0.36),
-                               atol=1e-4)
-    assert attention_weights.shape == (3, 2, FRAMES)
+    words, scores, log_probs, attention_weights = backend.to_numpy(model.beam_search(frame_features, 2))
+    np.testing.assert_array_equal(words, [padded([[B, EOS]], 10)] * 3)
+    np.testing.assert_allclose(log_probs, np.log(0.36), atol=1e-4)
+    np.testing.assert_allclose(teacher_forced_log_prob(model, frame_features, words[:, 0]), np.log(0.36), atol=1e-4)
+    assert attention_weights.shape == (3, 10, FRAMES)
 
 
 def test_n_best_are_distinct_ranked_and_length_penalty_reorders_them():
     model = greedy_trap()
     frame_features = features(2)
     expected_log_probs = np.log([0.36, 0.27, 0.18])
-    words, scores, log_probs, _ = model.beam_search(frame_features, 3, n_best=3)
-    np.testing.assert_array_equal(words.numpy(), [[[B, EOS, PAD], [A, C, EOS], [A, EOS, PAD]]] * 2)
-    np.testing.assert_allclose(log_probs.numpy(), [expected_log_probs] * 2, atol=1e-4)
-    np.testing.assert_allclose(scores.numpy(), log_probs.numpy())
+    words, scores, log_probs, _ = backend.to_numpy(model.beam_search(frame_features, 3, n_best=3))
+    np.testing.assert_array_equal(words, [padded([[B, EOS], [A, C, EOS], [A, EOS]], 10)] * 2)
+    np.testing.assert_allclose(log_probs, [expected_log_probs] * 2, atol=1e-4)
+    np.testing.assert_allclose(scores, log_probs)
     # per word, "a c" (3 tokens with <EOS>) beats "b" (2 tokens)
-    words, scores, log_probs, _ = model.beam_search(frame_features, 3, length_penalty=1.0, n_best=3)
-    np.testing.assert_array_equal(words.numpy(), [[[A, C, EOS], [B, EOS, PAD], [A, EOS, PAD]]] * 2)
-    np.testing.assert_allclose(log_probs.numpy(), [expected_log_probs[[1, 0, 2]]] * 2, atol=1e-4)
-    np.testing.assert_allclose(scores.numpy(), log_probs.numpy() / [3.0, 2.0, 2.0], rtol=1e-6)
+    words, scores, log_probs, _ = backend.to_numpy(model.beam_search(frame_features, 3, length_penalty=1.0,
+                                                                     n_best=3))
+    np.testing.assert_array_equal(words, [padded([[A, C, EOS], [B, EOS], [A, EOS]], 10)] * 2)
+    np.testing.assert_allclose(log_probs, [expected_log_probs[[1, 0, 2]]] * 2, atol=1e-4)
+    np.testing.assert_allclose(scores, log_probs / [3.0, 2.0, 2.0], rtol=1e-6)
 
 
 def test_n_best_on_a_random_model_with_a_length_penalty():
     model = random_model(0)
     frame_features = features(6)
-    words, scores, log_probs, _ = model.beam_search(frame_features, 4, length_penalty=0.7, max_len=12, n_best=3)
-    words = words.numpy()
+    words, scores, log_probs, _ = backend.to_numpy(model.beam_search(frame_features, 4, length_penalty=0.7,
+                                                                     max_len=12, n_best=3))
     assert np.all(np.sum(words == EOS, 2) == 1)  # all finished, so ranked by score alone
     lengths = np.sum(words != PAD, 2)
-    np.testing.assert_allclose(scores.numpy(), log_probs.numpy() / lengths ** 0.7, rtol=1e-5)
-    assert np.all(np.diff(scores.numpy(), axis=1) <= 0)
+    np.testing.assert_allclose(scores, log_probs / lengths ** 0.7, rtol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 0)
     for video in words:
         assert len({tuple(caption) for caption in video}) == 3
     for rank in range(3):
-        np.testing.assert_allclose(log_probs.numpy()[:, rank],
-                                   teacher_forced_log_prob(model, frame_features, words[:, rank]), atol=1e-4)
+        np.testing.assert_allclose(log_probs[:, rank], teacher_forced_log_prob(model, frame_features, words[:, rank]),
+                                   atol=1e-4)
 
 
 def test_each_video_is_decoded_as_if_alone():
     model = random_model(0)
     frame_features = features(6)
-    together = model.beam_search(frame_features, 3, length_penalty=1.0, max_len=12, n_best=3)
-    assert len(set(np.sum(together[0].numpy()[:, 0] != PAD, 1))) > 1  # videos stop at different steps
+    together = backend.to_numpy(model.beam_search(frame_features, 3, length_penalty=1.0, max_len=12, n_best=3))
+    assert len(set(np.sum(together[0][:, 0] != PAD, 1))) > 1  # videos stop at different steps
     for video in range(6):
-        alone = model.beam_search(frame_features[video:video + 1], 3, length_penalty=1.0, max_len=12, n_best=3)
-        steps = alone[0].shape[2]
-        np.testing.assert_array_equal(together[0].numpy()[video, :, :steps], alone[0].numpy()[0])
-        np.testing.assert_array_equal(together[0].numpy()[video, :, steps:], PAD)
-        for got, expected in zip(together[1:3], alone[1:3]):
-            np.testing.assert_allclose(got.numpy()[video], expected.numpy()[0], atol=1e-5)
-        np.testing.assert_allclose(together[3].numpy()[video, :steps], alone[3].numpy()[0], atol=1e-5)
+        alone = backend.to_numpy(model.beam_search(frame_features[video:video + 1], 3, length_penalty=1.0,
+                                                   max_len=12, n_best=3))
+        np.testing.assert_array_equal(together[0][video], alone[0][0])
+        for got, expected in zip(together[1:], alone[1:]):
+            np.testing.assert_allclose(got[video], expected[0], atol=1e-5)
 
 
+def test_compiled_beam_search_equals_eager():
+    """Compiled as the captioner compiles it (util.backend.compile_function: jax.jit, or tf.function)."""
+    model = random_model(1)
+    search = backend.compile_function(model, lambda frame_features: model.beam_search(frame_features, 3, max_len=8,
+                                                                                      n_best=2))
+    frame_features = features(3)
+    compiled = backend.to_numpy(search(frame_features))
+    eager = backend.to_numpy(model.beam_search(frame_features, 3, max_len=8, n_best=2))
+    assert compiled[0].shape == (3, 2, 8)
+    for got, expected in zip(compiled, eager):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.skipif(backend.BACKEND != "tensorflow",
+                    reason="a TensorFlow graph with an unknown batch size; jax.jit compiles one program per shape")
 def test_beam_search_in_a_tf_function_takes_any_batch_size():
+    import tensorflow as tf
+
     model = random_model(1)
     search = tf.function(lambda frame_features: model.beam_search(frame_features, 3, max_len=8, n_best=2),
                          input_signature=[tf.TensorSpec([None, FRAMES, DIM], tf.float32)])
     for size in (2, 3):
         frame_features = features(size, seed=size)
-        compiled = search(frame_features)
-        eager = model.beam_search(frame_features, 3, max_len=8, n_best=2)
-        assert compiled[0].shape[:2] == (size, 2)
+        compiled = backend.to_numpy(search(frame_features))
+        eager = backend.to_numpy(model.beam_search(frame_features, 3, max_len=8, n_best=2))
+        assert compiled[0].shape == (size, 2, 8)
         for got, expected in zip(compiled, eager):
-            np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+            np.testing.assert_allclose(got, expected, atol=1e-5)
     assert search.experimental_get_tracing_count() == 1
 
 

@@ -285,7 +285,7 @@ def train(args):
                         frame_embed=args.hidden, word_embed=args.hidden, attention=args.attention,
                         attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
                         feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype)
-    keras.utils.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
+    backend.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
     with distribution.scope():  # on TensorFlow, one copy of every weight and optimizer slot per replica
         model = S2VT(config)
         model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint

@@ -7,6 +7,7 @@ TensorFlow on JAX, or JAX on TensorFlow. Choose the backend with KERAS_BACKEND=t
 """
 import contextlib
 import os
+import random
 
 import keras
 import numpy as np
@@ -22,6 +23,17 @@ if BACKEND == "tensorflow":
 elif BACKEND == "jax":
     import jax
     import jax.numpy as jnp
+
+
+def set_random_seed(seed):
+    """Seed Python, numpy and the backend, so that the same seed gives the same initial weights (Keras's
+    initialisers draw their seeds from Python's random). keras.utils.set_random_seed seeds TensorFlow too, importing
+    it, which the JAX path must not."""
+    if BACKEND == "tensorflow":
+        keras.utils.set_random_seed(seed)
+    else:
+        random.seed(seed)
+        np.random.seed(seed)
 
 
 def check_supported():

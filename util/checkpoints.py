@@ -238,7 +238,10 @@ def convert_tensorflow_run(old_run, new_run):
         tf.train.Checkpoint(model=model, epoch=epoch).restore(prefix).expect_partial().assert_existing_objects_matched()
     except (tf.errors.OpError, ValueError, AssertionError) as error:
         raise DataError(f"{prefix}: cannot be read into an S2VT of its config ({_summary(error)})") from None
-    work = Path(tempfile.mkdtemp(prefix=f".{new_run.name}.", dir=new_run.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{new_run.name}.", dir=new_run.parent))
+    except OSError as error:
+        raise DataError(f"{new_run}: cannot create the run folder ({error.strerror or error})") from None
     try:
         for name in ("config.json", "vocab.json", "history.csv", "curves.png"):
             if (old_run / name).is_file():

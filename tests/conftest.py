@@ -84,8 +84,13 @@ def checkpoint_weights(checkpoint):
     import h5py
 
     arrays = {}
+
+    def keep(name, item):
+        if isinstance(item, h5py.Dataset):
+            arrays[name] = item[()]
+
     with h5py.File(Path(checkpoint) / "model.weights.h5", "r") as file:
-        file.visititems(lambda name, item: arrays.setdefault(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+        file.visititems(keep)
     return arrays
 
 

@@ -454,8 +454,8 @@ def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path,
     assert on_jax.returncode == 2 and error_lines(on_jax.stderr) == [
         f"error: {old}: converting TensorFlow checkpoints needs KERAS_BACKEND=tensorflow"]
     assert folder_state(new) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "old-weights-only", "old-weights-only-converted",
-                                                          "out.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "old-weights-only",
+                                                          "old-weights-only-converted", "out.txt"]
 
 
 def test_resume_with_another_hidden_size(tiny, tmp_path, capsys):

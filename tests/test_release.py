@@ -153,8 +153,10 @@ def test_download_then_infer_writes_captions(release, server, tmp_path, capsys):
     url = server.serve("/good/tiny.tar.gz", release.bundle.read_bytes())
     run_dir = fetch_release(url, directory=tmp_path / "checkpoints", sha256=release.sha256)
     assert run_dir == tmp_path / "checkpoints" / "tiny"
-    prefix = resolve_checkpoint(release.run)[1]  # a local prefix is not mistaken for a release name
-    assert [checkpoint_location(s) for s in (None, str(run_dir), prefix)] == [None, str(run_dir), prefix]
+    checkpoint = resolve_checkpoint(release.run)[1]  # a local checkpoint folder is not mistaken for a release name
+    assert checkpoint.parent == release.run / "best"
+    assert [checkpoint_location(s) for s in (None, str(run_dir), str(checkpoint))] == [None, str(run_dir),
+                                                                                        str(checkpoint)]
     assert resolve_checkpoint(run_dir)[0] == run_dir
     assert json.loads((run_dir / "SOURCE.json").read_text())["sha256"] == release.sha256
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["tiny"]  # no partial folder left

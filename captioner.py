@@ -256,5 +256,8 @@ class Captioner:
 
     def _cnn(self, frames_rgb):
         if self._run_cnn is None:
-            self._run_cnn, _ = extract_features.build_extractor(self._extractor_settings())
+            try:
+                self._run_cnn, _ = extract_features.build_extractor(self._extractor_settings())
+            except DataError as error:  # the checkpoint's feature manifest names a CNN that cannot be built again
+                raise DataError(f"{self.source}: {error}") from None
         return self._run_cnn(frames_rgb)

@@ -86,3 +86,26 @@ def video_run(tmp_path_factory):
     assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), "--hidden", "16", "--frames", "6",
                        "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1", "--epochs", "6"]) == 0
     return run_dir
+
+
+def checkpoint_weights(checkpoint):
+    """{path in the file: array} of every weight in a checkpoint folder's model.weights.h5, read with h5py."""
+    import h5py
+
+    arrays = {}
+
+    def keep(name, item):
+        if isinstance(item, h5py.Dataset):
+            arrays[name] = item[()]
+
+    with h5py.File(Path(checkpoint) / "model.weights.h5", "r") as file:
+        file.visititems(keep)
+    return arrays
+
+
+def optimizer_iterations(checkpoint):
+    """The optimizer's step count saved in a checkpoint folder's optimizer.h5 (Keras's first optimizer variable)."""
+    import h5py
+
+    with h5py.File(Path(checkpoint) / "optimizer.h5", "r") as file:
+        return int(file["0"][()])

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from util.data import (DataError, encode_captions, epoch_pairs, find_feat_dir, load_feature_file, load_features,
-                       load_labels, make_dataset, read_ids)
-from util.vocab import Vocabulary
+from util.data import (DataError, batch_arrays, batches, encode_captions, epoch_pairs, find_feat_dir, load_feature_file,
+                       load_features, load_labels, read_ids, replica_slices)
+from util.vocab import PAD, Vocabulary
 
 
 def test_real_float64_features_load_as_float32(mlds):
@@ -93,11 +93,114 @@ def test_epoch_pairs_all_and_sample_modes():
     np.testing.assert_array_equal(again[1], captions)  # same (seed, epoch), same order
 
 
-def test_dataset_pads_each_batch_to_its_longest_caption():
+def test_batches_pad_each_batch_to_its_longest_caption_and_skip_batches():
     features = np.arange(3 * 2 * 2, dtype=np.float16).reshape(3, 2, 2)
     captions = np.array([[5, 2, 0, 0], [5, 5, 5, 2], [2, 0, 0, 0]], np.int32)
-    batches = list(make_dataset(features, np.array([0, 1, 2], np.int32), captions, batch_size=2))
-    assert batches[0][1].shape == (2, 4) and batches[1][1].shape == (1, 1)
-    np.testing.assert_array_equal(batches[0][0].numpy(), features[:2].astype(np.float32))
-    skipped = list(make_dataset(features, np.array([0, 1, 2], np.int32), captions, batch_size=2, skip_batches=1))
-    assert len(skipped) == 1 and skipped[0][1].shape == (1, 1)
+    got = list(batches(features, np.array([0, 1, 2], np.int32), captions, batch_size=2))
+    assert [len(parts) for parts in got] == [1, 1]  # one slice per batch by default
+    (first_features, first_captions), = got[0]
+    (last_features, last_captions), = got[1]
+    assert first_captions.shape == (2, 4) and last_captions.shape == (1, 1)
+    np.testing.assert_array_equal(first_captions, captions[:2])
+    np.testing.assert_array_equal(last_captions, [[2]])
+    assert first_features.dtype == np.float32 and last_features.shape == (1, 2, 2)
+    np.testing.assert_array_equal(first_features, features[:2].astype(np.float32))
+    np.testing.assert_array_equal(last_features, features[2:].astype(np.float32))
+    skipped = list(batches(features, np.array([0, 1, 2], np.int32), captions, batch_size=2, skip_batches=1))
+    assert len(skipped) == 1 and skipped[0][0][1].shape == (1, 1)
+    np.testing.assert_array_equal(skipped[0][0][0], last_features)
+    assert list(batches(features, np.array([0, 1, 2], np.int32), captions, batch_size=2, skip_batches=2)) == []
+
+
+def test_batches_gather_features_by_video_index_in_the_given_order():
+    features = np.random.default_rng(0).normal(size=(4, 3, 2)).astype(np.float16)
+    video_index = np.array([3, 0, 3, 2, 1], np.int32)
+    captions = np.array([[6, 2], [7, 2], [8, 2], [9, 2], [10, 2]], np.int32)
+    got = [part for parts in batches(features, video_index, captions, batch_size=3) for part in parts]
+    np.testing.assert_array_equal(np.concatenate([f for f, _ in got]), features[video_index].astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([c for _, c in got]), captions)
+
+
+def test_batch_arrays_rows_pad_with_empty_rows_and_width_rounds_up():
+    features = np.arange(3 * 2 * 2, dtype=np.float16).reshape(3, 2, 2)
+    captions = np.array([[5, 6, 7, 2, 0], [5, 2, 0, 0, 0]], np.int32)
+    frame_features, padded = batch_arrays(features, np.array([2, 0], np.int32), captions, rows=4, width_multiple=3)
+    assert frame_features.shape == (4, 2, 2) and padded.shape == (4, 6)  # 4 tokens rounded up to 6
+    np.testing.assert_array_equal(frame_features[:2], features[[2, 0]].astype(np.float32))
+    assert not frame_features[2:].any()  # the empty rows' features are zeros
+    np.testing.assert_array_equal(padded[:2], [[5, 6, 7, 2, 0, 0], [5, 2, 0, 0, 0, 0]])
+    assert (padded[2:] == PAD).all()  # empty rows are all <PAD>: they count for nothing in the loss
+    # width_multiple rounds past the encoded width: the extra columns are <PAD>
+    _, wide = batch_arrays(features, np.array([2, 0], np.int32), captions, width_multiple=8)
+    assert wide.shape == (2, 8) and (wide[:, 5:] == PAD).all()
+    np.testing.assert_array_equal(wide[:, :5], captions)
+    # rows never cut a batch, and width 1 is the least
+    frame_features, exact = batch_arrays(features, np.array([2, 0], np.int32), captions, rows=1)
+    assert frame_features.shape == (2, 2, 2) and exact.shape == (2, 4)
+    frame_features, empty = batch_arrays(features, np.zeros(0, np.int32), captions[:0], rows=2, width_multiple=8)
+    assert frame_features.shape == (2, 2, 2) and empty.shape == (2, 8) and (empty == PAD).all()
+
+
+def test_batches_pad_every_part_to_rows_and_width_multiple():
+    features = np.ones((3, 2, 2), np.float16)
+    captions = np.array([[5, 2, 0, 0], [5, 5, 5, 2], [2, 0, 0, 0]], np.int32)
+    got = list(batches(features, np.array([0, 1, 2], np.int32), captions, batch_size=2, rows=2, width_multiple=8))
+    assert [[(f.shape, c.shape) for f, c in parts] for parts in got] == [[((2, 2, 2), (2, 8))]] * 2
+    (frame_features, last), = got[1]
+    np.testing.assert_array_equal(last, [[2] + [PAD] * 7, [PAD] * 8])
+    np.testing.assert_array_equal(frame_features[1], 0)
+
+
+def test_replica_slices_split_every_global_batch_evenly():
+    starts, stops = replica_slices(pairs=10, batch_size=4, replicas=3)
+    np.testing.assert_array_equal(starts, [[0, 1, 2], [4, 5, 6], [8, 8, 9]])
+    np.testing.assert_array_equal(stops, [[1, 2, 4], [5, 6, 8], [8, 9, 10]])
+    starts, stops = replica_slices(pairs=10, batch_size=4, replicas=3, skip_batches=2)
+    np.testing.assert_array_equal(starts, [[8, 8, 9]])
+    np.testing.assert_array_equal(stops, [[8, 9, 10]])
+    starts, stops = replica_slices(pairs=1000, batch_size=250, replicas=8, skip_batches=1)
+    sizes = stops - starts
+    assert starts.shape == (3, 8) and (sizes.sum(axis=1) == 250).all() and (sizes.max(1) - sizes.min(1) <= 1).all()
+    assert (starts[:, 1:] == stops[:, :-1]).all() and starts[0, 0] == 250 and stops[-1, -1] == 1000
+
+
+def test_batches_slices_give_this_process_its_parts_of_every_global_batch():
+    """slices=(count, first, local): every global batch cut as replica_slices cuts it, `local` parts from `first` on;
+    the parts of all processes together are the whole batch."""
+    features = np.arange(5 * 2 * 3, dtype=np.float16).reshape(5, 2, 3)
+    video_index = np.arange(10, dtype=np.int32) % 5
+    captions = np.array([[4 + i] * (i % 4 + 1) + [2] + [PAD] * (3 - i % 4) for i in range(10)], np.int32)
+    starts, stops = replica_slices(10, 4, 3)
+    got = list(batches(features, video_index, captions, batch_size=4, slices=(3, 1, 2)))
+    assert len(got) == 3 and all(len(parts) == 2 for parts in got)
+    for parts, batch_starts, batch_stops in zip(got, starts, stops):
+        for (frame_features, caption_ids), a, b in zip(parts, batch_starts[1:], batch_stops[1:]):
+            expected = batch_arrays(features, video_index[a:b], captions[a:b])
+            np.testing.assert_array_equal(frame_features, expected[0])
+            np.testing.assert_array_equal(caption_ids, expected[1])
+            np.testing.assert_array_equal(frame_features, features[video_index[a:b]].astype(np.float32))
+    np.testing.assert_array_equal(got[0][1][1], captions[2:4, :5])  # pairs 2 and 3: 3 and 4 tokens, then <EOS>
+    # three processes of one part each, together: every pair of every batch, once, in order
+    together = [list(batches(features, video_index, captions, 4, slices=(3, first, 1))) for first in range(3)]
+    assert [len(parts) for parts in together] == [3, 3, 3]
+    assert together[0][2][0][1].shape == (0, 1)  # the short last batch (pairs 8, 9) leaves part 0 empty
+    for batch in range(3):
+        parts = [together[first][batch][0] for first in range(3)]
+        np.testing.assert_array_equal(np.concatenate([f for f, _ in parts]),
+                                      features[video_index[4 * batch:4 * batch + 4]].astype(np.float32))
+        width = max(c.shape[1] for _, c in parts)
+        rows = np.concatenate([np.pad(c, ((0, 0), (0, width - c.shape[1]))) for _, c in parts])
+        np.testing.assert_array_equal(rows, captions[4 * batch:4 * batch + 4, :width])
+    # with skip_batches, the same parts of the later batches
+    later = list(batches(features, video_index, captions, batch_size=4, skip_batches=1, slices=(3, 1, 2)))
+    assert len(later) == 2
+    for parts, expected in zip(later, got[1:]):
+        for (f, c), (f_expected, c_expected) in zip(parts, expected):
+            np.testing.assert_array_equal(f, f_expected)
+            np.testing.assert_array_equal(c, c_expected)
+
+
+def test_an_error_while_gathering_a_batch_is_raised_to_the_consumer():
+    features = np.ones((2, 2, 2), np.float16)
+    with pytest.raises(IndexError):
+        list(batches(features, np.array([0, 5], np.int32), np.array([[5, 2], [5, 2]], np.int32), batch_size=1))

@@ -15,6 +15,7 @@ import extract_features
 import infer
 import train
 from conftest import ROOT
+from util.checkpoints import latest_checkpoint
 from util.demo_data import make_corpus
 
 # Small, fast settings for tests: seeded random VGG16 up to block1_pool at 32 px, globally pooled (64-d).
@@ -147,6 +148,60 @@ def test_float16_output(tmp_path):
     assert np.load(tmp_path / "feat" / "clip.avi.npy").dtype == np.float16
 
 
+def test_random_weights_are_drawn_by_numpy_from_the_seed():
+    """--weights none: Keras's Glorot-uniform kernels drawn by numpy from the seed, biases as built (zeros)."""
+    import keras
+
+    def drawn(seed):
+        inputs = keras.Input((8, 8, 3))
+        cnn = keras.Model(inputs, keras.layers.Dense(5)(keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(inputs))))
+        extract_features.draw_random_weights(cnn, seed)
+        return [(v.name, keras.ops.convert_to_numpy(v)) for v in cnn.weights]
+
+    first, again, other = drawn(0), drawn(0), drawn(1)
+    assert [name for name, _ in first] == ["kernel", "bias", "kernel", "bias"]
+    for (name, value), (_, same), (_, different) in zip(first, again, other):
+        np.testing.assert_array_equal(value, same)
+        if name == "kernel":
+            fan_in, fan_out = (3 * 3 * 3, 3 * 3 * 4) if value.ndim == 4 else (6 * 6 * 4, 5)  # as Keras counts them
+            limit = np.sqrt(6 / (fan_in + fan_out))
+            assert np.abs(value).max() <= limit and np.abs(value).max() > 0.9 * limit and abs(value.mean()) < limit / 4
+            assert not np.array_equal(value, different)
+        else:
+            assert not value.any() and not different.any()
+
+
+# extract_features.py --weights none in a child process under one Keras backend
+EXTRACT_ON = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import extract_features
+sys.exit(extract_features.main(sys.argv[2:]))
+"""
+
+
+def test_random_weight_features_are_the_same_on_tensorflow_and_jax(tmp_path):
+    """The random CNN is drawn by numpy, so a FEAT_DIR extracted on one backend goes on with the other."""
+    write_clip(tmp_path / "a.avi", range(0, 240, 30))
+    write_clip(tmp_path / "b.avi", [200 - 20 * (i % 5) for i in range(12)], size=(64, 48))
+    features = {}
+    for name in ("tensorflow", "jax"):
+        out = tmp_path / f"feat_{name}"
+        result = subprocess.run([sys.executable, "-c", EXTRACT_ON, str(ROOT), str(tmp_path), str(out), *FAST,
+                                 "--frames", "4"], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "KERAS_BACKEND": name})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "extracted 2" in result.stdout
+        features[name] = {clip: np.load(out / f"{clip}.npy") for clip in ("a.avi", "b.avi")}
+        assert json.loads((out / "manifest.json").read_text())["random_weights"] == "numpy"
+    assert (tmp_path / "feat_tensorflow" / "manifest.json").read_text() == \
+           (tmp_path / "feat_jax" / "manifest.json").read_text()
+    for clip, array in features["tensorflow"].items():
+        assert array.shape == (4, 64) and array.std() > 0
+        np.testing.assert_allclose(features["jax"][clip], array, rtol=1e-5, err_msg=clip)
+    assert not np.allclose(features["tensorflow"]["a.avi"], features["tensorflow"]["b.avi"])
+
+
 @pytest.fixture(scope="module")
 def tiny_video_run(tmp_path_factory):
     """A tiny model trained on features extract_features.py made from demo clips."""
@@ -260,3 +315,25 @@ def test_an_unexpected_error_in_the_decoding_thread_ends_the_run(tmp_path, capsy
     err = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
     assert err == [f"error: {tmp_path / 'c.avi'}: decoding failed unexpectedly (MemoryError: injected)"]
     assert sorted(p.name for p in out.glob("*.npy")) == ["a.avi.npy", "b.avi.npy"]  # finished clips are kept
+
+
+def test_a_run_on_random_features_of_an_older_s2vt_refuses_raw_video(tiny_video_run, tmp_path, capsys):
+    """Its manifest has weights "none" without random_weights: TensorFlow drew that CNN, which no backend draws
+    again, so captioning a clip would give features the model never saw."""
+    root, run_dir = tiny_video_run
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    del config["features"]["random_weights"]
+    (run / "config.json").write_text(json.dumps(config))
+    clip = sorted((root / "testing_data" / "video").iterdir())[0]
+    capsys.readouterr()
+    assert infer.main(["--video", str(clip), "--checkpoint", str(run)]) == 2
+    out, err = capsys.readouterr()
+    lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
+    checkpoint = run / "best" / latest_checkpoint(run_dir / "best").name
+    assert out == "" and len(lines) == 1 and lines[0].startswith(f"error: {checkpoint}: "), err
+    assert "random weights seeded by TensorFlow (an older s2vt" in lines[0]
+    # features made as it was trained still caption
+    assert infer.main([str(root / "testing_id.txt"), str(tmp_path / "out.txt"), "--checkpoint", str(run),
+                       "--feat-dir", str(root / "testing_data" / "feat")]) == 0
+    assert len((tmp_path / "out.txt").read_text().splitlines()) == 8

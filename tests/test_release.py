@@ -8,12 +8,14 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
+import h5py
 import pytest
 
 import infer
 import train
 from conftest import write_tiny_mlds
-from util.checkpoints import resolve_checkpoint
+from model import S2VT, S2VTConfig
+from util.checkpoints import latest_checkpoint, resolve_checkpoint
 from util.data import DataError
 from util.release import checkpoint_location, export_release, fetch_release, main, sha256_of
 
@@ -109,10 +111,15 @@ def the_error(capsys):
 
 def test_export_bundle_layout(release):
     files = bundle_files(release.bundle)
-    assert {"config.json", "vocab.json", "feature_manifest.json", "metrics.json", "MANIFEST.json",
-            "best/checkpoint"} <= set(files)
-    assert any(n.startswith("best/ckpt-") and n.endswith(".index") for n in files)
-    assert any(".data-" in n for n in files)
+    best = latest_checkpoint(release.run / "best")
+    checkpoint = f"best/{best.name}"
+    assert set(files) == {"config.json", "vocab.json", "feature_manifest.json", "metrics.json", "MANIFEST.json",
+                          f"{checkpoint}/model.weights.h5", f"{checkpoint}/state.json"}
+    for name in ("model.weights.h5", "state.json"):
+        assert files[f"{checkpoint}/{name}"] == (best / name).read_bytes()
+    for name in ("config.json", "vocab.json"):
+        assert files[name] == (release.run / name).read_bytes()
+    assert json.loads(files["feature_manifest.json"]) == json.loads(files["config.json"])["features"]
     assert json.loads(files["MANIFEST.json"]) == json.loads(with_manifest(files)["MANIFEST.json"])
     metrics = json.loads(files["metrics.json"])
     assert metrics["last"]["epoch"] == 1 and metrics["epoch"] == 1
@@ -120,12 +127,36 @@ def test_export_bundle_layout(release):
     assert metrics["best_val_bleu1"] == metrics["last"]["val_bleu1"]
 
 
+def test_export_holds_no_optimizer_state(release, tmp_path):
+    """Inference weights only: no optimizer file, the weights file holds the model's weights and nothing else, and
+    `--which last` (whose checkpoints carry optimizer.h5) leaves it out too."""
+    last_bundle = tmp_path / "last.tar.gz"
+    export_release(release.run, last_bundle, which="last")
+    last = latest_checkpoint(release.run / "last")
+    assert (last / "optimizer.h5").is_file()  # the run has optimizer state to leave out
+    for bundle in (release.bundle, last_bundle):
+        files = bundle_files(bundle)
+        assert not [name for name in files if "optimizer" in name.lower()]
+        (weights_name,) = [name for name in files if name.endswith("model.weights.h5")]
+        (tmp_path / "weights.h5").write_bytes(files[weights_name])
+        with h5py.File(tmp_path / "weights.h5", "r") as weights:
+            names = []
+            weights.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
+        model = S2VT(S2VTConfig(**json.loads(files["config.json"])["model"]))
+        assert len(names) == len(model.weights) and not [n for n in names if "optimizer" in n]
+        assert set(json.loads(files[weights_name.replace("model.weights.h5", "state.json")])) <= {
+            "epoch", "batch_in_epoch", "best_score", "best_epoch", "step", "seed", "backend"}
+    assert f"best/{last.name}/model.weights.h5" in bundle_files(last_bundle)  # unpacks as a run folder's best/
+
+
 def test_download_then_infer_writes_captions(release, server, tmp_path, capsys):
     url = server.serve("/good/tiny.tar.gz", release.bundle.read_bytes())
     run_dir = fetch_release(url, directory=tmp_path / "checkpoints", sha256=release.sha256)
     assert run_dir == tmp_path / "checkpoints" / "tiny"
-    prefix = resolve_checkpoint(release.run)[1]  # a local prefix is not mistaken for a release name
-    assert [checkpoint_location(s) for s in (None, str(run_dir), prefix)] == [None, str(run_dir), prefix]
+    checkpoint = resolve_checkpoint(release.run)[1]  # a local checkpoint folder is not mistaken for a release name
+    assert checkpoint.parent == release.run / "best"
+    assert [checkpoint_location(s) for s in (None, str(run_dir), str(checkpoint))] == [None, str(run_dir),
+                                                                                        str(checkpoint)]
     assert resolve_checkpoint(run_dir)[0] == run_dir
     assert json.loads((run_dir / "SOURCE.json").read_text())["sha256"] == release.sha256
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["tiny"]  # no partial folder left
@@ -239,3 +270,34 @@ def test_url_without_hash_warns_and_records_it(release, server, tmp_path, capsys
     assert "warning:" in err and "no sha256 given" in err and f"--sha256 {release.sha256}" in err
     source = json.loads((tmp_path / "tiny-nohash" / "SOURCE.json").read_text())
     assert source["url"] == url and source["sha256"] == release.sha256 and source["sha256_given"] is False
+
+
+def test_registry_url_without_scheme_is_the_file_beside_the_registry(release, tmp_path, capsys):
+    """A release shipped in the repository: releases.json names the bundle by a path relative to itself; it is read
+    from there, checked against the registry's sha256 and unpacked like a download."""
+    shipped = tmp_path / "repo" / "checkpoints"
+    (shipped / "bundles").mkdir(parents=True)
+    (shipped / "bundles" / "tiny-local.tar.gz").write_bytes(release.bundle.read_bytes())
+    (shipped / "bundles" / "spoiled.tar.gz").write_bytes(release.bundle.read_bytes()[:-100])
+    registry = shipped / "releases.json"
+    entries = [{"name": name, "url": f"bundles/{name}.tar.gz", "sha256": release.sha256,
+                "size": release.bundle.stat().st_size, "trained_on": "tiny", "metrics": {},
+                "created": "2025-01-01T00:00:00Z"} for name in ("tiny-local", "spoiled")]
+    registry.write_text(json.dumps(entries))
+    target = tmp_path / "fetched"
+    run_dir = fetch_release("tiny-local", directory=target, registry=registry)
+    assert run_dir == target / "tiny-local"
+    source = json.loads((run_dir / "SOURCE.json").read_text())
+    assert source["url"] == (shipped / "bundles" / "tiny-local.tar.gz").as_uri()
+    assert source["sha256"] == release.sha256 and source["sha256_given"] is True
+    assert resolve_checkpoint(run_dir)[1] == run_dir / "best" / latest_checkpoint(release.run / "best").name
+    ids = release.data / "testing_id.txt"
+    for name, checkpoint in (("shipped", run_dir), ("original", release.run)):
+        assert infer.main([str(ids), str(tmp_path / f"{name}.txt"), "--checkpoint", str(checkpoint)]) == 0
+    assert (tmp_path / "shipped.txt").read_text() == (tmp_path / "original.txt").read_text()
+    # a shipped file that is not what the registry's sha256 says is refused, and nothing is left
+    capsys.readouterr()
+    assert main(["download", "spoiled", "--dir", str(target), "--registry", str(registry)]) == 2
+    err = the_error(capsys)
+    assert "sha256 mismatch" in err and (shipped / "bundles" / "spoiled.tar.gz").as_uri() in err
+    assert sorted(p.name for p in target.iterdir()) == ["tiny-local"]

@@ -21,16 +21,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import extract_features
 import infer
 import sampling
 import train
-from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
-from model import S2VT, S2VTConfig
+from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, checkpoint_weights, optimizer_iterations, write_tiny_mlds
 from util import bleu, evaluate, release
-from util.checkpoints import restore
+from util.checkpoints import latest_checkpoint, read_state
 
 # a tiny run with dropout, feature noise and scheduled sampling all on; 23 videos (one held out for validation)
 # x 3 captions = 18 batches of 4
@@ -268,18 +266,22 @@ def another_vocab(run):
     return run / "vocab.json", "words, but the model was built for"
 
 
+def best_weights(run):
+    return latest_checkpoint(run / "best") / "model.weights.h5"
+
+
 def another_config(run):
     config = json.loads((run / "config.json").read_text())
     config["model"].update(hidden=32, frame_embed=32, word_embed=32, attention_dim=32)
     (run / "config.json").write_text(json.dumps(config))
-    return run / "best", "cannot be restored into this model (Received incompatible tensor with shape"
+    return best_weights(run), "cannot be restored into this model (A total of 6 objects could not be loaded"
 
 
 def another_attention(run):
     config = json.loads((run / "config.json").read_text())
     config["model"]["attention"] = "luong"
     (run / "config.json").write_text(json.dumps(config))
-    return run / "best", "cannot be restored into this model (Found 1 Python objects that were not bound"
+    return best_weights(run), "cannot be restored into this model (A total of 1 objects could not be loaded"
 
 
 def unknown_config_key(run):
@@ -303,18 +305,157 @@ def test_checkpoint_from_another_vocab_or_config(tiny, tmp_path, capsys, change)
                                           tmp_path / "run"], capsys), path, what)
 
 
-@pytest.mark.parametrize("suffix", ["index", "data-00000-of-00001"])
+def folder_state(folder):
+    return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+
+
+CHECKPOINT_FILES = {"model.weights.h5": "checkpoint file is truncated or corrupt",
+                    "state.json": "not valid JSON",
+                    "optimizer.h5": "optimizer state missing, truncated or corrupt"}
+
+
+@pytest.mark.parametrize("name, cli", [("model.weights.h5", "infer"), ("state.json", "infer"),
+                                       ("model.weights.h5", "train --resume"), ("state.json", "train --resume"),
+                                       ("optimizer.h5", "train --resume")])
 @pytest.mark.parametrize("cut", ["half", "empty"])
-def test_corrupted_checkpoint_file(tiny, tmp_path, capsys, suffix, cut):
+def test_corrupted_checkpoint_file(tiny, tmp_path, capsys, name, cli, cut):
+    """infer reads best/, --resume last/ (where the optimizer state is): a cut file there is one line naming it,
+    and nothing is written."""
     data, run_dir = tiny
     run = copy_run(run_dir, tmp_path)
-    (part,) = (run / "best").glob(f"ckpt-*.{suffix}")
+    part = latest_checkpoint(run / ("best" if cli == "infer" else "last")) / name
     content = part.read_bytes()
     part.write_bytes(content[:len(content) // 2] if cut == "half" else b"")
+    before = folder_state(run)
     out = tmp_path / "out.txt"
-    assert_one_error(run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run], capsys),
-                     run / "best" / part.name.split(".")[0], "checkpoint files are missing, truncated or corrupt")
+    if cli == "infer":
+        result = run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run], capsys)
+    else:
+        result = run_cli(train.main, ["--data-dir", data, "--ckpt-dir", run, *TRAIN, "--resume"], capsys)
+    assert_one_error(result, part, CHECKPOINT_FILES[name])
+    assert not out.exists() and folder_state(run) == before
+
+
+def test_missing_checkpoint_file(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    run = copy_run(run_dir, tmp_path)
+    weights = best_weights(run)
+    weights.unlink()
+    assert_one_error(run_cli(infer.main, [data / "testing_id.txt", tmp_path / "out.txt", "--checkpoint", run],
+                             capsys), weights, "checkpoint file missing")
+    optimizer = latest_checkpoint(run / "last") / "optimizer.h5"
+    optimizer.unlink()
+    assert_one_error(run_cli(train.main, ["--data-dir", data, "--ckpt-dir", run, *TRAIN, "--resume"], capsys),
+                     optimizer, "optimizer state missing, truncated or corrupt")
+
+
+def test_resume_without_a_last_checkpoint(tiny, tmp_path, capsys):
+    data, run_dir = tiny
+    run = copy_run(run_dir, tmp_path)
+    shutil.rmtree(run / "last")
+    before = folder_state(run)
+    assert_one_error(run_cli(train.main, ["--data-dir", data, "--ckpt-dir", run, *TRAIN, "--resume"], capsys),
+                     run / "last", "no checkpoint to resume from")
+    assert folder_state(run) == before
+
+
+# runs of the TensorFlow-only s2vt, made under TensorFlow whatever the tests run on: the config.json and vocab.json
+# of a run, and weights (here: that run's best) in a tf.train checkpoint (best/checkpoint, best/ckpt-1.index,
+# best/ckpt-1.data-00000-of-00001): in OLD as its train.py saved them, with the optimizer and the loop's counters,
+# in OLD-weights-only the model alone; prints the greedy captions those weights give the videos of an ids file, as JSON
+OLD_FORMAT_RUN = """
+import json, shutil, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import keras
+import numpy as np
+import tensorflow as tf
+from model import S2VT
+from util.checkpoints import latest_checkpoint, load_vocab, model_config_of, read_run_config
+from util.data import load_features, read_ids
+
+run, old_run, ids_file, feat_dir = map(Path, sys.argv[2:6])
+model = S2VT(model_config_of(run, read_run_config(run)))
+model.load_weights(latest_checkpoint(run / "best") / "model.weights.h5")
+optimizer = keras.optimizers.Adam(1e-3)
+optimizer.build(model.trainable_variables)
+counters = {"epoch": tf.Variable(2, dtype=tf.int64), "batch_in_epoch": tf.Variable(0, dtype=tf.int64),
+            "best_score": tf.Variable(0.5, dtype=tf.float64), "best_epoch": tf.Variable(2, dtype=tf.int64)}
+for folder, saved in ((old_run, dict(model=model, optimizer=optimizer, **counters)),
+                      (old_run.with_name(old_run.name + "-weights-only"), dict(model=model))):
+    (folder / "best").mkdir(parents=True)
+    for name in ("config.json", "vocab.json", "history.csv"):
+        shutil.copy(run / name, folder / name)
+    tf.train.Checkpoint(**saved).save(str(folder / "best" / "ckpt"))
+ids = read_ids(ids_file)
+words = model.greedy(load_features(feat_dir, ids, dtype=np.float32))[0].numpy()
+vocab = load_vocab(run)
+print(json.dumps({video_id: vocab.decode(row) for video_id, row in zip(ids, words)}))
+"""
+
+
+def backend_run(backend_name, argv):
+    """A command run as a child process under the given Keras backend."""
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KERAS_BACKEND": backend_name})
+
+
+def error_lines(stderr):
+    """The `error: ` lines of a child's stderr, which also holds TensorFlow's C++ start-up log; no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in shown_lines(stderr) if line.startswith("error: ")]
+
+
+def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path, capsys):
+    """An older s2vt's run (tf.train checkpoints) gets one line naming the command that converts it; converted,
+    it captions as its old weights did, on the backend the tests run on."""
+    data, run_dir = tiny
+    old, new = tmp_path / "old", tmp_path / "new"
+    ids, feat_dir = data / "testing_id.txt", data / "testing_data" / "feat"
+    made = backend_run("tensorflow", ["-c", OLD_FORMAT_RUN, ROOT, run_dir, old, ids, feat_dir])
+    assert made.returncode == 0, made.stderr[-3000:]
+    old_captions = json.loads(made.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in (old / "best").iterdir()) == ["checkpoint", "ckpt-1.data-00000-of-00001",
+                                                               "ckpt-1.index"]
+    out = tmp_path / "out.txt"
+    for checkpoint in (old, old / "best"):
+        assert_one_error(run_cli(infer.main, [ids, out, "--checkpoint", checkpoint], capsys), old,
+                         f"holds TensorFlow checkpoints of an older s2vt; convert it with "
+                         f"`python -m util.checkpoints convert {old}`")
     assert not out.exists()
+
+    weights_only = tmp_path / "old-weights-only"
+    for source, target, epoch in ((old, new, 2), (weights_only, tmp_path / "old-weights-only-converted", None)):
+        # the second without NEW_RUN: OLD_RUN-converted beside it
+        converted = backend_run("tensorflow", ["-m", "util.checkpoints", "convert", source,
+                                               *([target] if target == new else [])])
+        assert converted.returncode == 0, converted.stderr[-3000:]
+        assert converted.stdout.strip().splitlines()[-1] == f"converted {source} -> {target}"
+        assert sorted(p.name for p in target.iterdir()) == ["best", "config.json", "history.csv", "vocab.json"]
+        (checkpoint,) = (target / "best").iterdir()
+        assert sorted(p.name for p in checkpoint.iterdir()) == ["model.weights.h5", "state.json"]  # no optimizer
+        assert read_state(checkpoint)["epoch"] == epoch
+        assert checkpoint_weights(checkpoint).keys() == checkpoint_weights(latest_checkpoint(run_dir / "best")).keys()
+        code, _, err = run_cli(infer.main, [ids, out, "--checkpoint", target], capsys)
+        assert code == 0 and not shown_lines(err)
+        assert dict(line.split(",", 1) for line in out.read_text().splitlines()) == old_captions
+
+    # converting onto an existing folder, or where the folder cannot be, is refused in one line, leaving it be
+    before = folder_state(new)
+    again = backend_run("tensorflow", ["-m", "util.checkpoints", "convert", old, new])
+    assert again.returncode == 2 and error_lines(again.stderr) == [
+        f"error: {new}: already exists; choose another folder"]
+    nowhere = backend_run("tensorflow", ["-m", "util.checkpoints", "convert", old, tmp_path / "no" / "such" / "run"])
+    assert nowhere.returncode == 2
+    (line,) = error_lines(nowhere.stderr)
+    assert line.startswith(f"error: {tmp_path / 'no' / 'such' / 'run'}: ")
+    # JAX cannot read tf.train checkpoints
+    on_jax = backend_run("jax", ["-m", "util.checkpoints", "convert", old, tmp_path / "other"])
+    assert on_jax.returncode == 2 and error_lines(on_jax.stderr) == [
+        f"error: {old}: converting TensorFlow checkpoints needs KERAS_BACKEND=tensorflow"]
+    assert folder_state(new) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "old-weights-only",
+                                                          "old-weights-only-converted", "out.txt"]
 
 
 def test_resume_with_another_hidden_size(tiny, tmp_path, capsys):
@@ -466,14 +607,6 @@ def test_bad_argument(tmp_path, capsys, cli, option, value):
 
 # ---- interruption ----
 
-def weights(prefix):
-    return {n: tf.train.load_variable(prefix, n) for n, _ in tf.train.list_variables(prefix) if n.startswith("model/")}
-
-
-def checkpoint_value(prefix, name):
-    return int(tf.train.load_variable(prefix, f"{name}/.ATTRIBUTES/VARIABLE_VALUE"))
-
-
 def interrupt_mid_epoch(command):
     """Run command, send SIGINT once its progress bar shows the first loss of epoch 1 (a batch is done; tqdm's count
     can lag behind when the steps are fast). Returns (exit status, stdout, the end of stderr)."""
@@ -504,28 +637,32 @@ def test_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny, tmp_path
     command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--ckpt-dir", str(run), *TRAIN]
     code, out, err = interrupt_mid_epoch(command)
     assert code == 130 and "interrupted: saved" in out, out + err
-    saved = tf.train.latest_checkpoint(str(run / "last"))
-    epoch, batch = checkpoint_value(saved, "epoch"), checkpoint_value(saved, "batch_in_epoch")
+    saved = latest_checkpoint(run / "last")
+    state = read_state(saved)
+    epoch, batch = state["epoch"], state["batch_in_epoch"]
     assert epoch < 2 and 0 < batch < BATCHES_PER_EPOCH  # mid-epoch
-    assert checkpoint_value(saved, "optimizer/_iterations") == epoch * BATCHES_PER_EPOCH + batch
+    assert state["step"] == optimizer_iterations(saved) == epoch * BATCHES_PER_EPOCH + batch
+    assert f"interrupted: saved {saved} at epoch {epoch + 1}, batch {batch}" in out
 
     assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run), *TRAIN, "--resume"]) == 0
-    resumed = weights(tf.train.latest_checkpoint(str(run / "last")))
-    reference = weights(tf.train.latest_checkpoint(str(straight / "last")))
-    assert resumed.keys() == reference.keys()
+    resumed = checkpoint_weights(latest_checkpoint(run / "last"))
+    reference = checkpoint_weights(latest_checkpoint(straight / "last"))
+    assert resumed.keys() == reference.keys() and reference
     difference = max(float(np.max(np.abs(resumed[n] - reference[n]))) for n in reference)
     print(f"interrupted at epoch {epoch + 1}, batch {batch}; resumed weights differ by at most {difference:.3g}")
     assert difference <= 1e-6
 
 
-# forks one child per trial from a process that imported TensorFlow but never ran it (a fresh interpreter per trial
-# would spend 10 s importing it); each child saves an S2VT checkpoint, every weight set to the save count, in a
-# loop until it is killed, and writes "s" before and "e" after each save, so the last letter tells where it died
+# forks one child per trial from a process that imported Keras and the model but ran nothing (a fresh interpreter
+# per trial would spend seconds importing them); each child saves checkpoints with util.checkpoints.save_checkpoint
+# in a loop until it is killed, every model weight and optimizer variable set to the save count, and writes "s"
+# before and "e" after each save, so the last letter tells where it died
 SAVE_IN_A_LOOP = """
 import os, random, signal, sys, time
 sys.path.insert(0, sys.argv[1])
-import tensorflow as tf
+import keras
 from model import S2VT, S2VTConfig
+from util.checkpoints import save_checkpoint
 
 CONFIG = S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64)  # 3 MB
 root, trials = sys.argv[2], int(sys.argv[3])
@@ -537,14 +674,15 @@ for trial in range(trials):
     if pid == 0:
         os.close(ready)
         model = S2VT(CONFIG)
-        step = tf.Variable(0, dtype=tf.int64)
-        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, step=step), f"{root}/{trial}", 3)
+        optimizer = keras.optimizers.Adam(1e-3)
+        optimizer.build(model.trainable_variables)
+        step = 0
         while True:
-            step.assign_add(1)
-            for variable in model.variables:
-                variable.assign(tf.fill(variable.shape, float(step.numpy())))
+            step += 1
+            for variable in model.variables + optimizer.variables:
+                variable.assign(keras.ops.full(variable.shape, step, variable.dtype))
             os.write(tell, b"s")
-            manager.save()
+            save_checkpoint(f"{root}/{trial}", step, model, {"step": step}, optimizer, keep=3)
             os.write(tell, b"e")
     os.close(tell)
     while os.read(ready, 1) != b"e":  # the first checkpoint is complete
@@ -562,19 +700,28 @@ print(in_save)
 
 
 def test_kill_9_during_checkpoint_saves_leaves_a_loadable_checkpoint(tmp_path):
+    import keras
+
+    from model import S2VT, S2VTConfig
+    from util.checkpoints import restore
+
     trials = 20
     result = subprocess.run([sys.executable, "-c", SAVE_IN_A_LOOP, str(ROOT), str(tmp_path), str(trials)],
                             check=True, capture_output=True, text=True, timeout=300)
     in_save = int(result.stdout)
-    whole = 0
+    whole, saves = 0, []
+    model = S2VT(S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64))
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
     for trial in range(trials):
-        prefix = tf.train.latest_checkpoint(str(tmp_path / str(trial)))
-        model = S2VT(S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64))
-        step = tf.Variable(0, dtype=tf.int64)
-        restore(tf.train.Checkpoint(model=model, step=step), prefix)  # a DataError if it cannot
-        whole += all(np.all(v.numpy() == float(step.numpy())) for v in model.variables)  # none half old, half new
+        latest = latest_checkpoint(tmp_path / str(trial))
+        step = restore(latest, model, optimizer)["step"]  # a DataError if it cannot
+        saves.append(step)
+        assert latest.name == f"step-{step:08d}"
+        values = [keras.ops.convert_to_numpy(v) for v in model.variables + optimizer.variables]
+        whole += all(np.all(v == step) for v in values)  # none half old, half new
     print(f"kill -9 during checkpoint saves: {whole}/{trials} latest checkpoints restore whole; "
-          f"{in_save} of the kills landed inside CheckpointManager.save()")
+          f"{in_save} of the kills landed inside save_checkpoint(); saves per trial {min(saves)}-{max(saves)}")
     assert whole == trials and in_save > 0
 
 

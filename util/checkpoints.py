@@ -233,17 +233,22 @@ def convert_tensorflow_run(old_run, new_run):
     if new_run.exists():
         raise DataError(f"{new_run}: already exists; choose another folder")
     model = S2VT(model_config_of(old_run, config))
-    epoch = tf.Variable(0, dtype=tf.int64)
     try:  # the model's attribute names are those of the old one, so tf.train matches them
-        tf.train.Checkpoint(model=model, epoch=epoch).restore(prefix).expect_partial().assert_existing_objects_matched()
+        tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
+        saved = dict(tf.train.list_variables(prefix))
+        epoch_key = "epoch/.ATTRIBUTES/VARIABLE_VALUE"  # old train.py saved it; a checkpoint of weights alone has none
+        epoch = int(tf.train.load_variable(prefix, epoch_key)) if epoch_key in saved else None
     except (tf.errors.OpError, ValueError, AssertionError) as error:
         raise DataError(f"{prefix}: cannot be read into an S2VT of its config ({_summary(error)})") from None
-    work = Path(tempfile.mkdtemp(prefix=f".{new_run.name}.", dir=new_run.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{new_run.name}.", dir=new_run.parent))
+    except OSError as error:
+        raise DataError(f"{new_run}: cannot create the run folder ({error.strerror or error})") from None
     try:
         for name in ("config.json", "vocab.json", "history.csv", "curves.png"):
             if (old_run / name).is_file():
                 shutil.copy2(old_run / name, work / name)
-        save_checkpoint(work / "best", 0, model, {"epoch": int(epoch.numpy()), "converted_from": prefix})
+        save_checkpoint(work / "best", 0, model, {"epoch": epoch, "converted_from": prefix})
         os.rename(work, new_run)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -64,6 +64,8 @@ def save_checkpoint(folder, step, model, state, optimizer=None, keep=3):
     then remove all but the newest `keep` checkpoints there. Returns its path."""
     folder = Path(folder)
     target = folder / f"step-{step:08d}"
+    for stale in folder.glob(".step-*.partial"):  # left by a process killed while saving (one writer per folder)
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=folder))
@@ -182,14 +184,43 @@ def restore(checkpoint, model, optimizer=None):
     if not weights.is_file():
         raise DataError(f"{weights}: checkpoint file missing")
     try:
-        model.load_weights(weights)
+        saved = _array_shapes(weights)
     except OSError as error:  # h5py: not an HDF5 file, truncated
+        raise DataError(f"{weights}: checkpoint file is truncated or corrupt ({_summary(error)})") from None
+    wanted = sorted(tuple(w.shape) for w in model.weights)
+    if sorted(saved) != wanted:
+        extra, missing = _difference(saved, wanted), _difference(wanted, saved)
+        raise DataError(f"{weights}: cannot be restored into this model: {len(saved)} weights saved, {len(wanted)} "
+                        f"built from config.json" + (f"; saved but not built: {extra}" if extra else "")
+                        + (f"; built but not saved: {missing}" if missing else ""))
+    try:
+        model.load_weights(weights)
+    except OSError as error:
         raise DataError(f"{weights}: checkpoint file is truncated or corrupt ({_summary(error)})") from None
     except (ValueError, KeyError, TypeError) as error:
         raise DataError(f"{weights}: cannot be restored into this model ({_summary(error)})") from None
     if optimizer is not None:
         _restore_optimizer(checkpoint / OPTIMIZER_FILE, optimizer)
     return state
+
+
+def _array_shapes(path):
+    """The shapes of every array in an HDF5 file."""
+    import h5py
+
+    shapes = []
+    with h5py.File(path, "r") as file:
+        file.visititems(lambda name, item: shapes.append(tuple(item.shape)) if isinstance(item, h5py.Dataset) else None)
+    return sorted(shapes)
+
+
+def _difference(shapes, others):
+    """The shapes in `shapes` beyond those in `others` (a multiset difference), as text: "(600, 2400) x2, ..."."""
+    from collections import Counter
+
+    left = Counter(shapes) - Counter(others)
+    return ", ".join(f"{shape}" + (f" x{n}" if n > 1 else "") for shape, n in sorted(left.items())[:4]) \
+        + (", ..." if len(left) > 4 else "")
 
 
 def _restore_optimizer(path, optimizer):

@@ -223,7 +223,7 @@ def fetch_release(spec, directory=None, sha256=None, registry=None):
 def checkpoint_location(spec):
     """What infer.py's --checkpoint names: a local run folder or checkpoint prefix as it is (None: the newest run),
     else a URL or registry name, fetched."""
-    if spec is None or Path(spec).exists() or Path(f"{spec}.index").is_file():
+    if spec is None or Path(spec).exists():
         return spec
     return fetch_release(spec)
 

@@ -90,9 +90,9 @@ def bench_train(args):
     train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
     rows, width_multiple = distribution.padding(args.batch_size)
     # two batches alternate (train.py's pipeline prepares the next batch in the background), padded as train.py does
-    batches = [[batch_arrays(features(rng, args.batch_size, args.config), np.arange(args.batch_size),
-                             caption_batch(rng, args.batch_size, CONFIGS[args.config]["vocab_size"]), rows,
-                             width_multiple)] for _ in range(2)]
+    batches = [train_step.prepare([batch_arrays(features(rng, args.batch_size, args.config), np.arange(args.batch_size),
+                                                caption_batch(rng, args.batch_size, CONFIGS[args.config]["vocab_size"]),
+                                                rows, width_multiple)]) for _ in range(2)]
     state = {"i": 0}
 
     def step():

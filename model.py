@@ -22,8 +22,8 @@ tests/test_speed_equivalence.py checks it against a plain step-by-step S2VT):
   tanh(W1 h_s + W2 h_t) rather than keeping a (batch, frames, dim) tensor per decoder step.
 - matmul_dtype="bfloat16" runs the large matmuls in bfloat16 (weights, gates and cell states stay float32), each
   kernel cast once before the loops.
-- Decoding runs max_len steps of a scan whose steps do nothing once every caption (every beam) has ended, so
-  shapes are fixed and nothing is computed past the end.
+- Decoding stops once every caption (every video's pool of beams) has ended, its outputs padded to max_len so that
+  shapes are fixed (util.backend.scan_until).
 Randomness (feature noise, dropout, scheduled-sampling coins) is stateless, drawn from a seed passed per call, so a
 training step is a pure function of (weights, batch, seed) and a resumed run replays exactly.
 """
@@ -358,11 +358,13 @@ class S2VT(keras.Model):
         """(..., hidden) -> (..., vocab), in the configured matmul precision."""
         return sequence_matmul(h2, kernels["output"], self.config.matmul_dtype) + self.output_projection.bias
 
-    def writable_log_probs(self, h2, kernels):
-        """Log-probabilities of the next word (batch, vocab), -inf for the tokens a caption never holds (<PAD>,
-        <BOS>, <UNK>): decoding must not write them, and the other words keep their model probabilities."""
+    def writable_logits(self, h2, kernels, log_probs=False):
+        """Logits of the next word (batch, vocab), or with log_probs its log-probabilities, -inf for the tokens a
+        caption never holds (<PAD>, <BOS>, <UNK>): decoding must not write them, and the other words keep their
+        model probabilities."""
         never = ops.sum(ops.one_hot(np.array(NEVER_WRITTEN), self.config.vocab_size), 0) > 0  # (vocab,)
-        return ops.where(never, NEG_INF, ops.log_softmax(self.word_logits(h2, kernels), axis=-1))
+        logits = self.word_logits(h2, kernels)
+        return ops.where(never, NEG_INF, ops.log_softmax(logits, axis=-1) if log_probs else logits)
 
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=None, training=False, draws=None):
         """Training / scoring pass. caption_ids (batch, length): the words then <EOS>, <PAD>-padded.
@@ -414,25 +416,20 @@ class S2VT(keras.Model):
         max_len = max_len or self.config.max_caption_len
         encoded = self.encode(frame_features)
         kernels = self.decoding_kernels()
-        batch, frames = ops.shape(frame_features)[0], ops.shape(frame_features)[1]
+        batch = ops.shape(frame_features)[0]
 
         def step(state, _):
-            def advance():
-                h1, c1, h2, c2, word, finished = state
-                h1, c1 = self.lstm1_decode_step(h1, c1, kernels)
-                h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1, kernels), word, h2, c2, encoded,
-                                                         kernels)
-                best = ops.cast(ops.argmax(self.writable_log_probs(h2, kernels), -1), "int32")
-                word = ops.where(finished, PAD, best)
-                weights = ops.where(finished[:, None], 0.0, weights)  # zero after the caption's end, as beam_search
-                return (h1, c1, h2, c2, word, ops.logical_or(finished, word == EOS)), (word, weights)
-
-            ended = (ops.full((batch,), PAD, "int32"), ops.zeros((batch, frames)))
-            return ops.cond(ops.all(state[-1]), lambda: (state, ended), advance)
+            h1, c1, h2, c2, word, finished = state
+            h1, c1 = self.lstm1_decode_step(h1, c1, kernels)
+            h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1, kernels), word, h2, c2, encoded, kernels)
+            best = ops.cast(ops.argmax(self.writable_logits(h2, kernels), -1), "int32")
+            word = ops.where(finished, PAD, best)
+            weights = ops.where(finished[:, None], 0.0, weights)  # zero after the caption's end, as beam_search's
+            return (h1, c1, h2, c2, word, ops.logical_or(finished, word == EOS)), (word, weights)
 
         start = (encoded["h1"], encoded["c1"], encoded["h2"], encoded["c2"], ops.full((batch,), BOS, "int32"),
                  ops.zeros((batch,), "bool"))
-        _, (words, weights) = backend.scan(step, start, ops.arange(max_len))
+        _, (words, weights), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[-1]))
         return ops.transpose(words), ops.transpose(weights, (1, 0, 2))
 
     def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
@@ -477,37 +474,32 @@ class S2VT(keras.Model):
             return ops.take_along_axis(values, indices, axis=1)
 
         def step(state, t):
-            def advance():
-                h1, c1, h2, c2, words, live_scores, pool = state
-                h1, c1 = self.lstm1_decode_step(h1, c1, kernels)
-                from_lstm1 = ops.repeat(self.lstm1_to_lstm2(h1, kernels), beam, axis=0)  # (batch*beam, 4*hidden)
-                h2, c2, weights = self.lstm2_decode_step(from_lstm1, words, h2, c2, encoded, kernels)
-                log_probs = ops.reshape(self.writable_log_probs(h2, kernels), (batch, beam, vocab))
-                totals = ops.reshape(live_scores[:, :, None] + log_probs, (batch, beam * vocab))
-                # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
-                candidate_scores, candidate_ids = ops.top_k(totals, 2 * beam)  # (batch, 2*beam), best first
-                candidate_ids = ops.cast(candidate_ids, "int32")
-                candidate_parents, candidate_words = candidate_ids // vocab, candidate_ids % vocab
-                ends = candidate_words == EOS
+            h1, c1, h2, c2, words, live_scores, pool = state
+            h1, c1 = self.lstm1_decode_step(h1, c1, kernels)
+            from_lstm1 = ops.repeat(self.lstm1_to_lstm2(h1, kernels), beam, axis=0)  # (batch*beam, 4*hidden)
+            h2, c2, weights = self.lstm2_decode_step(from_lstm1, words, h2, c2, encoded, kernels)
+            log_probs = ops.reshape(self.writable_logits(h2, kernels, log_probs=True), (batch, beam, vocab))
+            totals = ops.reshape(live_scores[:, :, None] + log_probs, (batch, beam * vocab))
+            # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
+            candidate_scores, candidate_ids = ops.top_k(totals, 2 * beam)  # (batch, 2*beam), best first
+            candidate_ids = ops.cast(candidate_ids, "int32")
+            candidate_parents, candidate_words = candidate_ids // vocab, candidate_ids % vocab
+            ends = candidate_words == EOS
 
-                finishing = ends & first_ones & (candidate_scores > NEG_INF) & ~is_full(pool)[:, None]
-                arrivals = {"rank": ops.where(finishing, rank(candidate_scores, t + 1), NEG_INF),
-                            "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_ids), t, "int32"),
-                            "parent": candidate_parents}
-                _, kept = ops.top_k(ops.concatenate([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
-                pool = {name: gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
+            finishing = ends & first_ones & (candidate_scores > NEG_INF) & ~is_full(pool)[:, None]
+            arrivals = {"rank": ops.where(finishing, rank(candidate_scores, t + 1), NEG_INF),
+                        "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_ids), t, "int32"),
+                        "parent": candidate_parents}
+            _, kept = ops.top_k(ops.concatenate([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
+            pool = {name: gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
 
-                live_scores, continuing = ops.top_k(ops.where(ends, NEG_INF, candidate_scores), beam)
-                parents = gather(candidate_parents, continuing)  # (batch, beam)
-                new_words = gather(candidate_words, continuing)
-                rows = ops.reshape(first_rows + parents, (-1,))  # (batch*beam,)
-                extended = (h1, c1, ops.take(h2, rows, axis=0), ops.take(c2, rows, axis=0),
-                            ops.reshape(new_words, (-1,)), live_scores, pool)
-                return extended, (new_words, parents, ops.reshape(weights, (batch, beam, frames)), ops.ones((), "int32"))
-
-            stopped = (ops.zeros((batch, beam), "int32"), ops.zeros((batch, beam), "int32"),
-                       ops.zeros((batch, beam, frames)), ops.zeros((), "int32"))
-            return ops.cond(ops.all(is_full(state[-1])), lambda: (state, stopped), advance)
+            live_scores, continuing = ops.top_k(ops.where(ends, NEG_INF, candidate_scores), beam)
+            parents = gather(candidate_parents, continuing)  # (batch, beam)
+            new_words = gather(candidate_words, continuing)
+            rows = ops.reshape(first_rows + parents, (-1,))  # (batch*beam,)
+            state = (h1, c1, ops.take(h2, rows, axis=0), ops.take(c2, rows, axis=0), ops.reshape(new_words, (-1,)),
+                     live_scores, pool)
+            return state, (new_words, parents, ops.reshape(weights, (batch, beam, frames)))
 
         # At step 0 only beam 0 is live, so a video's beams do not all grow the same hypotheses.
         live_scores = ops.tile(ops.concatenate([ops.zeros((1,)), ops.full((beam - 1,), NEG_INF)], 0)[None],
@@ -516,10 +508,10 @@ class S2VT(keras.Model):
                       "end": ops.zeros((batch, beam), "int32"), "parent": ops.zeros((batch, beam), "int32")}
         start = (h1, c1, encoded["h2"], encoded["c2"], ops.full((batch * beam,), BOS, "int32"), live_scores,
                  empty_pool)
-        end_state, (tokens, parents, weights, advanced) = backend.scan(step, start, ops.arange(max_len, dtype="int32"))
+        end_state, (tokens, parents, weights), steps = backend.scan_until(
+            step, start, max_len, lambda state: ops.all(is_full(state[-1])))
         # tokens, parents (max_len, batch, beam); weights (max_len, batch, beam, frames), by the beam extended
         live_scores, pool = end_state[-2], end_state[-1]
-        steps = ops.sum(advanced)
 
         pool["word"] = ops.full((batch, beam), EOS, "int32")
         live = {"rank": rank(live_scores, steps), "log_prob": live_scores,

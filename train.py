@@ -332,7 +332,7 @@ def train(args):
             skip = state["batch_in_epoch"]
             epoch_batches = batches(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip,
                                     (distribution.slices, distribution.first_slice, distribution.local_slices),
-                                    *padding)
+                                    *padding, prepare=train_step.prepare)
             epoch_started = time.perf_counter()
             with tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
                       leave=False) as bar:

@@ -32,7 +32,7 @@ def interrupt_after(steps, monkeypatch):
                 os.kill(os.getpid(), signal.SIGINT)
             return step(*step_args)
 
-        interrupting_step.sync = step.sync
+        interrupting_step.sync, interrupting_step.prepare = step.sync, step.prepare
         return interrupting_step
 
     monkeypatch.setattr(backend, "make_train_step", make_interrupting_step)

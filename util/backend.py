@@ -98,6 +98,36 @@ def scan(step, carry, xs, reverse=False):
     return carry, tf.nest.pack_sequence_as(first, [o.stack() for o in outputs])
 
 
+def scan_until(step, carry, length, done):
+    """carry, ys, steps = scan_until(step, carry, length, done): step(carry, t) -> (carry, y) for t = 0, 1, ...
+    until done(carry) or `length` steps (at least one). ys stacks the steps' outputs along a leading axis of size
+    `length`, zeros after the last step run: fixed shapes, and no work past the end (decoding, once every caption
+    has ended)."""
+    if BACKEND == "jax":
+        outputs = jax.eval_shape(lambda c: step(c, jnp.int32(0))[1], carry)
+        buffers = jax.tree.map(lambda y: jnp.zeros((length,) + y.shape, y.dtype), outputs)
+
+        def body(state):
+            t, carry, buffers = state
+            carry, y = step(carry, t)
+            return t + 1, carry, jax.tree.map(lambda b, v: jax.lax.dynamic_update_index_in_dim(b, v, t, 0), buffers, y)
+
+        t, carry, buffers = jax.lax.while_loop(lambda state: (state[0] < length) & ~done(state[1]), body,
+                                               (jnp.int32(0), carry, buffers))
+        return carry, buffers, t
+    carry, first = step(carry, tf.constant(0))  # the first step outside the loop tells the outputs' types
+    outputs = [tf.TensorArray(y.dtype, size=length, element_shape=y.shape).write(0, y) for y in tf.nest.flatten(first)]
+
+    def body(t, carry, outputs):
+        carry, y = step(carry, t)
+        return t + 1, carry, [o.write(t, v) for o, v in zip(outputs, tf.nest.flatten(y))]
+
+    t, carry, outputs = tf.while_loop(lambda t, carry, _: (t < length) & ~done(carry), body, (1, carry, outputs))
+    stacked = [tf.pad(o.gather(tf.range(t)), [[0, length - t]] + [[0, 0]] * (o.element_shape.rank or 0))
+               for o in outputs]
+    return carry, tf.nest.pack_sequence_as(first, stacked), t
+
+
 def read(variable):
     """A variable's value as a plain tensor: a custom-gradient function given the variable itself would, on
     TensorFlow, watch it and need a gradient for it of its own."""
@@ -318,7 +348,8 @@ class Distribution:
 
 def make_train_step(model, optimizer, distribution, batch_loss):
     """One optimisation step: step(slices, teacher_forcing_prob, seed) -> the global batch's loss (a device
-    scalar; float() waits for it). slices: this process's replicas' (frame_features, caption_ids) numpy pairs.
+    scalar; float() waits for it). slices: this process's replicas' (frame_features, caption_ids) numpy pairs, or
+    step.prepare(slices) of them, the same as tensors on the devices.
 
     batch_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch) is the replica's summed
     caption loss divided by the global batch size, so summed over replicas it is the mean over the global batch and
@@ -367,6 +398,10 @@ class _TensorFlowTrainStep:
             return strategy.reduce(sum_, losses, axis=None)
 
         self.single, self.distributed = single, distributed
+
+    def prepare(self, slices):
+        """A batch's slices as tensors, made ahead in util.data.batches' thread rather than at the step."""
+        return [(tf.constant(frame_features), tf.constant(captions)) for frame_features, captions in slices]
 
     def __call__(self, slices, teacher_forcing_prob, seed):
         if self.distribution.replicas == 1:
@@ -431,13 +466,16 @@ class _JaxTrainStep:
         self.step = step
         self.state = None
 
+    def prepare(self, slices):
+        """A batch on its devices, sharded, put there ahead in util.data.batches' thread rather than at the step."""
+        return [tuple(jax.device_put(a, self.batch_sharding) for a in pair) for pair in slices]
+
     def __call__(self, slices, teacher_forcing_prob, seed):
         if self.state is None:  # the weights as they are now, placed once
             self.state = [jax.device_put([v.value for v in variables], self.replicated) for variables in
                           (self.model.trainable_variables, self.model.non_trainable_variables,
                            self.optimizer.variables)]
-        (frame_features, captions), = slices
-        frame_features, captions = (jax.device_put(a, self.batch_sharding) for a in (frame_features, captions))
+        (frame_features, captions), = self.prepare(slices)  # already there when prepared
         trainable_values, other_values, optimizer_values = self.state
         trainable_values, optimizer_values, loss = self.step(
             trainable_values, other_values, optimizer_values, frame_features, captions,

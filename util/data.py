@@ -292,18 +292,19 @@ def batch_arrays(features, video_index, caption_ids, rows=None, width_multiple=1
 
 
 def batches(features, video_index, caption_ids, batch_size, skip_batches=0, slices=(1, 0, 1), rows=None,
-            width_multiple=1):
+            width_multiple=1, prepare=lambda slices: slices):
     """The global batches of already-ordered pairs, from batch skip_batches on, gathered one ahead in a background
     thread. Each is a list of this process's slices [(frame_features, caption_ids), ...]: slices = (count, first,
     local) cuts every global batch into `count` parts (util.data.replica_slices) of which this process gathers
-    `local` from `first` on; rows and width_multiple pad each part (batch_arrays)."""
+    `local` from `first` on; rows and width_multiple pad each part (batch_arrays); prepare(slices), in the thread
+    too, may put them on the devices."""
     count, first, local = slices
     starts, stops = replica_slices(len(video_index), batch_size, count, skip_batches)
 
     def produce():
         for batch_starts, batch_stops in zip(starts[:, first:first + local], stops[:, first:first + local]):
-            yield [batch_arrays(features, video_index[a:b], caption_ids[a:b], rows, width_multiple)
-                   for a, b in zip(batch_starts, batch_stops)]
+            yield prepare([batch_arrays(features, video_index[a:b], caption_ids[a:b], rows, width_multiple)
+                           for a, b in zip(batch_starts, batch_stops)])
 
     return prefetched(produce())
 

@@ -104,6 +104,8 @@ def bench_train(args):
 
 
 def bench_infer(args):
+    import keras
+
     from util import backend
 
     rng = np.random.default_rng(0)
@@ -112,7 +114,7 @@ def bench_infer(args):
         decode = backend.compile_function(model, model.greedy)
     else:
         decode = backend.compile_function(model, lambda f: model.beam_search(f, args.beam_size))
-    batch = features(rng, args.batch_size, args.config)
+    batch = keras.ops.convert_to_tensor(features(rng, args.batch_size, args.config))  # on the device, as training's
     seconds, first = timed(lambda: backend.to_numpy(decode(batch)), args.runs, args.warmup)
     return {"captions_per_s": args.batch_size / seconds, "beam_size": args.beam_size, "first_call_s": first}
 

@@ -111,7 +111,7 @@ def _lstm_sequence_with_gradient(dtype):
             h, c, activated = lstm_cell(gates + matmul(state[0], kernel, dtype), state[1])
             return (h, c), (h, c, activated)
 
-        (h, c), (outputs, cells, activated) = backend.scan(step, (h0, c0), input_gates)
+        (h, c), (outputs, cells, activated) = backend.scan(step, (h0, c0), input_gates, differentiated=False)
 
         def grad(*upstream):
             # TensorFlow hands one gradient per output, JAX one tuple of them; an unused output's may be None
@@ -134,7 +134,7 @@ def _lstm_sequence_with_gradient(dtype):
                 return (matmul(d_gates, kernel_t, dtype), d_c * f), d_gates
 
             (d_h, d_c), d_gates = backend.scan(back, (d_h, d_c), (activated, cells, previous_c, d_outputs),
-                                               reverse=True)  # d_gates (time, batch, 4*units)
+                                               reverse=True, differentiated=False)  # d_gates (time, batch, 4*units)
             units = ops.shape(h0)[-1]
             previous_h = ops.reshape(ops.concatenate([h0[None], outputs[:-1]], 0), (-1, units))  # (time*batch, units)
             d_recurrent = matmul(ops.transpose(previous_h), ops.reshape(d_gates, (-1, 4 * units)), dtype)
@@ -362,7 +362,7 @@ class S2VT(keras.Model):
         """Logits of the next word (batch, vocab), or with log_probs its log-probabilities, -inf for the tokens a
         caption never holds (<PAD>, <BOS>, <UNK>): decoding must not write them, and the other words keep their
         model probabilities."""
-        never = ops.sum(ops.one_hot(np.array(NEVER_WRITTEN), self.config.vocab_size), 0) > 0  # (vocab,)
+        never = np.isin(np.arange(self.config.vocab_size), NEVER_WRITTEN)  # (vocab,), a constant
         logits = self.word_logits(h2, kernels)
         return ops.where(never, NEG_INF, ops.log_softmax(logits, axis=-1) if log_probs else logits)
 
@@ -424,12 +424,12 @@ class S2VT(keras.Model):
             h2, c2, weights = self.lstm2_decode_step(self.lstm1_to_lstm2(h1, kernels), word, h2, c2, encoded, kernels)
             best = ops.cast(ops.argmax(self.writable_logits(h2, kernels), -1), "int32")
             word = ops.where(finished, PAD, best)
-            weights = ops.where(finished[:, None], 0.0, weights)  # zero after the caption's end, as beam_search's
             return (h1, c1, h2, c2, word, ops.logical_or(finished, word == EOS)), (word, weights)
 
         start = (encoded["h1"], encoded["c1"], encoded["h2"], encoded["c2"], ops.full((batch,), BOS, "int32"),
                  ops.zeros((batch,), "bool"))
         _, (words, weights), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[-1]))
+        weights = ops.where((words == PAD)[:, :, None], 0.0, weights)  # zero after each caption's end, as beam's
         return ops.transpose(words), ops.transpose(weights, (1, 0, 2))
 
     def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
@@ -547,7 +547,7 @@ class S2VT(keras.Model):
 
         steps = ops.arange(ops.shape(tokens)[0], dtype="int32")
         _, (words, attention) = backend.scan(step, ops.zeros_like(end), (steps, tokens, parents, weights),
-                                             reverse=True)
+                                             reverse=True, differentiated=False)
         return ops.transpose(words, (1, 2, 0)), ops.transpose(attention, (1, 2, 0, 3))
 
 

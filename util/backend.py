@@ -72,19 +72,25 @@ def uniform(shape, seed, minval=0.0, maxval=1.0):
     return tf.random.stateless_uniform(shape, seed, minval, maxval)
 
 
-def scan(step, carry, xs, reverse=False):
+def scan(step, carry, xs, reverse=False, differentiated=True):
     """carry, ys = scan(step, carry, xs): step(carry, x) -> (carry, y) over the leading axis of xs (a tuple of
-    tensors), ys stacked along it. keras.ops.scan on TensorFlow needs ys shaped like the carry; this does not."""
+    tensors), ys stacked along it. keras.ops.scan on TensorFlow needs ys shaped like the carry; this does not.
+    differentiated=False (inside a hand-written gradient, or decoding) lets TensorFlow read xs by plain indexing,
+    which costs no copy; under its autodiff that indexing would build a full-size gradient at every step."""
     if BACKEND == "jax":
         return jax.lax.scan(step, carry, xs, reverse=reverse)
     xs = tf.nest.map_structure(tf.convert_to_tensor, xs)
     flat_xs = tf.nest.flatten(xs)
     length = tf.shape(flat_xs[0])[0]
-    inputs = [tf.TensorArray(x.dtype, size=length, element_shape=x.shape[1:]).unstack(x) for x in flat_xs]
+    if differentiated:
+        arrays = [tf.TensorArray(x.dtype, size=length, element_shape=x.shape[1:]).unstack(x) for x in flat_xs]
+        read = lambda t: [a.read(t) for a in arrays]
+    else:
+        read = lambda t: [x[t] for x in flat_xs]
     position = (lambda i: length - 1 - i) if reverse else (lambda i: i)
 
     def run(i, carry):
-        return step(carry, tf.nest.pack_sequence_as(xs, [x.read(position(i)) for x in inputs]))
+        return step(carry, tf.nest.pack_sequence_as(xs, read(position(i))))
 
     carry, first = run(0, carry)  # the first step outside the loop tells the outputs' types and shapes
     outputs = [tf.TensorArray(y.dtype, size=length, element_shape=y.shape).write(position(0), y)

@@ -90,7 +90,6 @@ class Captioner:
         from util.checkpoints import load_model
         from util.release import checkpoint_location
 
-        backend.check_supported()
         model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)
         return cls(model, vocab, run_config, source, batch_size)
 

@@ -254,7 +254,6 @@ def interrupted(checkpoint, state, run_dir):
 
 def train(args):
     run_dir = Path(args.ckpt_dir)
-    backend.check_supported()
     backend.configure_devices()
     distribution = backend.Distribution(args.strategy)  # first: TensorFlow's multi-worker setup precedes other work
     chief, agree = distribution.chief, distribution.agreement()

@@ -3,11 +3,14 @@
 model.py is keras.ops throughout; this module holds, one function each, what keras.ops leaves to the backend:
 stateless random draws from a seed, a scan whose outputs need not look like its carry, XLA fusion of a kernel,
 gradients, compiling a function of the model's weights, the training step and devices. Nothing here imports
-TensorFlow on JAX, or JAX on TensorFlow. Choose the backend with KERAS_BACKEND=tensorflow|jax.
+TensorFlow on JAX, or JAX on TensorFlow. Choose the backend with KERAS_BACKEND=tensorflow|jax; on any other
+(torch, numpy: their Keras lacks what the hand-written LSTM gradient needs) importing this module ends the program
+with one `error:` line, exit status 2.
 """
 import contextlib
 import os
 import random
+import sys
 
 import keras
 import numpy as np
@@ -23,6 +26,10 @@ if BACKEND == "tensorflow":
 elif BACKEND == "jax":
     import jax
     import jax.numpy as jnp
+else:
+    print(f"error: KERAS_BACKEND={BACKEND}: not supported; s2vt runs on tensorflow (the default) or jax",
+          file=sys.stderr)
+    raise SystemExit(2)
 
 
 def set_random_seed(seed):
@@ -34,12 +41,6 @@ def set_random_seed(seed):
     else:
         random.seed(seed)
         np.random.seed(seed)
-
-
-def check_supported():
-    """A one-line DataError for a backend s2vt does not run on (its LSTMs need keras.ops.custom_gradient)."""
-    if BACKEND not in SUPPORTED:
-        raise DataError(f"KERAS_BACKEND={BACKEND}: not supported; s2vt runs on tensorflow (the default) or jax")
 
 
 # ---- kernels behind one signature ----
@@ -132,6 +133,15 @@ def scan_until(step, carry, length, done):
     stacked = [tf.pad(o.gather(tf.range(t)), [[0, length - t]] + [[0, 0]] * (o.element_shape.rank or 0))
                for o in outputs]
     return carry, tf.nest.pack_sequence_as(first, stacked), t
+
+
+def batch_gather(values, indices):
+    """values (batch, n, ...), indices (batch, k) -> (batch, k, ...): each row's entries picked by its indices.
+    keras.ops.take_along_axis does it by broadcasting, a dozen ops on TensorFlow; beam search does it eight times a
+    step."""
+    if BACKEND == "jax":
+        return jax.vmap(lambda v, i: v[i])(values, indices)
+    return tf.gather(values, indices, batch_dims=1)
 
 
 def read(variable):

@@ -78,7 +78,7 @@ def features(rng, batch_size, config):
 def bench_train(args):
     import keras
 
-    from train import replica_loss
+    from model import replica_loss
     from util import backend
     from util.data import batch_arrays
 

@@ -591,3 +591,11 @@ def caption_losses(logits, caption_ids):
 def caption_loss(logits, caption_ids):
     """caption_losses averaged over the batch."""
     return ops.mean(caption_losses(logits, caption_ids))
+
+
+def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
+    """A training step's loss on one replica's part of the batch: its captions' losses summed and divided by the
+    global batch size, so that summed over the replicas it is the mean over the global batch."""
+    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                         training=True)
+    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")

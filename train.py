@@ -31,7 +31,7 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
-from model import ATTENTIONS, MATMUL_DTYPES, S2VTConfig, S2VT, caption_losses
+from model import ATTENTIONS, MATMUL_DTYPES, S2VTConfig, S2VT, caption_losses, replica_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
@@ -192,14 +192,6 @@ def ctrl_c_stops_between_batches():
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
-    """A replica's training loss: its captions' losses summed and divided by the global batch size, so that summed
-    over the replicas it is the mean over the global batch."""
-    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
-                         training=True)
-    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
 
 
 def run_epoch(train_step, epoch_batches, teacher_forcing_prob, seed, first_step, stop, log_every, bar):

@@ -45,7 +45,7 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":  # before TensorFlow starts; the
 import keras
 import numpy as np
 import train
-from model import S2VT, S2VTConfig
+from model import S2VT, S2VTConfig, replica_loss
 from util import backend
 from util.data import batches
 from util.vocab import EOS, PAD
@@ -77,7 +77,7 @@ def train_steps(distribution):
         model.adapt_features(features)
         optimizer = keras.optimizers.Adam(0.01, global_clipnorm=0.1)
         optimizer.build(model.trainable_variables)
-    train_step = backend.make_train_step(model, optimizer, distribution, train.replica_loss)
+    train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
     rows, width_multiple = distribution.padding(7)
     losses, slices, shapes = [], [], []
     started = time.perf_counter()

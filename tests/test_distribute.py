@@ -130,14 +130,6 @@ def run_mirrored_steps(keras_backend, *train_argv, **env):
     return report
 
 
-def test_replica_slices_split_every_global_batch_evenly():
-    starts, stops = replica_slices(pairs=10, batch_size=4, replicas=3)
-    np.testing.assert_array_equal(starts, [[0, 1, 2], [4, 5, 6], [8, 8, 9]])
-    np.testing.assert_array_equal(stops, [[1, 2, 4], [5, 6, 8], [8, 9, 10]])
-    starts, stops = replica_slices(pairs=10, batch_size=4, replicas=3, skip_batches=2)
-    np.testing.assert_array_equal(starts, [[8, 8, 9]])
-
-
 def test_each_worker_gathers_its_own_slices_of_the_single_device_batches():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(4, 3, 2)).astype(np.float16)

@@ -26,7 +26,7 @@ from conftest import ROOT, write_tiny_mlds
 from test_extract import FAST
 from util import backend
 from util.checkpoints import latest_checkpoint, read_state
-from util.data import batch_arrays, batches, replica_slices
+from util.data import batch_arrays, batches
 from util.demo_data import make_corpus
 from util.vocab import EOS, PAD
 

@@ -36,6 +36,8 @@ from util.evaluate import evaluate, format_table
 from util.data import (DataError, find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids,
                        warnings_as_lines)
 
+DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
+
 
 def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
     """One heatmap PNG per video in out_dir; with the clip found in video_dir, thumbnails of its frames on top."""
@@ -54,9 +56,6 @@ def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
         result_with_frames = result if thumbnails is None else replace(result, frames=thumbnails)
         result_with_frames.plot_attention(out_dir / f"{Path(video_id).name}.png",
                                           title=f"{Path(video_id).name}: {result.caption}")
-
-
-DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
 
 
 def check_manifest_matches(feat_dir, run_config):
@@ -101,7 +100,7 @@ def fused_feat_dir(feat_dir, captioner, member):
     return feat_dir if stream == stream_of(captioner.run_config) else feat_dir.with_name(f"{feat_dir.name}_{stream}")
 
 
-def load_features(feat_dir, video_ids, captioner, what):
+def read_run_features(feat_dir, video_ids, captioner, what):
     """(videos, frames, dim) features of a run from feat_dir, after checking they are the run's kind."""
     if not feat_dir.is_dir():
         raise DataError(f"{feat_dir}: no features folder for {what} ({stream_of(captioner.run_config)} stream, "
@@ -174,9 +173,10 @@ def main(argv=None):
             raise DataError(f"{args.out_file}: is a folder; give a file name to write the captions to")
         captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
         feat_dir = Path(args.feat_dir) if args.feat_dir else find_feat_dir(args.ids_file)
-        features = load_features(feat_dir, video_ids, captioner, "the checkpoint")
-        fused_features = [load_features(Path(args.fuse_feat_dir) if args.fuse_feat_dir else
-                                        fused_feat_dir(feat_dir, captioner, member), video_ids, member, "--fuse")
+        features = read_run_features(feat_dir, video_ids, captioner, "the checkpoint")
+        fused_features = [read_run_features(Path(args.fuse_feat_dir) if args.fuse_feat_dir else
+                                            fused_feat_dir(feat_dir, captioner, member), video_ids, member,
+                                            "--fuse")
                           for member, _ in captioner.fused]
         results = captioner.decode(features, fused_features=fused_features, **decoding)
         captions = [r.caption for r in results]

@@ -182,10 +182,10 @@ def loss_and_gradients(model, loss_fn, *args):
 
 
 def compile_function(model, function):
-    """function(*arrays) compiled once per input shape (tf.function / jax.jit), reading the model's weights as they
-    are at each call."""
+    """function(*arrays) compiled once per input shape (tf.function / jax.jit), reading the weights of `model` (a
+    model, or a list of models that function uses together) as they are at each call."""
     if BACKEND == "jax":
-        variables = model.variables
+        variables = [v for each in (model if isinstance(model, (list, tuple)) else [model]) for v in each.variables]
 
         @jax.jit
         def pure(values, *args):

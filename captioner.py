@@ -5,8 +5,12 @@
     captioner.caption("clip.mp4")                # 'a big red ring moves to the left'
     captioner.caption(["a.avi", "b.avi"], beam_size=5, n_best=3, attention=True)   # [Caption, Caption]
     captioner.caption_features(features)         # (frames, dim) or (videos, frames, dim)
+    fused = Captioner.load("checkpoints/demo", fuse=[("checkpoints/demo_flow", 0.5)])   # RGB + flow, late fusion
+    fused.caption("clip.mp4")                    # each run extracts its own features (RGB frames, optical flow)
 
 Clips are read and run through the CNN recorded in the checkpoint (its feature manifest), built once per Captioner.
+Late fusion (S2VT's RGB + flow): at every decoding step, greedy or beam search, each word is scored by the weighted
+sum of the runs' log-probabilities, the fused runs weighing w each and this one 1 - (sum of the w).
 """
 import itertools
 import os
@@ -16,11 +20,11 @@ from typing import Optional, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 import extract_features
+import model as s2vt
 from extract_features import VideoError
 from util import backend
 from util.data import DataError
@@ -75,24 +79,50 @@ class Caption:
 class Captioner:
     """A trained model, its vocabulary and its feature extractor, ready to caption."""
 
-    def __init__(self, model, vocab, run_config, source, batch_size=100):
+    def __init__(self, model, vocab, run_config, source, batch_size=100, fused=()):
+        """fused: ((Captioner, weight), ...), runs whose word log-probabilities join this one's at every step,
+        each weighing `weight` (in (0, 1)) and this run the rest; they must share this run's vocabulary."""
         self.model, self.vocab, self.run_config, self.source = model, vocab, run_config, source
         self.batch_size = batch_size
         manifest = run_config.get("features")  # what extract_features.py did to the training clips, if it made them
         self.feature_settings = extract_features.FeatureSettings.from_manifest(manifest) if manifest else None
+        self.fused = tuple(fused)
+        for member, weight in self.fused:
+            if not (isinstance(weight, (int, float)) and 0 < weight < 1):
+                raise ValueError(f"a fused run's weight must be a number in (0, 1), not {weight!r}")
+            self._check_same_vocabulary(member)
+        if self.fused and not sum(weight for _, weight in self.fused) < 1:
+            raise ValueError(f"the fused runs' weights must sum to less than 1 (this run weighs the rest), not "
+                             f"{sum(weight for _, weight in self.fused)}")
         self._run_cnn = None  # built on first use: a Captioner given only features never builds the CNN
         self._decoders = {}
 
     @classmethod
-    def load(cls, checkpoint=None, matmul_dtype=None, batch_size=100):
+    def load(cls, checkpoint=None, matmul_dtype=None, batch_size=100, fuse=()):
         """From a run folder, a checkpoint folder, a release name in checkpoints/releases.json or a release URL
-        (downloaded once and checked against its sha256); None: the newest run under checkpoints/."""
+        (downloaded once and checked against its sha256); None: the newest run under checkpoints/.
+        fuse: ((checkpoint, weight), ...), runs to fuse with this one (see __init__), e.g. a flow stream's."""
         from util.checkpoints import load_model
         from util.release import checkpoint_location
 
-        backend.check_supported()
         model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)
-        return cls(model, vocab, run_config, source, batch_size)
+        fused = [(cls.load(other, matmul_dtype, batch_size), weight) for other, weight in fuse]
+        return cls(model, vocab, run_config, source, batch_size, fused)
+
+    def _check_same_vocabulary(self, member):
+        if member.vocab.words != self.vocab.words:
+            ours, theirs = self.vocab.words, member.vocab.words
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            word = lambda words: repr(words[first]) if first < len(words) else "nothing"
+            raise DataError(f"{member.source}: its vocabulary ({len(theirs)} words) differs from that of "
+                            f"{self.source} ({len(ours)} words; word {first} is {word(theirs)} there, {word(ours)} "
+                            f"here); fusion adds the runs' log-probabilities word by word, so fuse runs trained on "
+                            f"the same captions with the same --min-word-count")
+
+    @property
+    def weight(self):
+        """This run's weight in the fusion: 1 alone."""
+        return 1.0 - sum(weight for _, weight in self.fused)
 
     @property
     def frames(self):
@@ -123,13 +153,17 @@ class Captioner:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', not {errors!r}")
         single, items = self._as_items(videos)
+        if self.fused and any(isinstance(item, np.ndarray) and item.ndim == 2 for item in items):
+            raise ValueError("a fused Captioner captions clips or decoded frames, from which each run extracts its "
+                             "own features; give features to decode(features, fused_features=[...]), one array "
+                             "per run")
         report = progress or (lambda stage, done, total: None)
-        features, frames, failures = self._features(items, attention, report)
+        features, frames, failures = self._all_features(items, attention, report)
         if failures and errors == "raise":
             raise VideoError("; ".join(str(failures[i]) for i in sorted(failures)))
-        good = sorted(features)
-        decoded = self.decode(np.stack([features[i] for i in good]), beam_size, length_penalty, n_best,
-                              report) if good else []
+        good = sorted(i for i in features[0] if i not in failures)
+        decoded = self.decode(np.stack([features[0][i] for i in good]), beam_size, length_penalty, n_best, report,
+                              [np.stack([f[i] for i in good]) for f in features[1:]]) if good else []
         results = [failures.get(i) for i in range(len(items))]
         for i, result in zip(good, decoded):
             results[i] = replace(result, frames=frames.get(i)) if attention or n_best > 1 else result.caption
@@ -145,20 +179,24 @@ class Captioner:
         return self.caption(features if features.ndim == 2 else list(features), beam_size, length_penalty, n_best,
                             attention)
 
-    def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None):
+    def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None, fused_features=()):
         """Captions for (videos, frames, dim) features, batch by batch, greedy (beam_size 1) or by beam search:
-        a Caption per video (without frames)."""
+        a Caption per video (without frames), its attention that of this run. A fused Captioner also takes the
+        fused runs' features of the same videos, one array per run in fusion order."""
+        if len(fused_features) != len(self.fused) or any(len(f) != len(features) for f in fused_features):
+            raise ValueError(f"need features of the same {len(features)} videos for each of the {len(self.fused)} "
+                             f"fused runs, not {[len(f) for f in fused_features]}")
         report = report or (lambda stage, done, total: None)
         decode = self._decoder(beam_size, length_penalty, n_best)
         results = []
         report("decoding", 0, len(features))
         for start in tqdm(range(0, len(features), self.batch_size), desc="captioning", unit="batch", leave=False,
                           delay=0.5):
-            batch = np.asarray(features[start:start + self.batch_size], np.float32)
+            batches = [np.asarray(f[start:start + self.batch_size], np.float32) for f in (features, *fused_features)]
             if beam_size == 1:
-                (words, attention), hypotheses = backend.to_numpy(decode(batch)), None
+                (words, attention), hypotheses = backend.to_numpy(decode(*batches)), None
             else:
-                hypotheses, scores, log_probs, attention = backend.to_numpy(decode(batch))
+                hypotheses, scores, log_probs, attention = backend.to_numpy(decode(*batches))
                 words = hypotheses[:, 0]  # (batch, steps): the best hypothesis
             for row, (ids, weights) in enumerate(zip(words, attention)):
                 caption = self.vocab.decode(ids)
@@ -171,12 +209,20 @@ class Captioner:
         return results
 
     def _decoder(self, beam_size, length_penalty, n_best):
-        """The compiled decoding function for these settings, made once per Captioner."""
+        """The compiled decoding function of every run's features for these settings, made once per Captioner."""
         key = (beam_size, length_penalty, n_best)
         if key not in self._decoders:
-            model = self.model
-            self._decoders[key] = backend.compile_function(model, model.greedy if beam_size == 1 else (
-                lambda f: model.beam_search(f, beam_size, length_penalty, n_best=n_best)))
+            models = [self.model, *(member.model for member, _ in self.fused)]
+            weights = [self.weight, *(weight for _, weight in self.fused)]
+            max_len = self.model.config.max_caption_len
+
+            def decode(*features):
+                members = list(zip(models, features, weights))
+                if beam_size == 1:
+                    return s2vt.greedy(members, max_len)
+                return s2vt.beam_search(members, beam_size, length_penalty, max_len, n_best)
+
+            self._decoders[key] = backend.compile_function(models, decode)
         return self._decoders[key]
 
     # ---- features ----
@@ -198,6 +244,27 @@ class Captioner:
                 raise TypeError(f"a video is a path or a numpy array, not {type(item).__name__}")
         return False, videos
 
+    def _all_features(self, items, keep_frames, report):
+        """_features of this run, then of each fused run: ([{index: features}, one per run], this run's frames,
+        every run's failures), the progress reported over all the runs' frames."""
+        runs = [self, *(member for member, _ in self.fused)]
+        through_cnn = sum(not (isinstance(item, np.ndarray) and item.ndim == 2) for item in items)
+        features, frames, failures = [], None, {}
+        progress = {"before": 0, "done": 0}  # frames through the earlier runs' CNNs, and this run's
+        for k, run in enumerate(runs):
+            later = through_cnn * sum(r.frames for r in runs[k + 1:])
+
+            def run_report(stage, done, total, later=later):
+                progress["done"] = done
+                report(stage, progress["before"] + done, progress["before"] + total + later)
+
+            run_features, run_frames, run_failures = run._features(items, keep_frames and k == 0, run_report)
+            features.append(run_features)
+            frames = frames if k else run_frames
+            failures.update(run_failures)
+            progress["before"], progress["done"] = progress["before"] + progress["done"], 0
+        return features, frames, failures
+
     def _features(self, items, keep_frames, report):
         """({index: (frames, dim) float32}, {index: sampled frames} if keep_frames, {index: VideoError})."""
         features, frames, failures, clips, paths = {}, {}, {}, {}, {}
@@ -214,7 +281,7 @@ class Captioner:
         total, done = (len(clips) + len(paths)) * settings.frames, 0
         report("features", done, total)
         # clip files are decoded in a background thread while the CNN works on those already read
-        decoded = extract_features.decoded_clips(list(paths.values()), settings.frames, settings.image_size)
+        decoded = extract_features.decoded_clips(list(paths.values()), settings)
         for i, clip in itertools.chain(clips.items(), ((i, clip) for i, (_, clip) in zip(paths, decoded))):
             if isinstance(clip, VideoError):
                 failures[i] = clip
@@ -245,14 +312,12 @@ class Captioner:
         return self.feature_settings
 
     def _sample(self, frames_rgb):
-        """Decoded RGB frames (frames, H, W, 3) uint8 -> the sampled frames the CNN takes, as for a clip file."""
+        """Decoded RGB frames (frames, H, W, 3) uint8 -> what the CNN takes (the sampled frames, or their flow
+        images), as for a clip file."""
         if frames_rgb.ndim != 4 or frames_rgb.shape[-1] != 3 or frames_rgb.dtype != np.uint8 or not len(frames_rgb):
             raise ValueError(f"decoded frames must be (frames, H, W, 3) uint8 RGB with at least one frame, not "
                              f"{frames_rgb.shape} {frames_rgb.dtype}")
-        settings = self._extractor_settings()
-        picked = extract_features.frame_indices(len(frames_rgb), settings.frames)
-        size = (settings.image_size, settings.image_size)
-        return np.stack([cv2.resize(frames_rgb[i], size, interpolation=cv2.INTER_AREA) for i in picked])
+        return extract_features.sample_decoded(frames_rgb, self._extractor_settings())
 
     def _cnn(self, frames_rgb):
         if self._run_cnn is None:

@@ -2,11 +2,18 @@
 
     python infer.py IDS_FILE OUT_FILE [--checkpoint DIR|NAME|URL] [--feat-dir DIR] [--batch-size N] [--beam-size K]
     python infer.py --video CLIP.avi [CLIP2.mp4 ...] [--checkpoint DIR|NAME|URL]
+    python infer.py IDS_FILE OUT_FILE --checkpoint RGB_RUN --fuse FLOW_RUN[:WEIGHT] [--fuse-feat-dir DIR]
 
 Writes one `video_id,caption` line per id, in the order of IDS_FILE. Features are read from --feat-dir, or found
 through the MLDS layout beside the ids file (<dir>/feat/ or <dir>/testing_data/feat/). With --video, raw clips
 are run through the feature extractor recorded in the checkpoint, and `file,caption` lines are printed.
 The checkpoint defaults to the best one of the newest run under checkpoints/.
+
+--fuse fuses another run late, as S2VT fuses its RGB and flow models: at every decoding step each word scores
+(1 - WEIGHT) * the checkpoint's log-probability + WEIGHT * the fused run's (WEIGHT 0.5 unless given). The fused run
+reads its own features: --fuse-feat-dir, else the features folder itself when both runs' streams are the same, else
+the folder beside it named for the fused run's stream (testing_data/feat -> testing_data/feat_flow); with --video
+each run extracts its own from the clips.
 """
 import argparse
 import json
@@ -22,11 +29,14 @@ import numpy as np
 from tqdm import tqdm
 
 from captioner import Captioner
+from extract_features import FeatureSettings, manifest_differences
 from model import MATMUL_DTYPES
 from util.atomic import write_text_atomic
 from util.evaluate import evaluate, format_table
 from util.data import (DataError, find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids,
                        warnings_as_lines)
+
+DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
 
 
 def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
@@ -49,14 +59,57 @@ def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
 
 
 def check_manifest_matches(feat_dir, run_config):
-    """Refuse features made with other extraction settings than the checkpoint was trained on."""
+    """Refuse features made with other extraction settings (or another stream) than the checkpoint was trained on."""
     trained = run_config.get("features")
     found = read_feature_manifest(feat_dir)
     if trained and found is not None:
-        differing = [f"{k}: {found.get(k)!r} here, {v!r} in training" for k, v in trained.items() if found.get(k) != v]
+        differing = [f"{k}: {here!r} here, {there!r} in training"
+                     for k, (here, there) in manifest_differences(found, trained).items()]
         if differing:
             raise DataError(f"{Path(feat_dir) / 'manifest.json'}: features differ from the checkpoint's "
                             f"({'; '.join(differing)})")
+
+
+def parse_fuse(spec):
+    """--fuse RUN[:WEIGHT] -> (RUN, weight): a last ':' part without '/' is the weight (URLs keep their ':')."""
+    run, colon, weight_text = spec.rpartition(":")
+    if not colon or "/" in weight_text:
+        run, weight_text = spec, None
+    if not run:
+        raise DataError(f"--fuse {spec}: give the run to fuse, as RUN or RUN:WEIGHT")
+    if weight_text is None:
+        return run, DEFAULT_FUSE_WEIGHT
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        weight = None
+    if weight is None or not 0 < weight < 1:
+        raise DataError(f"--fuse {spec}: the weight after ':' must be a number between 0 and 1 (exclusive; the "
+                        f"checkpoint weighs 1 - WEIGHT), not {weight_text!r}")
+    return run, weight
+
+
+def stream_of(run_config):
+    manifest = run_config.get("features")
+    return FeatureSettings.from_manifest(manifest).stream if manifest else FeatureSettings.stream
+
+
+def fused_feat_dir(feat_dir, captioner, member):
+    """Where a fused run's features are found by default: feat_dir for the same stream, else feat_dir_<stream>."""
+    stream = stream_of(member.run_config)
+    return feat_dir if stream == stream_of(captioner.run_config) else feat_dir.with_name(f"{feat_dir.name}_{stream}")
+
+
+def read_run_features(feat_dir, video_ids, captioner, what):
+    """(videos, frames, dim) features of a run from feat_dir, after checking they are the run's kind."""
+    if not feat_dir.is_dir():
+        raise DataError(f"{feat_dir}: no features folder for {what} ({stream_of(captioner.run_config)} stream, "
+                        f"{captioner.source}); extract them with extract_features.py and the run's settings")
+    check_manifest_matches(feat_dir, captioner.run_config)
+    # drawn only if loading takes over half a second, and cleared before any error line
+    with tqdm(video_ids, desc="loading features", unit="video", leave=False, delay=0.5) as bar:
+        return np.stack([load_feature_file(feat_dir / f"{v}.npy", captioner.frames, captioner.feature_dim)
+                         for v in bar])
 
 
 def main(argv=None):
@@ -67,6 +120,11 @@ def main(argv=None):
     parser.add_argument("--checkpoint", help="run folder, checkpoint, release name (checkpoints/releases.json) or "
                                              "URL of a released .tar.gz (default: the newest run's best)")
     parser.add_argument("--feat-dir", help="folder of <id>.npy features (default: found beside the ids file)")
+    parser.add_argument("--fuse", metavar="RUN[:WEIGHT]", help="fuse this run's word log-probabilities with the "
+                        f"checkpoint's at every step, weighing WEIGHT (default {DEFAULT_FUSE_WEIGHT}) against "
+                        "1 - WEIGHT: e.g. a flow-stream run with an RGB one")
+    parser.add_argument("--fuse-feat-dir", help="the fused run's features (default: --feat-dir for the same stream, "
+                        "else the folder beside it named <feat dir>_<stream>, e.g. feat_flow)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--labels", help="labels JSON: score the captions (MLDS BLEU@1 and the COCO metrics)")
     parser.add_argument("--beam-size", type=int, default=1, help="1 (default) decodes greedily")
@@ -87,11 +145,14 @@ def main(argv=None):
         parser.error("give IDS_FILE OUT_FILE, or --video CLIP ...")
     if args.beam_size <= 0 or not 0 < args.n_best <= args.beam_size:
         parser.error("--beam-size must be positive and --n-best between 1 and --beam-size")
+    if args.fuse_feat_dir and not args.fuse:
+        parser.error("--fuse-feat-dir needs --fuse")
     decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best)
     try:
         started = time.perf_counter()
+        fuse = [parse_fuse(args.fuse)] if args.fuse else []
         if args.video:
-            captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size)
+            captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
             results = captioner.caption([Path(p) for p in args.video], attention=True, errors="return", **decoding)
             good = [(name, r) for name, r in zip(args.video, results) if not isinstance(r, Exception)]
             for name, result in zip(args.video, results):
@@ -110,14 +171,14 @@ def main(argv=None):
             raise DataError(f"{args.out_file}: output folder {out_dir} does not exist")
         if Path(args.out_file).is_dir():
             raise DataError(f"{args.out_file}: is a folder; give a file name to write the captions to")
-        captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size)
+        captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
         feat_dir = Path(args.feat_dir) if args.feat_dir else find_feat_dir(args.ids_file)
-        check_manifest_matches(feat_dir, captioner.run_config)
-        # drawn only if loading takes over half a second, and cleared before any error line
-        with tqdm(video_ids, desc="loading features", unit="video", leave=False, delay=0.5) as bar:
-            features = np.stack([load_feature_file(feat_dir / f"{v}.npy", captioner.frames, captioner.feature_dim)
-                                 for v in bar])
-        results = captioner.decode(features, **decoding)
+        features = read_run_features(feat_dir, video_ids, captioner, "the checkpoint")
+        fused_features = [read_run_features(Path(args.fuse_feat_dir) if args.fuse_feat_dir else
+                                            fused_feat_dir(feat_dir, captioner, member), video_ids, member,
+                                            "--fuse")
+                          for member, _ in captioner.fused]
+        results = captioner.decode(features, fused_features=fused_features, **decoding)
         captions = [r.caption for r in results]
         write_text_atomic(args.out_file, "".join(f"{v},{c}\n" for v, c in zip(video_ids, captions)))
         if args.n_best > 1:
@@ -128,7 +189,9 @@ def main(argv=None):
             write_attention_plots(results, video_ids, args.attention_dir, captioner.frames,
                                   video_dir=args.video_dir or feat_dir.parent / "video")
         decoder = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
-        print(f"captioned {len(video_ids)} videos ({decoder}) with {captioner.source} in "
+        fused = "".join(f" fused with {member.source} (weight {weight:g} against {captioner.weight:g})"
+                        for member, weight in captioner.fused)
+        print(f"captioned {len(video_ids)} videos ({decoder}) with {captioner.source}{fused} in "
               f"{time.perf_counter() - started:.1f} s; wrote {args.out_file}")
         if args.labels:
             wanted = set(video_ids)

@@ -202,7 +202,7 @@ class LSTMWeights(keras.layers.Layer):
 
 @backend.fused  # the add, tanh and reduction over (batch, frames, dim) as one kernel
 def _additive_forward(keys, encoder_outputs, projected_query, v):
-    scores = ops.sum(ops.tanh(keys + projected_query[:, None, :]) * v, -1)  # (batch, frames)
+    scores = ops.matmul(ops.tanh(keys + projected_query[:, None, :]), v[:, None])[:, :, 0]  # (batch, frames)
     weights = ops.softmax(scores, axis=-1)
     return weights, ops.matmul(weights[:, None, :], encoder_outputs)[:, 0]
 
@@ -629,12 +629,6 @@ def greedy(members, max_len):
     return ops.transpose(words), ops.transpose(attention, (1, 0, 2))
 
 
-def _gather(values, indices):
-    """values (batch, n, ...), indices (batch, k) -> (batch, k, ...)."""
-    indices = ops.reshape(indices, (*ops.shape(indices), *([1] * (len(values.shape) - 2))))
-    return ops.take_along_axis(values, indices, axis=1)
-
-
 def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
     """Beam search of one model or of several fused (members as for greedy), all videos and all their beams
     decoded together; beam_size=1 gives exactly greedy().
@@ -686,11 +680,11 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
                     "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_ids), t, "int32"),
                     "parent": candidate_parents}
         _, kept = ops.top_k(ops.concatenate([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
-        pool = {name: _gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
+        pool = {name: backend.batch_gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
 
         live_scores, continuing = ops.top_k(ops.where(ends, NEG_INF, candidate_scores), beam)
-        parents = _gather(candidate_parents, continuing)  # (batch, beam)
-        new_words = _gather(candidate_words, continuing)
+        parents = backend.batch_gather(candidate_parents, continuing)  # (batch, beam)
+        new_words = backend.batch_gather(candidate_words, continuing)
         rows = ops.reshape(first_rows + parents, (-1,))  # (batch*beam,)
         states = [dict(s, rows=keras.tree.map_structure(lambda x: ops.take(x, rows, axis=0), s["rows"]))
                   for s, _, _ in stepped]
@@ -714,7 +708,7 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
     finished_count = ops.sum(ops.cast(pool["rank"] > NEG_INF, "int32"), 1, keepdims=True)  # (batch, 1)
     place = ops.arange(n_best, dtype="int32")[None]  # (1, n_best)
     pick = ops.where(place < finished_count, place, beam + place - finished_count)  # (batch, n_best)
-    best = {name: _gather(ops.concatenate([pool[name], live[name]], 1), pick) for name in pool}
+    best = {name: backend.batch_gather(ops.concatenate([pool[name], live[name]], 1), pick) for name in pool}
 
     words, attention = _backtrack(best, tokens, parents, attention)
     return words, best["rank"], best["log_prob"], attention[:, 0]
@@ -733,9 +727,9 @@ def _backtrack(hypotheses, tokens, parents, attention):
     def step(beam_index, inputs):
         s, tokens_s, parents_s, attention_s = inputs
         at_end, inside = end == s, s <= end
-        word = ops.where(at_end, hypotheses["word"], _gather(tokens_s, beam_index))
-        parent = ops.where(at_end, hypotheses["parent"], _gather(parents_s, beam_index))
-        weights = _gather(attention_s, parent)  # (batch, n, frames)
+        word = ops.where(at_end, hypotheses["word"], backend.batch_gather(tokens_s, beam_index))
+        parent = ops.where(at_end, hypotheses["parent"], backend.batch_gather(parents_s, beam_index))
+        weights = backend.batch_gather(attention_s, parent)  # (batch, n, frames)
         return ops.where(inside, parent, beam_index), (ops.where(inside, word, PAD),
                                                        ops.where(inside[:, :, None], weights, 0.0))
 
@@ -757,3 +751,11 @@ def caption_losses(logits, caption_ids):
 def caption_loss(logits, caption_ids):
     """caption_losses averaged over the batch."""
     return ops.mean(caption_losses(logits, caption_ids))
+
+
+def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
+    """A training step's loss on one replica's part of the batch: its captions' losses summed and divided by the
+    global batch size, so that summed over the replicas it is the mean over the global batch."""
+    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                         training=True)
+    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")

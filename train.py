@@ -36,7 +36,7 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
-from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, S2VTConfig, build_model, caption_losses
+from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, S2VTConfig, build_model, caption_losses, replica_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
@@ -218,14 +218,6 @@ def ctrl_c_stops_between_batches():
         signal.signal(signal.SIGINT, previous)
 
 
-def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
-    """A replica's training loss: its captions' losses summed and divided by the global batch size, so that summed
-    over the replicas it is the mean over the global batch."""
-    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
-                         training=True)
-    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
-
-
 def run_epoch(train_step, epoch_batches, teacher_forcing_prob, seed, first_step, stop, log_every, bar):
     """Train on epoch_batches until they run out or stop() says so; returns the step losses, still on the device.
 
@@ -311,7 +303,6 @@ def interrupted(checkpoint, state, run_dir):
 
 def train(args):
     run_dir = Path(args.ckpt_dir)
-    backend.check_supported()
     backend.configure_devices()
     distribution = backend.Distribution(args.strategy)  # first: TensorFlow's multi-worker setup precedes other work
     chief, agree = distribution.chief, distribution.agreement()

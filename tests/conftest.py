@@ -73,19 +73,29 @@ def tiny_data(tmp_path):
     return write_tiny_mlds(tmp_path / "data")
 
 
-@pytest.fixture(scope="session")
-def video_run(tmp_path_factory):
-    """A tiny trained run whose features claim to come from VIDEO_SETTINGS, so it captions raw clips."""
+# train.py flags of the tiny runs trained on write_tiny_mlds features
+TINY_RUN_FLAGS = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01",
+                  "--min-word-count", "1", "--epochs", "6"]
+
+
+def train_video_run(root, settings=VIDEO_SETTINGS, seed=0):
+    """A tiny run trained on write_tiny_mlds features (drawn from seed) in root/data whose manifest claims
+    `settings`, so that it captions raw clips: root/run."""
     import train
 
-    data = write_tiny_mlds(tmp_path_factory.mktemp("video_run") / "data", dim=FEATURE_DIM)
-    manifest = json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM))
+    data = write_tiny_mlds(Path(root) / "data", dim=FEATURE_DIM, seed=seed)
+    manifest = json.dumps(settings.manifest(FEATURE_DIM))
     for split in ("training", "testing"):
         (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
     run_dir = data.parent / "run"
-    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), "--hidden", "16", "--frames", "6",
-                       "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1", "--epochs", "6"]) == 0
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), *TINY_RUN_FLAGS]) == 0
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def video_run(tmp_path_factory):
+    """A tiny trained run whose features claim to come from VIDEO_SETTINGS, so it captions raw clips."""
+    return train_video_run(tmp_path_factory.mktemp("video_run"))
 
 
 def checkpoint_weights(checkpoint):

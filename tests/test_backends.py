@@ -211,3 +211,11 @@ def test_the_backend_neutral_tests_pass_on_jax():
                                  *(f"tests/{name}" for name in NEUTRAL_TESTS)], timeout=900, check=False)
     print(f"\nKERAS_BACKEND=jax pytest {' '.join(NEUTRAL_TESTS)}: {out.strip().splitlines()[-1]}")
     assert code == 0, out[-5000:] + err[-2000:]
+
+
+@pytest.mark.parametrize("command", [["train.py", "--data-dir", "nowhere"], ["infer.py", "ids.txt", "out.txt"]])
+def test_an_unsupported_backend_is_one_error_line(command):
+    """Keras's numpy backend (built in, like torch's when PyTorch is installed) lacks what the LSTMs need."""
+    code, out, err = run("numpy", [ROOT / command[0], *command[1:]], check=False)
+    assert code == 2 and out == ""
+    assert err.strip() == "error: KERAS_BACKEND=numpy: not supported; s2vt runs on tensorflow (the default) or jax"

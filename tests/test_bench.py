@@ -16,3 +16,16 @@ def test_bench_prints_every_figure_as_json():
     for key in ("samples_per_s", "captions_per_s", "frames_per_s", "peak_rss_mib"):
         assert figures[key] > 0, key
     assert figures["matmul_dtype"] == "bfloat16" and figures["beam_size"] == 2
+
+
+def test_feature_files_benchmark_scaled_down(tmp_path):
+    """The MSR-VTT-size benchmark (bench.py --what feature-files) at the demo's feature size and 150 videos."""
+    result = subprocess.run([sys.executable, "bench.py", "--what", "feature-files", "--config", "demo", "--videos",
+                             "150", "--batch-size", "16", "--data-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"\nfeature-files, scaled down: {figures}")
+    for name in ("in_memory", "from_files"):
+        assert figures[f"{name}_rss_anon_peak_mib"] > 0 and figures[f"{name}_samples_per_s"] > 0
+    assert figures["from_files_features_mib"] == 150 * 12 * 1280 * 2 / 2**20

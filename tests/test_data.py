@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from util.data import (DataError, batch_arrays, batches, encode_captions, epoch_pairs, find_feat_dir, load_feature_file,
-                       load_features, load_labels, read_ids, replica_slices)
+from util.data import (DataError, FeatureFiles, batch_arrays, batches, encode_captions, epoch_pairs, find_feat_dir,
+                       load_feature_file, load_features, load_labels, read_ids, replica_slices)
 from util.vocab import PAD, Vocabulary
 
 
@@ -204,3 +204,27 @@ def test_an_error_while_gathering_a_batch_is_raised_to_the_consumer():
     features = np.ones((2, 2, 2), np.float16)
     with pytest.raises(IndexError):
         list(batches(features, np.array([0, 5], np.int32), np.array([[5, 2], [5, 2]], np.int32), batch_size=1))
+
+
+def test_feature_files_read_like_the_in_memory_store(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        np.save(tmp_path / f"v{i}.avi.npy", rng.normal(size=(4, 3)).astype(np.float64 if i % 2 else np.float32))
+    ids = [f"v{i}.avi" for i in range(5)]
+    in_memory, files = load_features(tmp_path, ids, 4, 3), FeatureFiles(tmp_path, ids, 4, 3)
+    assert files.shape == in_memory.shape and len(files) == 5
+    for index in (2, slice(1, 4), np.array([4, 0, 4])):
+        np.testing.assert_array_equal(files[index], in_memory[index].astype(np.float32))  # float16 values, both ways
+        assert files[index].dtype == np.float32
+    assert files[np.array([], int)].shape == (0, 4, 3)
+
+
+def test_feature_files_check_headers_up_front_and_values_when_read(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((4, 3)))
+    np.save(tmp_path / "b.npy", np.ones((4, 5)))
+    with pytest.raises(DataError, match="b.npy: features are 5-d, expected 3-d"):
+        FeatureFiles(tmp_path, ["a", "b"], 4, 3)
+    np.save(tmp_path / "b.npy", np.full((4, 3), np.nan))
+    files = FeatureFiles(tmp_path, ["a", "b"], 4, 3)  # values are not read yet
+    with pytest.raises(DataError, match="b.npy: holds NaN"):
+        files[np.array([0, 1])]

@@ -26,7 +26,7 @@ from conftest import ROOT, write_tiny_mlds
 from test_extract import FAST
 from util import backend
 from util.checkpoints import latest_checkpoint, read_state
-from util.data import batch_arrays, batches, replica_slices
+from util.data import batch_arrays, batches
 from util.demo_data import make_corpus
 from util.vocab import EOS, PAD
 
@@ -45,7 +45,7 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":  # before TensorFlow starts; the
 import keras
 import numpy as np
 import train
-from model import S2VT, S2VTConfig
+from model import S2VT, S2VTConfig, replica_loss
 from util import backend
 from util.data import batches
 from util.vocab import EOS, PAD
@@ -77,7 +77,7 @@ def train_steps(distribution):
         model.adapt_features(features)
         optimizer = keras.optimizers.Adam(0.01, global_clipnorm=0.1)
         optimizer.build(model.trainable_variables)
-    train_step = backend.make_train_step(model, optimizer, distribution, train.replica_loss)
+    train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
     rows, width_multiple = distribution.padding(7)
     losses, slices, shapes = [], [], []
     started = time.perf_counter()
@@ -128,14 +128,6 @@ def run_mirrored_steps(keras_backend, *train_argv, **env):
     assert single["losses"][-1] != single["losses"][0]
     assert report["max_weight_difference"] <= 1e-5
     return report
-
-
-def test_replica_slices_split_every_global_batch_evenly():
-    starts, stops = replica_slices(pairs=10, batch_size=4, replicas=3)
-    np.testing.assert_array_equal(starts, [[0, 1, 2], [4, 5, 6], [8, 8, 9]])
-    np.testing.assert_array_equal(stops, [[1, 2, 4], [5, 6, 8], [8, 9, 10]])
-    starts, stops = replica_slices(pairs=10, batch_size=4, replicas=3, skip_batches=2)
-    np.testing.assert_array_equal(starts, [[8, 8, 9]])
 
 
 def test_each_worker_gathers_its_own_slices_of_the_single_device_batches():

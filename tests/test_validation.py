@@ -228,3 +228,15 @@ def test_decoder_scans_cast_no_kernel_per_step():
     assert casts  # the scans do run bfloat16 matmuls
     for path, shape in casts:
         assert len(shape) == 2 and shape[0] in (5, 10), (path, shape)  # batch 5, or 5 videos x 2 beams
+
+
+def test_features_read_from_files_train_exactly_as_in_memory(tiny_data, tmp_path, capsys):
+    """--features files leaves the features in their files and reads a batch's worth at a time: the same training."""
+    histories = {}
+    for mode in ("memory", "files"):
+        assert run_train(tiny_data, tmp_path / mode, "--epochs", "2", "--features", mode) == 0
+        histories[mode] = pd.read_csv(tmp_path / mode / "history.csv")
+    out = capsys.readouterr().out
+    assert "features in memory" in out and "features read from their files" in out
+    for column in ("train_loss", "val_loss", "val_bleu1"):
+        np.testing.assert_array_equal(histories["files"][column], histories["memory"][column])

@@ -3,11 +3,14 @@
 model.py is keras.ops throughout; this module holds, one function each, what keras.ops leaves to the backend:
 stateless random draws from a seed, a scan whose outputs need not look like its carry, XLA fusion of a kernel,
 gradients, compiling a function of the model's weights, the training step and devices. Nothing here imports
-TensorFlow on JAX, or JAX on TensorFlow. Choose the backend with KERAS_BACKEND=tensorflow|jax.
+TensorFlow on JAX, or JAX on TensorFlow. Choose the backend with KERAS_BACKEND=tensorflow|jax; on any other
+(torch, numpy: their Keras lacks what the hand-written LSTM gradient needs) importing this module ends the program
+with one `error:` line, exit status 2.
 """
 import contextlib
 import os
 import random
+import sys
 
 import keras
 import numpy as np
@@ -23,6 +26,10 @@ if BACKEND == "tensorflow":
 elif BACKEND == "jax":
     import jax
     import jax.numpy as jnp
+else:
+    print(f"error: KERAS_BACKEND={BACKEND}: not supported; s2vt runs on tensorflow (the default) or jax",
+          file=sys.stderr)
+    raise SystemExit(2)
 
 
 def set_random_seed(seed):
@@ -34,12 +41,6 @@ def set_random_seed(seed):
     else:
         random.seed(seed)
         np.random.seed(seed)
-
-
-def check_supported():
-    """A one-line DataError for a backend s2vt does not run on (its LSTMs need keras.ops.custom_gradient)."""
-    if BACKEND not in SUPPORTED:
-        raise DataError(f"KERAS_BACKEND={BACKEND}: not supported; s2vt runs on tensorflow (the default) or jax")
 
 
 # ---- kernels behind one signature ----
@@ -134,6 +135,15 @@ def scan_until(step, carry, length, done):
     return carry, tf.nest.pack_sequence_as(first, stacked), t
 
 
+def batch_gather(values, indices):
+    """values (batch, n, ...), indices (batch, k) -> (batch, k, ...): each row's entries picked by its indices.
+    keras.ops.take_along_axis does it by broadcasting, a dozen ops on TensorFlow; beam search does it eight times a
+    step."""
+    if BACKEND == "jax":
+        return jax.vmap(lambda v, i: v[i])(values, indices)
+    return tf.gather(values, indices, batch_dims=1)
+
+
 def read(variable):
     """A variable's value as a plain tensor: a custom-gradient function given the variable itself would, on
     TensorFlow, watch it and need a gradient for it of its own."""
@@ -172,10 +182,10 @@ def loss_and_gradients(model, loss_fn, *args):
 
 
 def compile_function(model, function):
-    """function(*arrays) compiled once per input shape (tf.function / jax.jit), reading the model's weights as they
-    are at each call."""
+    """function(*arrays) compiled once per input shape (tf.function / jax.jit), reading the weights of `model` (a
+    model, or a list of models that function uses together) as they are at each call."""
     if BACKEND == "jax":
-        variables = model.variables
+        variables = [v for each in (model if isinstance(model, (list, tuple)) else [model]) for v in each.variables]
 
         @jax.jit
         def pure(values, *args):

@@ -127,12 +127,12 @@ def open_feature_file(path, frames=None, feature_dim=None, mmap=False):
     return array
 
 
-def load_feature_file(path, frames=None, feature_dim=None, dtype=np.float32):
-    """One (frames, dim) feature array as dtype, never unpickling; shape and values checked."""
+def load_feature_file(path, frames=None, feature_dim=None):
+    """One (frames, dim) feature array as float32, never unpickling; shape and values checked."""
     array = open_feature_file(path, frames, feature_dim)
     if not np.isfinite(array).all():
         raise DataError(f"{path}: holds NaN or infinite values")
-    return array.astype(dtype, copy=False)
+    return array.astype(np.float32, copy=False)
 
 
 def _feature_paths(feat_dir, video_ids):
@@ -185,7 +185,7 @@ class FeatureFiles:
 
     def _read(self, i):
         """Rounded through float16 as load_features stores them: in memory or from files, the same batches."""
-        return load_feature_file(self.paths[i], dtype=np.float16).astype(np.float32)
+        return load_feature_file(self.paths[i]).astype(np.float16).astype(np.float32)  # via float32, as stored
 
 
 class Split:

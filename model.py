@@ -271,8 +271,20 @@ class CaptionModel(keras.Model):
     """What S2VT and MeanPool share: the frame projection with the feature standardisation folded in, the word
     embedding, the output projection, the training draws, and greedy decoding and beam search over decoder()."""
 
-    def add_feature_standardisation(self):
-        """Per-dimension feature standardisation, set from the training features by adapt_features()."""
+    def __init__(self, config: S2VTConfig, **kwargs):
+        """The layers both models begin with; a subclass adds its LSTMs, then calls add_output_layers()."""
+        super().__init__(**kwargs)
+        self.config = config
+        self.frame_projection = keras.layers.Dense(config.frame_embed, name="frame_projection")
+        self.frame_projection.build((None, config.feature_dim))
+        self.word_embedding = keras.layers.Embedding(config.vocab_size, config.word_embed, name="word_embedding")
+        self.word_embedding.build((None,))
+
+    def add_output_layers(self):
+        """The output projection, then the per-dimension feature standardisation (set from the training features by
+        adapt_features()): made after the LSTMs, so that the weights keep the order S2VT's checkpoints have."""
+        self.output_projection = keras.layers.Dense(self.config.vocab_size, name="output_projection")
+        self.output_projection.build((None, self.config.hidden))
         dim = self.config.feature_dim
         self.feature_mean = self.add_weight(shape=(dim,), initializer="zeros", trainable=False, name="feature_mean")
         self.feature_std = self.add_weight(shape=(dim,), initializer="ones", trainable=False, name="feature_std")
@@ -338,22 +350,15 @@ class CaptionModel(keras.Model):
 
 class S2VT(CaptionModel):
     def __init__(self, config: S2VTConfig, **kwargs):
-        super().__init__(**kwargs)
-        self.config = config
+        super().__init__(config, **kwargs)
         h = config.hidden
-        self.frame_projection = keras.layers.Dense(config.frame_embed, name="frame_projection")
-        self.frame_projection.build((None, config.feature_dim))
-        self.word_embedding = keras.layers.Embedding(config.vocab_size, config.word_embed, name="word_embedding")
-        self.word_embedding.build((None,))
         self.lstm1 = LSTMWeights([config.frame_embed], h, name="lstm1")
         lstm2_inputs = [config.word_embed, h] + ([h] if config.attention != "none" else [])
         self.backward_block = len(lstm2_inputs)  # LSTM2's input block for the backward LSTM's output, if any
         self.lstm2 = LSTMWeights(lstm2_inputs + ([h] if config.encoder == "bidirectional" else []), h, name="lstm2")
         self.attention = (Attention(config.attention, h, config.attention_dim, name="attention")
                           if config.attention != "none" else None)
-        self.output_projection = keras.layers.Dense(config.vocab_size, name="output_projection")
-        self.output_projection.build((None, h))
-        self.add_feature_standardisation()
+        self.add_output_layers()
         # made after the others, so that a unidirectional model's weights file is laid out as it always was
         self.lstm1_backward = (LSTMWeights([config.frame_embed], h, name="lstm1_backward")
                                if config.encoder == "bidirectional" else None)
@@ -495,18 +500,11 @@ class MeanPool(CaptionModel):
     standardisation are S2VT's, applied once per video."""
 
     def __init__(self, config: S2VTConfig, **kwargs):
-        super().__init__(**kwargs)
-        self.config = config
+        super().__init__(config, **kwargs)
         h = config.hidden
-        self.frame_projection = keras.layers.Dense(config.frame_embed, name="frame_projection")
-        self.frame_projection.build((None, config.feature_dim))
-        self.word_embedding = keras.layers.Embedding(config.vocab_size, config.word_embed, name="word_embedding")
-        self.word_embedding.build((None,))
         self.lstm1 = LSTMWeights([config.word_embed, config.frame_embed], h, name="lstm1")  # word, video
         self.lstm2 = LSTMWeights([h], h, name="lstm2")
-        self.output_projection = keras.layers.Dense(config.vocab_size, name="output_projection")
-        self.output_projection.build((None, h))
-        self.add_feature_standardisation()
+        self.add_output_layers()
         self.built = True
 
     def video_gates(self, frame_features, noise=None):

@@ -1,10 +1,25 @@
-"""S2VT (Venugopalan et al., ICCV 2015) with optional Bahdanau or Luong attention, in backend-neutral Keras 3.
+"""S2VT (Venugopalan et al., ICCV 2015) with optional Bahdanau or Luong attention, and the mean-pool model it is
+measured against, in backend-neutral Keras 3.
 
-Two stacked LSTMs read the video, then write the caption:
+S2VT: two stacked LSTMs read the video, then write the caption:
   encoding, per frame:  LSTM1 <- projected frame features;   LSTM2 <- [<PAD> embedding, LSTM1 output, zero context]
   decoding, per word:   LSTM1 <- zeros;                       LSTM2 <- [previous word embedding, LSTM1 output, context]
 Every LSTM2 input keeps its position in both stages. The context is attention over LSTM2's encoder outputs,
 queried by LSTM2's previous state, softmaxed over the frames.
+With encoder="bidirectional" a backward LSTM (lstm1_backward) reads the projected frames from the last to the first,
+and LSTM2 takes its output at each frame through one more input block: LSTM2 <- [.., LSTM1 output, .., backward
+output]. While decoding that input is zeros, as the context is zeros while encoding: a backward reader has nothing
+at a word's position (it cannot read captions not yet written), so no input changes position between the stages
+and decoding runs exactly as in the unidirectional model; what the backward pass saw of the later frames reaches
+the decoder through LSTM2's encoder states and outputs (its last state, and what attention reads).
+
+MeanPool (Venugopalan et al., NAACL 2015, "Translating Videos to Natural Language Using Deep Recurrent Neural
+Networks"): the frame features averaged over time are the video's one vector, fed at every step of a two-layer LSTM
+decoder: LSTM1 <- [previous word embedding, projected mean feature]; LSTM2 <- LSTM1 output; words from LSTM2. No
+encoder runs over the frames and there is nothing to attend to (attention "none" only).
+
+Both models decode through the same contract, model.decoder(features, beam) -> (state, step), so the module
+functions greedy and beam_search decode either, or several fused (late fusion).
 
 The math is keras.ops throughout and runs on TensorFlow or JAX (KERAS_BACKEND); util.backend supplies the few
 kernels keras.ops leaves to the backend (stateless random draws, a scan, XLA fusion). Speed (bench.py;
@@ -37,6 +52,8 @@ from util import backend
 from util.data import feature_moments
 from util.vocab import BOS, EOS, PAD, UNK
 
+MODELS = ("s2vt", "meanpool")
+ENCODERS = ("unidirectional", "bidirectional")
 ATTENTIONS = ("none", "bahdanau", "luong")
 MATMUL_DTYPES = ("float32", "bfloat16")
 NEVER_WRITTEN = (PAD, BOS, UNK)  # tokens that decoding never writes
@@ -57,8 +74,17 @@ class S2VTConfig:
     dropout: float = 0.5
     feature_noise: float = 0.1  # training adds uniform(-noise, +noise) to every feature
     matmul_dtype: str = "float32"  # or "bfloat16": the large matmuls' inputs (weights stay float32)
+    model: str = "s2vt"  # or "meanpool" (class MeanPool)
+    encoder: str = "unidirectional"  # or "bidirectional": S2VT's frames read both ways
 
     def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {', '.join(MODELS)}, not {self.model!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(ENCODERS)}, not {self.encoder!r}")
+        if self.model == "meanpool" and (self.attention != "none" or self.encoder != "unidirectional"):
+            raise ValueError(f"the meanpool model has no frame encoder to attend to or read backwards: attention "
+                             f"must be 'none' and encoder 'unidirectional', not {self.attention!r}, {self.encoder!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
@@ -241,28 +267,27 @@ class Attention(keras.layers.Layer):
         return multiplicative_attention(encoder_outputs, ops.matmul(query, self.w))
 
 
-class S2VT(keras.Model):
+class CaptionModel(keras.Model):
+    """What S2VT and MeanPool share: the frame projection with the feature standardisation folded in, the word
+    embedding, the output projection, the training draws, and greedy decoding and beam search over decoder()."""
+
     def __init__(self, config: S2VTConfig, **kwargs):
+        """The layers both models begin with; a subclass adds its LSTMs, then calls add_output_layers()."""
         super().__init__(**kwargs)
         self.config = config
-        h = config.hidden
         self.frame_projection = keras.layers.Dense(config.frame_embed, name="frame_projection")
         self.frame_projection.build((None, config.feature_dim))
         self.word_embedding = keras.layers.Embedding(config.vocab_size, config.word_embed, name="word_embedding")
         self.word_embedding.build((None,))
-        self.lstm1 = LSTMWeights([config.frame_embed], h, name="lstm1")
-        lstm2_inputs = [config.word_embed, h] + ([h] if config.attention != "none" else [])
-        self.lstm2 = LSTMWeights(lstm2_inputs, h, name="lstm2")
-        self.attention = (Attention(config.attention, h, config.attention_dim, name="attention")
-                          if config.attention != "none" else None)
-        self.output_projection = keras.layers.Dense(config.vocab_size, name="output_projection")
-        self.output_projection.build((None, h))
-        # Per-dimension feature standardisation, set from the training features by adapt_features().
-        self.feature_mean = self.add_weight(shape=(config.feature_dim,), initializer="zeros", trainable=False,
-                                            name="feature_mean")
-        self.feature_std = self.add_weight(shape=(config.feature_dim,), initializer="ones", trainable=False,
-                                           name="feature_std")
-        self.built = True
+
+    def add_output_layers(self):
+        """The output projection, then the per-dimension feature standardisation (set from the training features by
+        adapt_features()): made after the LSTMs, so that the weights keep the order S2VT's checkpoints have."""
+        self.output_projection = keras.layers.Dense(self.config.vocab_size, name="output_projection")
+        self.output_projection.build((None, self.config.hidden))
+        dim = self.config.feature_dim
+        self.feature_mean = self.add_weight(shape=(dim,), initializer="zeros", trainable=False, name="feature_mean")
+        self.feature_std = self.add_weight(shape=(dim,), initializer="ones", trainable=False, name="feature_std")
 
     def adapt_features(self, features):
         """Set the standardisation from training features (videos, frames, dim), read in chunks.
@@ -273,41 +298,81 @@ class S2VT(keras.Model):
         self.feature_mean.assign(mean.astype("float32"))
         self.feature_std.assign(np.sqrt(variance + 0.1 * variance.mean() + 1e-12).astype("float32"))
 
+    def project_frames(self, x):
+        """Standardised features (..., feature_dim) projected to (..., frame_embed). The standardisation is folded into
+        the projection: ((x - mean) / std) W + b = x (W / std) + (b - (mean / std) W)."""
+        kernel = self.frame_projection.kernel / self.feature_std[:, None]
+        bias = self.frame_projection.bias - ops.matmul(self.feature_mean[None], kernel)[0]
+        return sequence_matmul(x, kernel, self.config.matmul_dtype) + bias
+
     # ---- randomness: stateless, so (weights, batch, seed) fixes the result ----
     def training_draws(self, seed, batch, length, teacher_forcing_prob, training):
         """Every random draw of one training pass, from a seed (util.backend.seed_tensor): feature noise (batch,
-        frames, dim), dropout masks already scaled by 1/keep for LSTM1's encoder outputs (frames, batch, hidden)
-        and for both LSTMs' decoder outputs (length, batch, hidden), and the scheduled-sampling coins (length,
-        batch), True where the ground truth is fed (always at step 0). Without training, no noise and no masks."""
+        frames, dim), dropout masks already scaled by 1/keep for both LSTMs' decoder outputs (length, batch, hidden)
+        and, for S2VT, for LSTM1's encoder outputs (frames, batch, hidden) (and the backward LSTM's, bidirectional),
+        and the scheduled-sampling coins (length, batch), True where the ground truth is fed (always at step 0).
+        Without training, no noise and no masks."""
         cfg = self.config
         noise_seed, encoder_seed, coin_seed, h1_seed, h2_seed = backend.split_seed(seed, 5)
         use_truth = backend.uniform((length, batch), coin_seed) < teacher_forcing_prob
-        draws = {"use_truth": ops.logical_or(use_truth, (ops.arange(length) == 0)[:, None])}
+        draws = {"use_truth": ops.logical_or(use_truth, (ops.arange(length) == 0)[:, None]), "noise": None,
+                 "encoder_mask": None, "backward_mask": None, "h1_mask": None, "h2_mask": None}
         if not training:
-            return dict(draws, noise=None, encoder_mask=None, h1_mask=None, h2_mask=None)
+            return draws
         keep = 1.0 - cfg.dropout
 
         def mask(shape, mask_seed):
             return ops.cast(backend.uniform(shape, mask_seed) < keep, "float32") / keep
 
-        return dict(draws, noise=backend.uniform((batch, cfg.frames, cfg.feature_dim), noise_seed,
-                                                 -cfg.feature_noise, cfg.feature_noise),
-                    encoder_mask=mask((cfg.frames, batch, cfg.hidden), encoder_seed),
-                    h1_mask=mask((length, batch, cfg.hidden), h1_seed),
-                    h2_mask=mask((length, batch, cfg.hidden), h2_seed))
+        draws.update(noise=backend.uniform((batch, cfg.frames, cfg.feature_dim), noise_seed, -cfg.feature_noise,
+                                           cfg.feature_noise),
+                     h1_mask=mask((length, batch, cfg.hidden), h1_seed),
+                     h2_mask=mask((length, batch, cfg.hidden), h2_seed))
+        if cfg.model == "s2vt":
+            draws["encoder_mask"] = mask((cfg.frames, batch, cfg.hidden), encoder_seed)
+        if cfg.encoder == "bidirectional":  # a seed of its own: the unidirectional model's draws stay as they were
+            draws["backward_mask"] = mask((cfg.frames, batch, cfg.hidden), backend.fold_in(encoder_seed, 1))
+        return draws
+
+    def word_logits(self, h2, kernels):
+        """(..., hidden) -> (..., vocab), in the configured matmul precision."""
+        return sequence_matmul(h2, kernels["output"], self.config.matmul_dtype) + self.output_projection.bias
+
+    def greedy(self, frame_features, max_len=None):
+        """Greedy decoding, each caption stopping at its <EOS> (module function greedy, one model)."""
+        return greedy([(self, frame_features, 1.0)], max_len or self.config.max_caption_len)
+
+    def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
+        """Beam search (module function beam_search, one model); beam_size=1 gives exactly greedy()."""
+        return beam_search([(self, frame_features, 1.0)], beam_size, length_penalty,
+                           max_len or self.config.max_caption_len, n_best)
+
+
+class S2VT(CaptionModel):
+    def __init__(self, config: S2VTConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        h = config.hidden
+        self.lstm1 = LSTMWeights([config.frame_embed], h, name="lstm1")
+        lstm2_inputs = [config.word_embed, h] + ([h] if config.attention != "none" else [])
+        self.backward_block = len(lstm2_inputs)  # LSTM2's input block for the backward LSTM's output, if any
+        self.lstm2 = LSTMWeights(lstm2_inputs + ([h] if config.encoder == "bidirectional" else []), h, name="lstm2")
+        self.attention = (Attention(config.attention, h, config.attention_dim, name="attention")
+                          if config.attention != "none" else None)
+        self.add_output_layers()
+        # made after the others, so that a unidirectional model's weights file is laid out as it always was
+        self.lstm1_backward = (LSTMWeights([config.frame_embed], h, name="lstm1_backward")
+                               if config.encoder == "bidirectional" else None)
+        self.built = True
 
     # ---- encoding stage ----
-    def encode(self, frame_features, noise=None, encoder_mask=None):
+    def encode(self, frame_features, noise=None, encoder_mask=None, backward_mask=None):
         """frame_features (batch, frames, feature_dim) -> encoder state dict; outputs and keys (batch, frames, ...).
-        Training passes the feature noise and the dropout mask on LSTM1's outputs (training_draws)."""
+        Training passes the feature noise and the dropout masks on the LSTM1s' outputs (training_draws)."""
         x = ops.cast(frame_features, "float32")
         if noise is not None:
             x = x + noise
-        # Standardisation folded into the projection: ((x - mean) / std) W + b = x (W / std) + (b - (mean / std) W).
-        kernel = self.frame_projection.kernel / self.feature_std[:, None]
-        bias = self.frame_projection.bias - ops.matmul(self.feature_mean[None], kernel)[0]
         dtype = self.config.matmul_dtype
-        frames_in = ops.transpose(sequence_matmul(x, kernel, dtype) + bias, (1, 0, 2))  # (frames, batch, embed)
+        frames_in = ops.transpose(self.project_frames(x), (1, 0, 2))  # (frames, batch, embed)
         zeros = ops.zeros((ops.shape(x)[0], self.config.hidden))
         h1_seq, h1, c1 = self.lstm1.run(sequence_matmul(frames_in, self.lstm1.kernels[0], dtype) + self.lstm1.bias,
                                         zeros, zeros, dtype)
@@ -315,8 +380,16 @@ class S2VT(keras.Model):
             h1_seq = h1_seq * encoder_mask
         # the <PAD> word and a zero context, in the same positions as the words and contexts of decoding
         pad_gates = ops.matmul(self.word_embedding.embeddings[PAD][None], self.lstm2.kernels[0]) + self.lstm2.bias
-        encoder_outputs, h2, c2 = self.lstm2.run(sequence_matmul(h1_seq, self.lstm2.kernels[1], dtype) + pad_gates,
-                                                 zeros, zeros, dtype)
+        lstm2_gates = sequence_matmul(h1_seq, self.lstm2.kernels[1], dtype) + pad_gates
+        if self.lstm1_backward is not None:  # read from the last frame to the first, its outputs put back in order
+            backward = self.lstm1_backward
+            backward_gates = sequence_matmul(frames_in, backward.kernels[0], dtype) + backward.bias
+            backward_seq, _, _ = backward.run(ops.flip(backward_gates, 0), zeros, zeros, dtype)
+            backward_seq = ops.flip(backward_seq, 0)
+            if backward_mask is not None:
+                backward_seq = backward_seq * backward_mask
+            lstm2_gates = lstm2_gates + sequence_matmul(backward_seq, self.lstm2.kernels[self.backward_block], dtype)
+        encoder_outputs, h2, c2 = self.lstm2.run(lstm2_gates, zeros, zeros, dtype)
         encoder_outputs = ops.transpose(encoder_outputs, (1, 0, 2))  # (batch, frames, hidden) for attention
         keys = self.attention.keys(encoder_outputs, dtype) if self.attention is not None else encoder_outputs
         return {"h1": h1, "c1": c1, "h2": h2, "c2": c2, "outputs": encoder_outputs, "keys": keys}
@@ -324,7 +397,8 @@ class S2VT(keras.Model):
     # ---- decoding stage: steps shared by training, greedy and beam search ----
     def decoding_kernels(self):
         """The kernels the decoder's steps multiply by, cast to the matmul precision once, before the loop:
-        "step" stacks LSTM2's word, context and recurrent kernels, so a step projects its inputs in one matmul."""
+        "step" stacks LSTM2's word, context and recurrent kernels, so a step projects its inputs in one matmul (the
+        backward LSTM's block multiplies zeros while decoding, and is left out)."""
         context = [self.lstm2.kernels[2]] if self.attention is not None else []
         kernels = {"step": ops.concatenate([self.lstm2.kernels[0], *context, self.lstm2.recurrent_kernel], 0),
                    "lstm1_recurrent": self.lstm1.recurrent_kernel, "lstm1_to_lstm2": self.lstm2.kernels[1],
@@ -354,10 +428,6 @@ class S2VT(keras.Model):
         h2, c2, _ = lstm_cell(from_lstm1 + matmul(step_inputs, kernels["step"], self.config.matmul_dtype), c2)
         return h2, c2, weights
 
-    def word_logits(self, h2, kernels):
-        """(..., hidden) -> (..., vocab), in the configured matmul precision."""
-        return sequence_matmul(h2, kernels["output"], self.config.matmul_dtype) + self.output_projection.bias
-
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=None, training=False, draws=None):
         """Training / scoring pass. caption_ids (batch, length): the words then <EOS>, <PAD>-padded.
 
@@ -376,7 +446,7 @@ class S2VT(keras.Model):
         if draws is None:
             seed = backend.seed_tensor(0) if seed is None else seed
             draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
-        encoded = self.encode(frame_features, draws["noise"], draws["encoder_mask"])
+        encoded = self.encode(frame_features, draws["noise"], draws["encoder_mask"], draws.get("backward_mask"))
         previous_truth = ops.concatenate([ops.full((batch, 1), BOS, "int32"), caption_ids[:, :-1]], 1)
         # LSTM1 reads zeros while decoding, so its whole run is known before the first word.
         h1_seq, _, _ = self.lstm1.run(ops.broadcast_to(self.lstm1.bias, (length, batch, 4 * self.config.hidden)),
@@ -422,14 +492,102 @@ class S2VT(keras.Model):
                  "rows": {"h2": per_row(encoded["h2"]), "c2": per_row(encoded["c2"])}}
         return start, step
 
-    def greedy(self, frame_features, max_len=None):
-        """Greedy decoding, each caption stopping at its <EOS> (module function greedy, one model)."""
-        return greedy([(self, frame_features, 1.0)], max_len or self.config.max_caption_len)
 
-    def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
-        """Beam search (module function beam_search, one model); beam_size=1 gives exactly greedy()."""
-        return beam_search([(self, frame_features, 1.0)], beam_size, length_penalty,
-                           max_len or self.config.max_caption_len, n_best)
+class MeanPool(CaptionModel):
+    """The mean-pool model of Venugopalan et al., NAACL 2015: the frame features averaged over time feed, with the
+    previous word's embedding, the first of two stacked LSTMs at every decoding step; the second writes the words.
+    The projection of the mean is the mean of the projections (it is linear), so the frame projection and feature
+    standardisation are S2VT's, applied once per video."""
+
+    def __init__(self, config: S2VTConfig, **kwargs):
+        super().__init__(config, **kwargs)
+        h = config.hidden
+        self.lstm1 = LSTMWeights([config.word_embed, config.frame_embed], h, name="lstm1")  # word, video
+        self.lstm2 = LSTMWeights([h], h, name="lstm2")
+        self.add_output_layers()
+        self.built = True
+
+    def video_gates(self, frame_features, noise=None):
+        """The mean-pooled video's share of LSTM1's gates, LSTM1's bias included: (batch, 4*hidden)."""
+        x = ops.cast(frame_features, "float32")
+        if noise is not None:
+            x = x + noise
+        video = self.project_frames(ops.mean(x, 1))  # (batch, frame_embed)
+        return matmul(video, self.lstm1.kernels[1], self.config.matmul_dtype) + self.lstm1.bias
+
+    def decoding_kernels(self):
+        """Each LSTM's input and recurrent kernels stacked, so that a step projects its inputs in one matmul per
+        LSTM, cast to the matmul precision once, before the loop."""
+        kernels = {"lstm1": ops.concatenate([self.lstm1.kernels[0], self.lstm1.recurrent_kernel], 0),
+                   "lstm2": ops.concatenate([self.lstm2.kernels[0], self.lstm2.recurrent_kernel], 0),
+                   "output": self.output_projection.kernel}
+        return {name: ops.cast(kernel, self.config.matmul_dtype) for name, kernel in kernels.items()}
+
+    def decode_step(self, video_gates, word_ids, state, kernels, h1_mask=None):
+        """Advance both LSTMs one word: video_gates (batch, 4*hidden), word_ids (batch,), state (h1, c1, h2, c2);
+        h1_mask, while training, drops out LSTM1's output on its way to LSTM2. Returns the new state."""
+        h1, c1, h2, c2 = state
+        dtype = self.config.matmul_dtype
+        word = ops.take(self.word_embedding.embeddings, word_ids, axis=0)
+        h1, c1, _ = lstm_cell(video_gates + matmul(ops.concatenate([word, h1], 1), kernels["lstm1"], dtype), c1)
+        h1_out = h1 if h1_mask is None else h1 * h1_mask
+        h2, c2, _ = lstm_cell(self.lstm2.bias + matmul(ops.concatenate([h1_out, h2], 1), kernels["lstm2"], dtype), c2)
+        return h1, c1, h2, c2
+
+    def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=None, training=False, draws=None):
+        """Training / scoring pass, as S2VT.call: logits (batch, length, vocab), attention weights (batch, length,
+        frames), all zero (nothing is attended to), and the word ids fed at each step (batch, length)."""
+        caption_ids = ops.cast(caption_ids, "int32")
+        batch, length = ops.shape(caption_ids)[0], ops.shape(caption_ids)[1]
+        forced = draws is None and isinstance(teacher_forcing_prob, (int, float)) and teacher_forcing_prob >= 1
+        if draws is None:
+            seed = backend.seed_tensor(0) if seed is None else seed
+            draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
+        video_gates = self.video_gates(frame_features, draws["noise"])
+        previous_truth = ops.concatenate([ops.full((batch, 1), BOS, "int32"), caption_ids[:, :-1]], 1)
+        kernels = self.decoding_kernels()
+        ones = ops.ones((length, 1, 1))
+        h1_masks, h2_masks = (draws["h1_mask"], draws["h2_mask"]) if training else (ones, ones)
+
+        def step(carry, inputs):
+            state, h2_out = carry
+            use_truth, truth, h1_mask, h2_mask = inputs
+            word = truth
+            if not forced:
+                predicted = ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1)
+                word = ops.where(use_truth, truth, ops.cast(predicted, "int32"))
+            state = self.decode_step(video_gates, word, state, kernels, h1_mask)
+            h2_out = state[2] * h2_mask
+            return (state, h2_out), (h2_out, word)
+
+        zeros = ops.zeros((batch, self.config.hidden))
+        _, (h2_seq, fed) = backend.scan(step, ((zeros, zeros, zeros, zeros), zeros),
+                                        (draws["use_truth"], ops.transpose(previous_truth), h1_masks, h2_masks))
+        logits = self.word_logits(ops.transpose(h2_seq, (1, 0, 2)), kernels)  # (batch, length, vocab)
+        return logits, ops.zeros((batch, length, ops.shape(frame_features)[1])), ops.transpose(fed)
+
+    def decoder(self, frame_features, beam=1):
+        """Start decoding, with S2VT.decoder's contract: state {"rows": both LSTMs' states (batch*beam, hidden)},
+        step(state, word_ids) -> (state, logits (batch*beam, vocab), attention weights (batch*beam, frames), zero)."""
+        video_gates = self.video_gates(frame_features)
+        if beam > 1:
+            video_gates = ops.repeat(video_gates, beam, axis=0)  # a video's beams share its mean
+        kernels = self.decoding_kernels()
+        rows, frames = ops.shape(video_gates)[0], ops.shape(frame_features)[1]
+
+        def step(state, word_ids):
+            lstm_states = [state["rows"][name] for name in ("h1", "c1", "h2", "c2")]
+            h1, c1, h2, c2 = self.decode_step(video_gates, word_ids, lstm_states, kernels)
+            return ({"rows": {"h1": h1, "c1": c1, "h2": h2, "c2": c2}}, self.word_logits(h2, kernels),
+                    ops.zeros((rows, frames)))
+
+        zeros = ops.zeros((rows, self.config.hidden))
+        return {"rows": {"h1": zeros, "c1": zeros, "h2": zeros, "c2": zeros}}, step
+
+
+def build_model(config: S2VTConfig):
+    """The model config.model names: S2VT or MeanPool."""
+    return {"s2vt": S2VT, "meanpool": MeanPool}[config.model](config)
 
 
 def fused_scores(logits, weights, log_probs):

@@ -2,6 +2,7 @@
 
     python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--val-fraction 0.05]
                     [--select-metric bleu1] [--patience N] [--strategy auto] [--resume]
+                    [--model s2vt|meanpool] [--encoder unidirectional|bidirectional] [--init-from RUN]
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
 of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/validation_data/feat is the
@@ -10,6 +11,10 @@ test split is never read here: score it once, after training, with infer.py. Wri
 util/checkpoints.py): the last 3 checkpoints, the best by the validation metric, config.json, vocab.json,
 val_ids.txt, history.csv, curves.png and, on TensorFlow, TensorBoard logs.
 Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
+--model meanpool trains the mean-pool baseline instead of S2VT, --encoder bidirectional reads S2VT's frames both ways
+(model.py). --init-from RUN starts from another run's weights, e.g. one pre-trained on image captions (images as
+one-frame videos): the words both vocabularies hold keep their embedding and output weights, the feature
+standardisation is computed afresh from this data, and the frame count may differ (no weight depends on it).
 Runs on TensorFlow (the default) or JAX: KERAS_BACKEND=jax python train.py ... With --strategy mirrored (several
 GPUs) each global batch is split over the devices with the same result as one device; on TensorFlow, multiworker
 spreads it over machines named in TF_CONFIG, and the chief alone validates and writes the run folder.
@@ -31,12 +36,12 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
-from model import ATTENTIONS, MATMUL_DTYPES, S2VTConfig, S2VT, caption_losses, replica_loss
+from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, S2VTConfig, build_model, caption_losses, replica_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
-from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, restore,
-                              save_checkpoint, write_run_files)
+from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_model, load_vocab, newest_run, read_run_config,
+                              restore, save_checkpoint, write_run_files)
 from util.data import (DataError, Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels,
                        open_feature_file, read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
 from util.evaluate import evaluate
@@ -57,13 +62,26 @@ def positive_int(text):
 # the flags that change what is trained: --resume refuses to go on with any of them changed
 TRAINING_FLAGS = ("hidden", "frames", "attention", "max_caption_len", "min_word_count", "batch_size", "seed", "pairs",
                   "epochs", "schedule", "teacher_forcing_start", "teacher_forcing_end", "learning_rate", "clip_norm",
-                  "dropout", "feature_noise", "val_fraction", "val_ids", "select_metric", "matmul_dtype")
+                  "dropout", "feature_noise", "val_fraction", "val_ids", "select_metric", "matmul_dtype", "model",
+                  "encoder", "init_from")
+# flags added since the first runs: a run saved without one was trained as its value here says
+LATER_FLAG_DEFAULTS = {"model": "s2vt", "encoder": "unidirectional"}
+# the model settings another run must share for --init-from: the vocabulary is mapped, the frame count free
+SHARED_SETTINGS = ("model", "encoder", "feature_dim", "hidden", "frame_embed", "word_embed", "attention",
+                   "attention_dim")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder in the MLDS HW2-1 layout")
-    parser.add_argument("--attention", choices=ATTENTIONS, default="bahdanau")
+    parser.add_argument("--model", choices=MODELS, default="s2vt",
+                        help="s2vt, or meanpool: the frame features' mean feeds an LSTM decoder (model.MeanPool)")
+    parser.add_argument("--encoder", choices=ENCODERS, default="unidirectional",
+                        help="bidirectional: S2VT reads the frames backwards too (model.py)")
+    parser.add_argument("--attention", choices=ATTENTIONS,
+                        help="default bahdanau for s2vt; meanpool attends to nothing (none)")
+    parser.add_argument("--init-from", metavar="RUN",
+                        help="start from this run's (or checkpoint's) weights, the shared words' included")
     parser.add_argument("--schedule", choices=SCHEDULES, default="inverse_sigmoid",
                         help="teacher-forcing probability per epoch (see sampling.py)")
     parser.add_argument("--teacher-forcing-start", type=float, default=1.0, help="linear/constant schedules")
@@ -114,6 +132,11 @@ def parse_args(argv=None):
         parser.error("give --val-fraction or --val-ids, not both")
     if args.patience < 0:
         parser.error("--patience must be 0 (off) or positive")
+    if args.model == "meanpool" and args.attention not in (None, "none"):
+        parser.error(f"--attention {args.attention}: the meanpool model has no frame encoder to attend to")
+    if args.model == "meanpool" and args.encoder != "unidirectional":
+        parser.error(f"--encoder {args.encoder}: the meanpool model has no frame encoder")
+    args.attention = args.attention or ("bahdanau" if args.model == "s2vt" else "none")
     if args.resume and not args.ckpt_dir:
         args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
     args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
@@ -123,6 +146,7 @@ def parse_args(argv=None):
 def check_resumable(run_dir, args, validation_ids):
     """Refuse, before anything is written, to resume a run with other training flags or validation videos."""
     saved = read_run_config(run_dir).get("train", {})
+    saved = dict(LATER_FLAG_DEFAULTS, **saved)
     changed = [f"--{flag.replace('_', '-')}: {saved.get(flag)} saved, {getattr(args, flag)} asked"
                for flag in TRAINING_FLAGS if saved.get(flag) != getattr(args, flag)]
     saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
@@ -237,6 +261,39 @@ class Validator:
                 "val_cider": scores["cider"], "example": f"{first}: {captions[first]}"}
 
 
+def initialise_from(model, vocab, source, manifest):
+    """Set model's weights from another run's (source: a run or checkpoint folder, as infer.py takes) for --init-from,
+    the feature standardisation excepted (model's own, from this data). Word-indexed weights are carried over word by
+    word: the rows of the word embedding and the output projection's columns and biases for the words both
+    vocabularies hold; this run's other words keep their fresh initial values. No weight depends on the frame count,
+    so a run on one-frame "videos" (images) can start one on videos. Returns (the source checkpoint, the count of
+    words carried over)."""
+    source_model, source_vocab, source_config, checkpoint = load_model(source)
+    differing = [f"{name} {getattr(source_model.config, name)} there, {getattr(model.config, name)} here"
+                 for name in SHARED_SETTINGS if getattr(source_model.config, name) != getattr(model.config, name)]
+    source_features = source_config.get("features")
+    if source_features and manifest:  # the same feature extractor, whatever the frames sampled
+        differing += [f"features' {key} {source_features.get(key)!r} there, {value!r} here"
+                      for key, value in manifest.items() if key != "frames" and source_features.get(key) != value]
+    if differing:
+        raise DataError(f"{source}: cannot start from this run's weights ({'; '.join(differing)})")
+    here = [i for i, word in enumerate(vocab.words) if word in source_vocab.index]
+    there = [source_vocab.index[vocab.words[i]] for i in here]
+    embeddings, output = model.word_embedding.embeddings, model.output_projection
+    for target, value in zip(model.weights, source_model.weights):
+        if target is model.feature_mean or target is model.feature_std:
+            continue
+        value = ops.convert_to_numpy(value)
+        if target is output.kernel:  # (hidden, vocab)
+            value, carried = np.array(ops.convert_to_numpy(target)), value
+            value[:, here] = carried[:, there]
+        elif target is embeddings or target is output.bias:  # (vocab, ...)
+            value, carried = np.array(ops.convert_to_numpy(target)), value
+            value[here] = carried[there]
+        target.assign(value)
+    return checkpoint, len(here)
+
+
 def interrupted(checkpoint, state, run_dir):
     saved = f"saved {checkpoint}" if checkpoint else "the chief saved its checkpoint"
     print(f"interrupted: {saved} at epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}; "
@@ -275,13 +332,20 @@ def train(args):
     config = S2VTConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
                         frame_embed=args.hidden, word_embed=args.hidden, attention=args.attention,
                         attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
-                        feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype)
+                        feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype, model=args.model,
+                        encoder=args.encoder)
     backend.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
     with distribution.scope():  # on TensorFlow, one copy of every weight and optimizer slot per replica
-        model = S2VT(config)
+        model = build_model(config)
         model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
         optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
         optimizer.build(model.trainable_variables)
+    run_settings = vars(args)
+    if args.init_from and not args.resume:  # a resumed run restores its own weights: the source is not read again
+        source, carried = initialise_from(model, vocab, args.init_from, manifest)
+        run_settings = dict(run_settings, init_from_checkpoint=str(source))
+        print(f"initialised from {source}: {carried} of this run's {len(vocab)} words carried over, "
+              f"{len(vocab) - carried} new; feature standardisation from this data")
     state = {"epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_epoch": 0}
     if args.resume:  # every worker restores the chief's checkpoint
         latest = latest_checkpoint(run_dir / "last")
@@ -291,7 +355,7 @@ def train(args):
         print(f"resumed {latest}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, "
               f"step {int(optimizer.iterations.numpy())}")
     elif chief:
-        write_run_files(run_dir, config, vars(args), vocab, manifest)
+        write_run_files(run_dir, config, run_settings, vocab, manifest)
         write_text_atomic(run_dir / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
     train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
     padding = distribution.padding(args.batch_size)

@@ -1,4 +1,5 @@
-"""One S2VT on TensorFlow and on JAX: the same loss, gradients and captions from the same weights and random draws;
+"""One S2VT (and its variants) on TensorFlow and on JAX: the same loss, gradients and captions from the same weights
+and random draws;
 runs trained on one backend caption byte-identically on the other; the JAX path runs with TensorFlow made
 unimportable; the backend-neutral test files pass on JAX too. A Keras process has one backend, so each backend
 runs in child processes (KERAS_BACKEND=tensorflow|jax)."""
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
-from model import S2VT, S2VTConfig
+from model import S2VTConfig, build_model
 
 BACKENDS = ("tensorflow", "jax")
 CONFIG = dict(vocab_size=13, feature_dim=10, frames=7, hidden=16, frame_embed=12, word_embed=8, attention_dim=9,
@@ -37,15 +38,15 @@ COMPUTE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from model import S2VT, S2VTConfig, caption_loss
+from model import S2VTConfig, build_model, caption_loss
 from util import backend
 backend.full_float32_matmuls()
 for job in json.loads(open(sys.argv[2]).read()):
-    model = S2VT(S2VTConfig(**json.loads(open(job["config"]).read())))
+    model = build_model(S2VTConfig(**json.loads(open(job["config"]).read())))
     model.load_weights(job["weights"])
     data = dict(np.load(job["draws"]))
     features, captions, training = data.pop("features"), data.pop("captions"), bool(data.pop("training"))
-    draws = dict({"noise": None, "encoder_mask": None, "h1_mask": None, "h2_mask": None}, **data)
+    draws = dict({"noise": None, "encoder_mask": None, "backward_mask": None, "h1_mask": None, "h2_mask": None}, **data)
     loss, gradients = backend.loss_and_gradients(
         model, lambda: caption_loss(model(features, captions, training=training, draws=draws)[0], captions))
     greedy, _ = model.greedy(features)
@@ -56,15 +57,17 @@ for job in json.loads(open(sys.argv[2]).read()):
 """
 
 
-def model_files(tmp_path, attention):
-    """A small model with trained-like weights (standardisation set, peaked outputs), saved for both backends."""
+def model_files(tmp_path, attention, **variant):
+    """A small model with trained-like weights (standardisation set, peaked outputs), saved for both backends;
+    variant: other S2VTConfig fields (model, encoder)."""
     keras.utils.set_random_seed(11)
-    config = dict(CONFIG, attention=attention)
-    model = S2VT(S2VTConfig(**config))
+    config = dict(CONFIG, attention=attention, **variant)
+    model = build_model(S2VTConfig(**config))
     rng = np.random.default_rng(11)
     model.adapt_features(rng.normal(2.0, 3.0, size=(20, 7, 10)).astype(np.float32))
     model.output_projection.kernel.assign(keras.ops.convert_to_numpy(model.output_projection.kernel) * 4.0)
-    weights, config_file = tmp_path / f"{attention}.weights.h5", tmp_path / f"{attention}.json"
+    name = "-".join([attention, *variant.values()])
+    weights, config_file = tmp_path / f"{name}.weights.h5", tmp_path / f"{name}.json"
     model.save_weights(weights)
     config_file.write_text(json.dumps(config))
     return weights, config_file
@@ -86,6 +89,7 @@ def draws_file(tmp_path, name, training, teacher_forcing_prob):
         data.update(noise=rng.uniform(-0.1, 0.1, (batch, cfg["frames"], cfg["feature_dim"])).astype(np.float32),
                     encoder_mask=mask(cfg["frames"], batch, cfg["hidden"]), h1_mask=mask(length, batch, cfg["hidden"]),
                     h2_mask=mask(length, batch, cfg["hidden"]))
+        data.update(backward_mask=mask(cfg["frames"], batch, cfg["hidden"]))  # drawn last: the others stay as they were
     path = tmp_path / f"{name}.npz"
     np.savez(path, **data)
     return path
@@ -93,12 +97,14 @@ def draws_file(tmp_path, name, training, teacher_forcing_prob):
 
 def test_loss_gradients_and_captions_agree_across_backends(tmp_path):
     jobs = []
-    for attention in ("none", "bahdanau", "luong"):
-        weights, config_file = model_files(tmp_path, attention)
+    for attention, variant in (("none", {}), ("bahdanau", {}), ("luong", {}), ("luong", {"encoder": "bidirectional"}),
+                               ("none", {"model": "meanpool"})):
+        weights, config_file = model_files(tmp_path, attention, **variant)
         for case, draws in (("p=1, no dropout", draws_file(tmp_path, "forced", False, 1.0)),
                             ("p=0.5, dropout and noise", draws_file(tmp_path, "sampled", True, 0.5))):
-            jobs.append({"attention": attention, "case": case, "weights": str(weights), "config": str(config_file),
-                         "draws": str(draws), "out": str(tmp_path / f"{attention}-{draws.stem}-BACKEND.npz")})
+            jobs.append({"attention": " ".join([attention, *variant.values()]), "case": case, "weights": str(weights),
+                         "config": str(config_file), "draws": str(draws),
+                         "out": str(tmp_path / f"{weights.name.split('.')[0]}-{draws.stem}-BACKEND.npz")})
     for backend in BACKENDS:
         jobs_file = tmp_path / f"jobs-{backend}.json"
         jobs_file.write_text(json.dumps([dict(job, out=job["out"].replace("BACKEND", backend)) for job in jobs]))
@@ -196,7 +202,7 @@ def test_requirement_files_pin_the_same_versions():
 
 # the test files written with keras.ops, numpy and util.backend alone
 NEUTRAL_TESTS = ["test_model.py", "test_beam.py", "test_speed_equivalence.py", "test_roundtrip.py", "test_data.py",
-                 "test_validation.py", "test_captioner.py"]
+                 "test_validation.py", "test_captioner.py", "test_variants.py"]
 
 
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") == "jax", reason="this run is on JAX already")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from model import NEVER_WRITTEN, S2VT, S2VTConfig, caption_loss
+from model import NEVER_WRITTEN, S2VTConfig, build_model, caption_loss
 from util import backend
 from util.vocab import BOS, EOS, PAD
 
@@ -11,10 +11,11 @@ FRAMES, DIM, VOCAB = 7, 10, 13
 
 
 def make_model(attention="bahdanau", seed=0, **overrides):
-    """A tiny model whose weights are drawn with numpy from seed: the same model on every backend."""
+    """A tiny model whose weights are drawn with numpy from seed: the same model on every backend. overrides set
+    other S2VTConfig fields (model="meanpool" with attention "none", encoder="bidirectional")."""
     config = S2VTConfig(vocab_size=VOCAB, feature_dim=DIM, frames=FRAMES, hidden=16, frame_embed=12,
                         word_embed=8, attention=attention, attention_dim=9, max_caption_len=6, **overrides)
-    model = S2VT(config)
+    model = build_model(config)
     model.set_weights(numpy_weights(model, seed))
     return model
 

@@ -100,7 +100,8 @@ def test_resume_refuses_changed_training_flags_naming_each_and_writes_nothing(ti
                "--teacher-forcing-end": ("0.0", "0.2"), "--learning-rate": ("0.01", "0.02"),
                "--clip-norm": ("5.0", "1.0"), "--dropout": ("0.5", "0.1"), "--feature-noise": ("0.1", "0.0"),
                "--val-fraction": ("None", "0.2"), "--select-metric": ("bleu1", "cider"),
-               "--matmul-dtype": ("float32", "bfloat16")}
+               "--matmul-dtype": ("float32", "bfloat16"), "--model": ("s2vt", "meanpool"),
+               "--encoder": ("unidirectional", "bidirectional"), "--init-from": ("None", "elsewhere")}
     for flag, (old, new) in changed.items():
         argv = ["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, "--epochs", "1", flag, new,
                 "--resume"]

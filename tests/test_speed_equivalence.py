@@ -3,7 +3,8 @@
 `StraightforwardS2VT` below is S2VT written the plain way, batch-major, one Python-level step at a time, every
 input projected at every step and the backend's own gradients throughout (keras.ops, no custom gradient, no scan).
 It reads the optimised model's weights and its random draws (noise, dropout masks, sampling coins), so any
-difference is in the computation.
+difference is in the computation. With a bidirectional encoder it runs the backward LSTM step by step from the last
+frame, and its gradients are the backend's where the optimised model's are lstm_sequence's hand-written ones.
 """
 import numpy as np
 import pytest
@@ -39,22 +40,37 @@ class StraightforwardS2VT:
         weights = ops.softmax(scores, axis=1)
         return weights, ops.sum(weights[:, :, None] * encoder_outputs, 1)
 
-    def lstm2_inputs(self, word_ids, h1, context):
+    def lstm2_inputs(self, word_ids, h1, context, backward):
         inputs = [ops.take(self.m.word_embedding.embeddings, word_ids, axis=0), h1]
-        return inputs + ([context] if self.m.attention is not None else [])
+        return (inputs + ([context] if self.m.attention is not None else [])
+                + ([backward] if self.m.lstm1_backward is not None else []))
 
-    def encode(self, features, noise=None, encoder_mask=None):
+    def backward_outputs(self, frames_in, backward_mask=None):
+        """The backward LSTM's output at each frame, reading from the last frame to the first; zeros without one."""
+        m = self.m
+        zeros = ops.zeros((frames_in[0].shape[0], self.cfg.hidden))
+        outputs, h, c = [zeros] * len(frames_in), zeros, zeros
+        if m.lstm1_backward is None:
+            return outputs
+        for t in reversed(range(len(frames_in))):
+            h, c = lstm_step(m.lstm1_backward, [frames_in[t]], h, c)
+            outputs[t] = h if backward_mask is None else h * backward_mask[t]
+        return outputs
+
+    def encode(self, features, noise=None, encoder_mask=None, backward_mask=None):
         m, cfg = self.m, self.cfg
         batch = features.shape[0]
         x = features + noise if noise is not None else features
         x = (x - m.feature_mean) / m.feature_std
+        frames_in = [m.frame_projection(x[:, t]) for t in range(cfg.frames)]
+        backward = self.backward_outputs(frames_in, backward_mask)
         h1 = c1 = h2 = c2 = ops.zeros((batch, cfg.hidden))
         outputs = []
         for t in range(cfg.frames):
-            h1, c1 = lstm_step(m.lstm1, [m.frame_projection(x[:, t])], h1, c1)
+            h1, c1 = lstm_step(m.lstm1, [frames_in[t]], h1, c1)
             h1_out = h1 if encoder_mask is None else h1 * encoder_mask[t]
             pad = ops.full((batch,), PAD, "int32")
-            h2, c2 = lstm_step(m.lstm2, self.lstm2_inputs(pad, h1_out, ops.zeros_like(h1)), h2, c2)
+            h2, c2 = lstm_step(m.lstm2, self.lstm2_inputs(pad, h1_out, ops.zeros_like(h1), backward[t]), h2, c2)
             outputs.append(h2)
         return (h1, c1, h2, c2), ops.stack(outputs, 1)
 
@@ -64,14 +80,14 @@ class StraightforwardS2VT:
         weights, context = (self.attend(encoder_outputs, h2) if self.m.attention is not None
                             else (None, None))
         h1_out = h1 if h1_mask is None else h1 * h1_mask
-        h2, c2 = lstm_step(self.m.lstm2, self.lstm2_inputs(word_ids, h1_out, context), h2, c2)
+        h2, c2 = lstm_step(self.m.lstm2, self.lstm2_inputs(word_ids, h1_out, context, ops.zeros_like(h1)), h2, c2)
         h2_out = h2 if h2_mask is None else h2 * h2_mask
         return (h1, c1, h2, c2), self.m.output_projection(h2_out), weights
 
     def loss(self, features, captions, teacher_forcing_prob, seed, training):
         batch, length = captions.shape
         draws = self.m.training_draws(seed, batch, length, teacher_forcing_prob, training)
-        state, encoder_outputs = self.encode(features, draws["noise"], draws["encoder_mask"])
+        state, encoder_outputs = self.encode(features, draws["noise"], draws["encoder_mask"], draws["backward_mask"])
         word = ops.full((batch,), BOS, "int32")
         logits = []
         for t in range(length):
@@ -99,9 +115,9 @@ def up_to_eos(words):
     return np.cumsum(words == EOS, 1) - (words == EOS) == 0
 
 
-def trained_like(attention):
+def trained_like(attention, encoder="unidirectional", **overrides):
     """A tiny model whose standardisation and weights are not the initial ones."""
-    model = make_model(attention, seed=17)  # a seed whose greedy captions differ between videos
+    model = make_model(attention, seed=17, encoder=encoder, **overrides)  # greedy captions differ between videos
     rng = np.random.default_rng(11)
     model.adapt_features(rng.normal(2.0, 3.0, size=(20, 7, 10)).astype(np.float32))
     kernel = model.output_projection.kernel
@@ -115,28 +131,38 @@ def loss_and_gradients(model, loss_fn):
     return float(loss), backend.to_numpy(gradients)
 
 
-@pytest.mark.parametrize("attention", ["none", "bahdanau", "luong"])
+@pytest.mark.parametrize("attention, encoder", [("none", "unidirectional"), ("bahdanau", "unidirectional"),
+                                                ("luong", "unidirectional"), ("none", "bidirectional"),
+                                                ("bahdanau", "bidirectional"), ("luong", "bidirectional")])
 @pytest.mark.parametrize("teacher_forcing_prob, training", [(1.0, False), (0.5, True), (0.0, True)])
-def test_optimised_training_step_equals_the_straightforward_one(attention, teacher_forcing_prob, training):
-    model = trained_like(attention)
+def test_optimised_training_step_equals_the_straightforward_one(attention, encoder, teacher_forcing_prob, training):
+    model = trained_like(attention, encoder)
+    gradients = assert_same_training_step(model, StraightforwardS2VT(model).loss, teacher_forcing_prob, training)
+    assert any(np.abs(g).max() > 0 for g in gradients)
+
+
+def assert_same_training_step(model, straightforward_loss, teacher_forcing_prob, training):
+    """The model's loss and every gradient on a small batch against straightforward_loss(features, captions,
+    teacher_forcing_prob, seed, training)'s, with the same random draws; returns the gradients."""
     features, captions = batch(size=6, length=6, seed=2)
     seed = backend.seed_tensor(5, 9)
     fast, fast_grads = loss_and_gradients(model, lambda: caption_loss(
         model(features, captions, teacher_forcing_prob=teacher_forcing_prob, seed=seed, training=training)[0],
         captions))
-    plain, plain_grads = loss_and_gradients(model, lambda: StraightforwardS2VT(model).loss(
+    plain, plain_grads = loss_and_gradients(model, lambda: straightforward_loss(
         features, captions, teacher_forcing_prob, seed, training))
     assert fast == pytest.approx(plain, rel=1e-5)
     assert len(fast_grads) == len(plain_grads) == len(model.trainable_variables)
     for variable, g_fast, g_plain in zip(model.trainable_variables, fast_grads, plain_grads):
         scale = max(np.abs(g_plain).max(), 1e-8)
         assert np.abs(g_fast - g_plain).max() <= 1e-4 * scale, variable.path
-    assert any(np.abs(g).max() > 0 for g in fast_grads)
+    return fast_grads
 
 
-@pytest.mark.parametrize("attention", ["none", "bahdanau", "luong"])
-def test_optimised_greedy_and_beam_equal_the_straightforward_decoder(attention):
-    model = trained_like(attention)
+@pytest.mark.parametrize("attention, encoder", [("none", "unidirectional"), ("bahdanau", "unidirectional"),
+                                                ("luong", "unidirectional"), ("bahdanau", "bidirectional")])
+def test_optimised_greedy_and_beam_equal_the_straightforward_decoder(attention, encoder):
+    model = trained_like(attention, encoder)
     features, _ = batch(size=8, seed=4)
     words = ops.convert_to_numpy(model.greedy(features, max_len=6)[0])
     plain = StraightforwardS2VT(model)
@@ -156,11 +182,13 @@ def test_optimised_greedy_and_beam_equal_the_straightforward_decoder(attention):
     np.testing.assert_allclose(beam_log_probs.reshape(-1), totals, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_matmuls_stay_close_to_float32():
-    model = trained_like("bahdanau")
+@pytest.mark.parametrize("attention, variant", [("bahdanau", {}), ("luong", {"encoder": "bidirectional"}),
+                                                ("none", {"model": "meanpool"})])
+def test_bfloat16_matmuls_stay_close_to_float32(attention, variant):
+    model = trained_like(attention, **variant)
     features, captions = batch(size=6, length=6, seed=2)
     seed = backend.seed_tensor(5, 9)
-    fast = make_model("bahdanau", matmul_dtype="bfloat16")
+    fast = make_model(attention, matmul_dtype="bfloat16", **variant)
     fast.set_weights(model.get_weights())
     losses, grads = zip(*[loss_and_gradients(m, lambda: caption_loss(m(features, captions, seed=seed, training=True)[0],
                                                                      captions)) for m in (model, fast)])

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model import S2VT, S2VTConfig
+from model import S2VT, S2VTConfig, build_model
 from util.atomic import write_text_atomic
 from util.data import DataError, read_json
 from util.vocab import Vocabulary
@@ -150,7 +150,8 @@ def load_vocab(run_dir):
 
 
 def model_config_of(run_dir, config, matmul_dtype=None):
-    """The S2VTConfig in a run's config.json; matmul_dtype, if given, replaces the precision it was trained with."""
+    """The S2VTConfig in a run's config.json (one written before the model and encoder fields existed is an S2VT with
+    a unidirectional encoder); matmul_dtype, if given, replaces the precision it was trained with."""
     try:
         settings = dict(config["model"])
         if matmul_dtype:
@@ -170,7 +171,7 @@ def load_model(path=None, matmul_dtype=None):
     if model_config.vocab_size != len(vocab):
         raise DataError(f"{run_dir / 'vocab.json'}: {len(vocab)} words, but the model was built for "
                         f"{model_config.vocab_size}")
-    model = S2VT(model_config)
+    model = build_model(model_config)
     restore(checkpoint, model)
     return model, vocab, config, checkpoint
 

@@ -3,6 +3,7 @@ import os
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -119,3 +120,13 @@ def optimizer_iterations(checkpoint):
 
     with h5py.File(Path(checkpoint) / "optimizer.h5", "r") as file:
         return int(file["0"][()])
+
+
+def decode_rgb(path):
+    """Every frame of a clip, full size, RGB."""
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while (frame := capture.read())[0]:
+        frames.append(frame[1][..., ::-1])
+    capture.release()
+    return np.stack(frames)

@@ -15,7 +15,7 @@ import pytest
 
 import extract_features
 from captioner import Caption, Captioner, Hypothesis, VideoError
-from conftest import ROOT, VIDEO_SETTINGS
+from conftest import ROOT, VIDEO_SETTINGS, decode_rgb
 from util.data import DataError
 
 
@@ -27,16 +27,6 @@ def captioner(video_run):
 @pytest.fixture
 def clips(mlds):
     return sorted((mlds / "testing_data" / "video").glob("*.avi"))
-
-
-def decode_rgb(path):
-    """Every frame of a clip, full size, RGB."""
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while (frame := capture.read())[0]:
-        frames.append(frame[1][..., ::-1])
-    capture.release()
-    return np.stack(frames)
 
 
 def extracted_features(clip, tmp_path):

@@ -14,7 +14,7 @@ import extract_features
 import infer
 import train
 from captioner import Captioner
-from conftest import FEATURE_DIM, TINY_RUN_FLAGS, VIDEO_SETTINGS, train_video_run
+from conftest import FEATURE_DIM, TINY_RUN_FLAGS, VIDEO_SETTINGS, decode_rgb, train_video_run
 from test_beam import features, random_model, teacher_forced_log_prob
 from test_extract import FAST
 from test_model import VOCAB
@@ -38,15 +38,6 @@ def write_moving_square(path, step=(2, 0), frames=20, size=64, start=(10, 24)):
         writer.write(frame)
     writer.release()
     return corners
-
-
-def decode_rgb(path):
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while (frame := capture.read())[0]:
-        frames.append(frame[1][..., ::-1])
-    capture.release()
-    return np.stack(frames)
 
 
 @pytest.mark.parametrize("step, channel", [((2, 0), 0), ((0, -2), 1)], ids=["right", "up"])

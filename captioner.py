@@ -50,7 +50,8 @@ class Caption:
     caption    the best caption
     n_best     beam search's best hypotheses, best first (empty for greedy decoding, which scores nothing)
     words      the attention rows' labels: the caption's words, then <EOS> if the caption ended
-    attention  (len(words), frames) attention weights over the sampled frames, each row summing to 1
+    attention  (len(words), frames) attention weights over the sampled frames, each row summing to 1 (all zero for
+               a model that attends to nothing: attention "none", mean-pool)
     frames     (frames, size, size, 3) uint8 RGB, the sampled frames the CNN saw: kept with attention=True for
                thumbnails (None otherwise, and for features given directly)
     """

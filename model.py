@@ -338,6 +338,27 @@ class CaptionModel(keras.Model):
         """(..., hidden) -> (..., vocab), in the configured matmul precision."""
         return sequence_matmul(h2, kernels["output"], self.config.matmul_dtype) + self.output_projection.bias
 
+    def teacher_forcing_inputs(self, caption_ids, teacher_forcing_prob, seed, training, draws):
+        """What call() starts from: whether only the ground truth is fed (scoring, evaluation: no argmax of the
+        previous step's words is needed), the training_draws (draws, if given, else from seed), and the
+        ground-truth previous words (batch, length), <BOS> first."""
+        caption_ids = ops.cast(caption_ids, "int32")
+        batch, length = ops.shape(caption_ids)[0], ops.shape(caption_ids)[1]
+        forced = draws is None and isinstance(teacher_forcing_prob, (int, float)) and teacher_forcing_prob >= 1
+        if draws is None:
+            seed = backend.seed_tensor(0) if seed is None else seed
+            draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
+        previous_truth = ops.concatenate([ops.full((batch, 1), BOS, "int32"), caption_ids[:, :-1]], 1)
+        return forced, draws, previous_truth
+
+    def fed_word(self, forced, use_truth, truth, h2_out, kernels):
+        """The word a training step feeds: the ground truth where its coin says so (always when forced), else the
+        model's argmax after the previous step, with no gradient through it (scheduled sampling)."""
+        if forced:
+            return truth
+        predicted = ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1)
+        return ops.where(use_truth, truth, ops.cast(predicted, "int32"))
+
     def greedy(self, frame_features, max_len=None):
         """Greedy decoding, each caption stopping at its <EOS> (module function greedy, one model)."""
         return greedy([(self, frame_features, 1.0)], max_len or self.config.max_caption_len)
@@ -438,16 +459,11 @@ class S2VT(CaptionModel):
         Returns logits (batch, length, vocab), attention weights (batch, length, frames) and the word ids
         fed at each step (batch, length).
         """
-        caption_ids = ops.cast(caption_ids, "int32")
-        batch, length = ops.shape(caption_ids)[0], ops.shape(caption_ids)[1]
+        forced, draws, previous_truth = self.teacher_forcing_inputs(caption_ids, teacher_forcing_prob, seed, training,
+                                                                    draws)
+        batch, length = ops.shape(previous_truth)[0], ops.shape(previous_truth)[1]
         dtype = self.config.matmul_dtype
-        # fed only the ground truth (scoring, evaluation): no argmax of the previous step's words is needed
-        forced = draws is None and isinstance(teacher_forcing_prob, (int, float)) and teacher_forcing_prob >= 1
-        if draws is None:
-            seed = backend.seed_tensor(0) if seed is None else seed
-            draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
         encoded = self.encode(frame_features, draws["noise"], draws["encoder_mask"], draws.get("backward_mask"))
-        previous_truth = ops.concatenate([ops.full((batch, 1), BOS, "int32"), caption_ids[:, :-1]], 1)
         # LSTM1 reads zeros while decoding, so its whole run is known before the first word.
         h1_seq, _, _ = self.lstm1.run(ops.broadcast_to(self.lstm1.bias, (length, batch, 4 * self.config.hidden)),
                                       encoded["h1"], encoded["c1"], dtype)  # (length, batch, hidden)
@@ -459,8 +475,7 @@ class S2VT(CaptionModel):
         def step(state, inputs):
             h2, c2, h2_out = state
             use_truth, truth, from_lstm1, h2_mask = inputs
-            word = truth if forced else ops.where(
-                use_truth, truth, ops.cast(ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1), "int32"))
+            word = self.fed_word(forced, use_truth, truth, h2_out, kernels)
             h2, c2, weights = self.lstm2_decode_step(from_lstm1, word, h2, c2, encoded, kernels)
             h2_out = h2 * h2_mask
             return (h2, c2, h2_out), (h2_out, weights, word)
@@ -537,14 +552,10 @@ class MeanPool(CaptionModel):
     def call(self, frame_features, caption_ids, teacher_forcing_prob=1.0, seed=None, training=False, draws=None):
         """Training / scoring pass, as S2VT.call: logits (batch, length, vocab), attention weights (batch, length,
         frames), all zero (nothing is attended to), and the word ids fed at each step (batch, length)."""
-        caption_ids = ops.cast(caption_ids, "int32")
-        batch, length = ops.shape(caption_ids)[0], ops.shape(caption_ids)[1]
-        forced = draws is None and isinstance(teacher_forcing_prob, (int, float)) and teacher_forcing_prob >= 1
-        if draws is None:
-            seed = backend.seed_tensor(0) if seed is None else seed
-            draws = self.training_draws(seed, batch, length, teacher_forcing_prob, training)
+        forced, draws, previous_truth = self.teacher_forcing_inputs(caption_ids, teacher_forcing_prob, seed, training,
+                                                                    draws)
+        batch, length = ops.shape(previous_truth)[0], ops.shape(previous_truth)[1]
         video_gates = self.video_gates(frame_features, draws["noise"])
-        previous_truth = ops.concatenate([ops.full((batch, 1), BOS, "int32"), caption_ids[:, :-1]], 1)
         kernels = self.decoding_kernels()
         ones = ops.ones((length, 1, 1))
         h1_masks, h2_masks = (draws["h1_mask"], draws["h2_mask"]) if training else (ones, ones)
@@ -552,10 +563,7 @@ class MeanPool(CaptionModel):
         def step(carry, inputs):
             state, h2_out = carry
             use_truth, truth, h1_mask, h2_mask = inputs
-            word = truth
-            if not forced:
-                predicted = ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1)
-                word = ops.where(use_truth, truth, ops.cast(predicted, "int32"))
+            word = self.fed_word(forced, use_truth, truth, h2_out, kernels)
             state = self.decode_step(video_gates, word, state, kernels, h1_mask)
             h2_out = state[2] * h2_mask
             return (state, h2_out), (h2_out, word)

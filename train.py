@@ -36,6 +36,7 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
+from extract_features import manifest_differences
 from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, S2VTConfig, build_model, caption_losses, replica_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
@@ -273,8 +274,9 @@ def initialise_from(model, vocab, source, manifest):
                  for name in SHARED_SETTINGS if getattr(source_model.config, name) != getattr(model.config, name)]
     source_features = source_config.get("features")
     if source_features and manifest:  # the same feature extractor, whatever the frames sampled
-        differing += [f"features' {key} {source_features.get(key)!r} there, {value!r} here"
-                      for key, value in manifest.items() if key != "frames" and source_features.get(key) != value]
+        differing += [f"features' {key} {there!r} there, {here!r} here"
+                      for key, (there, here) in manifest_differences(source_features, manifest).items()
+                      if key != "frames"]
     if differing:
         raise DataError(f"{source}: cannot start from this run's weights ({'; '.join(differing)})")
     here = [i for i, word in enumerate(vocab.words) if word in source_vocab.index]
@@ -284,12 +286,10 @@ def initialise_from(model, vocab, source, manifest):
         if target is model.feature_mean or target is model.feature_std:
             continue
         value = ops.convert_to_numpy(value)
-        if target is output.kernel:  # (hidden, vocab)
-            value, carried = np.array(ops.convert_to_numpy(target)), value
-            value[:, here] = carried[:, there]
-        elif target is embeddings or target is output.bias:  # (vocab, ...)
-            value, carried = np.array(ops.convert_to_numpy(target)), value
-            value[here] = carried[there]
+        if any(target is word_indexed for word_indexed in (output.kernel, embeddings, output.bias)):
+            axis = 1 if target is output.kernel else 0  # the kernel is (hidden, vocab), the others (vocab, ...)
+            carried, value = value, np.array(ops.convert_to_numpy(target))
+            np.moveaxis(value, axis, 0)[here] = np.moveaxis(carried, axis, 0)[there]
         target.assign(value)
     return checkpoint, len(here)
 

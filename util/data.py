@@ -163,15 +163,15 @@ def load_features(feat_dir, video_ids, frames=None, feature_dim=None, dtype=np.f
 class FeatureFiles:
     """Videos' features left in their .npy files and read when indexed: indexing it like the (videos, frames, dim)
     array of load_features (an int, a slice, an int array) reads those videos' files, as float32 holding float16
-    values. Every file's
-    header and size are checked up front, its values when read. Memory does not grow with the number of videos."""
+    values. Every file's header and size are checked up front, its values when read. Memory does not grow with the
+    number of videos."""
 
     def __init__(self, feat_dir, video_ids, frames=None, feature_dim=None):
         self.paths = _feature_paths(feat_dir, video_ids)
-        first = open_feature_file(self.paths[0], frames, feature_dim, mmap=True).shape
-        for path in self.paths:
-            _check_same_shape(path, open_feature_file(path, frames, feature_dim, mmap=True).shape, self.paths[0],
-                              first)
+        shapes = (open_feature_file(path, frames, feature_dim, mmap=True).shape for path in self.paths)
+        first = next(shapes)
+        for path, shape in zip(self.paths[1:], shapes):
+            _check_same_shape(path, shape, self.paths[0], first)
         self.shape, self.dtype = (len(self.paths),) + first, np.dtype(np.float32)
 
     def __len__(self):

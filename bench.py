@@ -62,12 +62,11 @@ def timed(function, runs, warmup):
 
 
 def build_model(config, matmul_dtype="float32"):
-    from model import S2VT, S2VTConfig
+    from model import S2VT, ModelConfig
 
     sizes = CONFIGS[config]
-    return S2VT(S2VTConfig(vocab_size=sizes["vocab_size"], feature_dim=sizes["feature_dim"], frames=sizes["frames"],
-                           hidden=sizes["hidden"], frame_embed=sizes["hidden"], word_embed=sizes["hidden"],
-                           attention_dim=sizes["hidden"], matmul_dtype=matmul_dtype))
+    return S2VT(ModelConfig(vocab_size=sizes["vocab_size"], feature_dim=sizes["feature_dim"], frames=sizes["frames"],
+                           hidden=sizes["hidden"], matmul_dtype=matmul_dtype))
 
 
 def features(rng, batch_size, config):
@@ -231,7 +230,7 @@ def main(argv=None):
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="the model's large matmuls (model.S2VTConfig.matmul_dtype)")
+                        help="the model's large matmuls (model.ModelConfig.matmul_dtype)")
     parser.add_argument("--videos", type=int, help="startup-memory, feature-files: videos in the synthetic corpus "
                         "(default 1450, MSVD's, and 6513, MSR-VTT's)")
     parser.add_argument("--data-dir", help="feature-files: where the synthetic corpora are written, or kept from an "

@@ -27,7 +27,7 @@ import extract_features
 import model as s2vt
 from extract_features import VideoError
 from util import backend
-from util.data import DataError
+from util.errors import DataError
 from util.vocab import EOS
 
 __all__ = ["Captioner", "Caption", "Hypothesis", "VideoError", "DataError"]

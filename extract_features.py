@@ -30,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
-from util.data import DataError, prefetched, read_feature_manifest, read_ids, warnings_as_lines
+from util.data import prefetched, read_feature_manifest, read_ids, warnings_as_lines
+from util.errors import DataError
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"

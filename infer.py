@@ -33,8 +33,8 @@ from extract_features import FeatureSettings, manifest_differences
 from model import MATMUL_DTYPES
 from util.atomic import write_text_atomic
 from util.evaluate import evaluate, format_table
-from util.data import (DataError, find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids,
-                       warnings_as_lines)
+from util.data import find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids, warnings_as_lines
+from util.errors import DataError
 
 DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
 

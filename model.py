@@ -42,7 +42,7 @@ tests/test_speed_equivalence.py checks it against a plain step-by-step S2VT):
 Randomness (feature noise, dropout, scheduled-sampling coins) is stateless, drawn from a seed passed per call, so a
 training step is a pure function of (weights, batch, seed) and a resumed run replays exactly.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import keras
 import numpy as np
@@ -58,24 +58,31 @@ ATTENTIONS = ("none", "bahdanau", "luong")
 MATMUL_DTYPES = ("float32", "bfloat16")
 NEVER_WRITTEN = (PAD, BOS, UNK)  # tokens that decoding never writes
 NEG_INF = float("-inf")
+LEGACY_SIZES = ("frame_embed", "word_embed", "attention_dim")  # always hidden: config.json of older runs names them
 
 
 @dataclass
-class S2VTConfig:
+class ModelConfig:
+    """The model's settings. Each field with a help text is also a train.py flag (--max-caption-len for
+    max_caption_len); vocab_size and feature_dim come from the data."""
     vocab_size: int
     feature_dim: int = 4096
-    frames: int = 80
-    hidden: int = 600
-    frame_embed: int = 600
-    word_embed: int = 600
-    attention: str = "bahdanau"
-    attention_dim: int = 600
-    max_caption_len: int = 50  # tokens, <EOS> included
-    dropout: float = 0.5
-    feature_noise: float = 0.1  # training adds uniform(-noise, +noise) to every feature
-    matmul_dtype: str = "float32"  # or "bfloat16": the large matmuls' inputs (weights stay float32)
-    model: str = "s2vt"  # or "meanpool" (class MeanPool)
-    encoder: str = "unidirectional"  # or "bidirectional": S2VT's frames read both ways
+    frames: int = field(default=80, metadata={"help": "frames read per video"})
+    hidden: int = field(default=600, metadata={"help": "LSTM size, also the frame and word embeddings' and Bahdanau's"})
+    attention: str = field(default="bahdanau", metadata={
+        "help": "default bahdanau for s2vt; meanpool attends to nothing (none)", "choices": ATTENTIONS})
+    max_caption_len: int = field(default=50, metadata={"help": "tokens, <EOS> included"})
+    dropout: float = field(default=0.5, metadata={"help": "on the LSTMs' outputs while training"})
+    feature_noise: float = field(default=0.1, metadata={
+        "help": "training adds uniform(-noise, +noise) to every feature"})
+    matmul_dtype: str = field(default="float32", metadata={
+        "help": "precision of the large matmuls: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 (weights, "
+                "gates and cell states stay float32)", "choices": MATMUL_DTYPES})
+    model: str = field(default="s2vt", metadata={
+        "help": "s2vt, or meanpool: the frame features' mean feeds an LSTM decoder (model.MeanPool)",
+        "choices": MODELS})
+    encoder: str = field(default="unidirectional", metadata={
+        "help": "bidirectional: S2VT reads the frames backwards too", "choices": ENCODERS})
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -89,13 +96,22 @@ class S2VTConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, not {self.attention!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise ValueError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, not {self.matmul_dtype!r}")
-        for name in ("vocab_size", "feature_dim", "frames", "hidden", "frame_embed", "word_embed",
-                     "attention_dim", "max_caption_len"):
+        for name in ("vocab_size", "feature_dim", "frames", "hidden", "max_caption_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings):
+        """The config a run's config.json holds. Runs written before the embedding and attention sizes were tied to
+        hidden name them too (frame_embed, word_embed, attention_dim): accepted when they equal hidden."""
+        settings = dict(settings)
+        for name in LEGACY_SIZES:
+            if name in settings and settings.pop(name) != settings.get("hidden"):
+                raise ValueError(f"{name} differs from hidden, which this version ties it to")
+        return cls(**settings)
 
 
 def lstm_cell(gates, c):
@@ -271,13 +287,13 @@ class CaptionModel(keras.Model):
     """What S2VT and MeanPool share: the frame projection with the feature standardisation folded in, the word
     embedding, the output projection, the training draws, and greedy decoding and beam search over decoder()."""
 
-    def __init__(self, config: S2VTConfig, **kwargs):
+    def __init__(self, config: ModelConfig, **kwargs):
         """The layers both models begin with; a subclass adds its LSTMs, then calls add_output_layers()."""
         super().__init__(**kwargs)
         self.config = config
-        self.frame_projection = keras.layers.Dense(config.frame_embed, name="frame_projection")
+        self.frame_projection = keras.layers.Dense(config.hidden, name="frame_projection")
         self.frame_projection.build((None, config.feature_dim))
-        self.word_embedding = keras.layers.Embedding(config.vocab_size, config.word_embed, name="word_embedding")
+        self.word_embedding = keras.layers.Embedding(config.vocab_size, config.hidden, name="word_embedding")
         self.word_embedding.build((None,))
 
     def add_output_layers(self):
@@ -370,18 +386,18 @@ class CaptionModel(keras.Model):
 
 
 class S2VT(CaptionModel):
-    def __init__(self, config: S2VTConfig, **kwargs):
+    def __init__(self, config: ModelConfig, **kwargs):
         super().__init__(config, **kwargs)
         h = config.hidden
-        self.lstm1 = LSTMWeights([config.frame_embed], h, name="lstm1")
-        lstm2_inputs = [config.word_embed, h] + ([h] if config.attention != "none" else [])
+        self.lstm1 = LSTMWeights([config.hidden], h, name="lstm1")
+        lstm2_inputs = [config.hidden, h] + ([h] if config.attention != "none" else [])
         self.backward_block = len(lstm2_inputs)  # LSTM2's input block for the backward LSTM's output, if any
         self.lstm2 = LSTMWeights(lstm2_inputs + ([h] if config.encoder == "bidirectional" else []), h, name="lstm2")
-        self.attention = (Attention(config.attention, h, config.attention_dim, name="attention")
+        self.attention = (Attention(config.attention, h, config.hidden, name="attention")
                           if config.attention != "none" else None)
         self.add_output_layers()
         # made after the others, so that a unidirectional model's weights file is laid out as it always was
-        self.lstm1_backward = (LSTMWeights([config.frame_embed], h, name="lstm1_backward")
+        self.lstm1_backward = (LSTMWeights([config.hidden], h, name="lstm1_backward")
                                if config.encoder == "bidirectional" else None)
         self.built = True
 
@@ -514,10 +530,10 @@ class MeanPool(CaptionModel):
     The projection of the mean is the mean of the projections (it is linear), so the frame projection and feature
     standardisation are S2VT's, applied once per video."""
 
-    def __init__(self, config: S2VTConfig, **kwargs):
+    def __init__(self, config: ModelConfig, **kwargs):
         super().__init__(config, **kwargs)
         h = config.hidden
-        self.lstm1 = LSTMWeights([config.word_embed, config.frame_embed], h, name="lstm1")  # word, video
+        self.lstm1 = LSTMWeights([config.hidden, config.hidden], h, name="lstm1")  # word, video
         self.lstm2 = LSTMWeights([h], h, name="lstm2")
         self.add_output_layers()
         self.built = True
@@ -593,7 +609,7 @@ class MeanPool(CaptionModel):
         return {"rows": {"h1": zeros, "c1": zeros, "h2": zeros, "c2": zeros}}, step
 
 
-def build_model(config: S2VTConfig):
+def build_model(config: ModelConfig):
     """The model config.model names: S2VT or MeanPool."""
     return {"s2vt": S2VT, "meanpool": MeanPool}[config.model](config)
 

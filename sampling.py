@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from util.data import DataError
+from util.errors import DataError
 
 SCHEDULES = ("inverse_sigmoid", "linear", "constant")
 

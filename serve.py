@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from captioner import Captioner, VideoError
 from extract_features import VIDEO_SUFFIXES
-from util.data import DataError
+from util.errors import DataError
 
 PAGE = Path(__file__).resolve().parent / "util" / "serve_page.html"
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")

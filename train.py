@@ -37,14 +37,15 @@ from keras import ops
 from tqdm import tqdm
 
 from extract_features import manifest_differences
-from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, S2VTConfig, build_model, caption_losses, replica_loss
+from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, ModelConfig, build_model, caption_losses, replica_loss
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
 from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_model, load_vocab, newest_run, read_run_config,
                               restore, save_checkpoint, write_run_files)
-from util.data import (DataError, Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels,
-                       open_feature_file, read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
+from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels, open_feature_file,
+                       read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
+from util.errors import DataError
 from util.evaluate import evaluate
 from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import Vocabulary
@@ -68,8 +69,7 @@ TRAINING_FLAGS = ("hidden", "frames", "attention", "max_caption_len", "min_word_
 # flags added since the first runs: a run saved without one was trained as its value here says
 LATER_FLAG_DEFAULTS = {"model": "s2vt", "encoder": "unidirectional"}
 # the model settings another run must share for --init-from: the vocabulary is mapped, the frame count free
-SHARED_SETTINGS = ("model", "encoder", "feature_dim", "hidden", "frame_embed", "word_embed", "attention",
-                   "attention_dim")
+SHARED_SETTINGS = ("model", "encoder", "feature_dim", "hidden", "attention")
 
 
 def parse_args(argv=None):
@@ -329,9 +329,8 @@ def train(args):
               f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
 
     # ---- model ----
-    config = S2VTConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
-                        frame_embed=args.hidden, word_embed=args.hidden, attention=args.attention,
-                        attention_dim=args.hidden, max_caption_len=args.max_caption_len, dropout=args.dropout,
+    config = ModelConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
+                        attention=args.attention, max_caption_len=args.max_caption_len, dropout=args.dropout,
                         feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype, model=args.model,
                         encoder=args.encoder)
     backend.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
-from model import S2VTConfig, build_model
+from model import ModelConfig, build_model
 
 BACKENDS = ("tensorflow", "jax")
-CONFIG = dict(vocab_size=13, feature_dim=10, frames=7, hidden=16, frame_embed=12, word_embed=8, attention_dim=9,
+CONFIG = dict(vocab_size=13, feature_dim=10, frames=7, hidden=16,
               max_caption_len=6)
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
 
@@ -38,11 +38,11 @@ COMPUTE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from model import S2VTConfig, build_model, caption_loss
+from model import ModelConfig, build_model, caption_loss
 from util import backend
 backend.full_float32_matmuls()
 for job in json.loads(open(sys.argv[2]).read()):
-    model = build_model(S2VTConfig(**json.loads(open(job["config"]).read())))
+    model = build_model(ModelConfig(**json.loads(open(job["config"]).read())))
     model.load_weights(job["weights"])
     data = dict(np.load(job["draws"]))
     features, captions, training = data.pop("features"), data.pop("captions"), bool(data.pop("training"))
@@ -59,10 +59,10 @@ for job in json.loads(open(sys.argv[2]).read()):
 
 def model_files(tmp_path, attention, **variant):
     """A small model with trained-like weights (standardisation set, peaked outputs), saved for both backends;
-    variant: other S2VTConfig fields (model, encoder)."""
+    variant: other ModelConfig fields (model, encoder)."""
     keras.utils.set_random_seed(11)
     config = dict(CONFIG, attention=attention, **variant)
-    model = build_model(S2VTConfig(**config))
+    model = build_model(ModelConfig(**config))
     rng = np.random.default_rng(11)
     model.adapt_features(rng.normal(2.0, 3.0, size=(20, 7, 10)).astype(np.float32))
     model.output_projection.kernel.assign(keras.ops.convert_to_numpy(model.output_projection.kernel) * 4.0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from model import S2VT, S2VTConfig
+from model import S2VT, ModelConfig
 from test_model import DIM, FRAMES, VOCAB, make_model
 from util import backend
 from util.vocab import BOS, EOS, PAD
@@ -51,8 +51,7 @@ def markov_model(transitions):
     is tanh(1) * one-hot(previous word); every other input to LSTM2 is zeroed and the output layer reads the log
     transition probabilities off that one-hot.
     """
-    config = S2VTConfig(vocab_size=VOCAB, feature_dim=DIM, frames=FRAMES, hidden=VOCAB, frame_embed=4,
-                        word_embed=VOCAB, attention="none", max_caption_len=10)
+    config = ModelConfig(vocab_size=VOCAB, feature_dim=DIM, frames=FRAMES, hidden=VOCAB, attention="none", max_caption_len=10)
     model = S2VT(config)
     eye = np.eye(VOCAB, dtype=np.float32)
     saturated = np.full((VOCAB, VOCAB), 30.0, np.float32)

@@ -16,7 +16,7 @@ import pytest
 import extract_features
 from captioner import Caption, Captioner, Hypothesis, VideoError
 from conftest import ROOT, VIDEO_SETTINGS, decode_rgb
-from util.data import DataError
+from util.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from util.data import (DataError, FeatureFiles, batch_arrays, batches, encode_captions, epoch_pairs, find_feat_dir,
+from util.data import (FeatureFiles, batch_arrays, batches, encode_captions, epoch_pairs, find_feat_dir,
                        load_feature_file, load_features, load_labels, read_ids, replica_slices)
+from util.errors import DataError
 from util.vocab import PAD, Vocabulary
 
 

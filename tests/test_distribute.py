@@ -45,13 +45,12 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":  # before TensorFlow starts; the
 import keras
 import numpy as np
 import train
-from model import S2VT, S2VTConfig, replica_loss
+from model import S2VT, ModelConfig, replica_loss
 from util import backend
 from util.data import batches
 from util.vocab import EOS, PAD
 
-config = S2VTConfig(vocab_size=13, feature_dim=10, frames=5, hidden=16, frame_embed=16, word_embed=16,
-                    attention_dim=16, max_caption_len=7, dropout=0.0, feature_noise=0.0)
+config = ModelConfig(vocab_size=13, feature_dim=10, frames=5, hidden=16, max_caption_len=7, dropout=0.0, feature_noise=0.0)
 rng = np.random.default_rng(0)
 features = rng.normal(size=(12, 5, 10)).astype(np.float16)
 pairs = 3 * 7 + 1  # batches of 7 split 3 + 4, and a last batch of 1 that leaves one replica nothing

@@ -4,7 +4,7 @@ import shutil
 import pytest
 from pycocoevalcap.meteor import meteor as meteor_module
 
-from util.data import DataError
+from util.errors import DataError
 from util.evaluate import evaluate, fallback_tokenize, main
 
 # Punctuation, a contraction and a hyphenated word, so the PTB and fallback tokenizers give different scores.

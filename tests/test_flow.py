@@ -19,7 +19,7 @@ from test_beam import features, random_model, teacher_forced_log_prob
 from test_extract import FAST
 from test_model import VOCAB
 from test_reliability import assert_one_error, run_cli
-from util.data import DataError
+from util.errors import DataError
 from util.vocab import EOS, PAD, SPECIAL_TOKENS, Vocabulary
 
 FLOW_SETTINGS = replace(VIDEO_SETTINGS, stream="flow")

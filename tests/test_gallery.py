@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from util.bleu import sentence_bleu1
-from util.data import DataError
+from util.errors import DataError
 from util.gallery import (MAX_GIF_BYTES, RELEVANT_CIDER, SECTIONS, Scored, clip_gif, correct_and_relevant, main,
                           score_captions)
 from util.plots import DPI

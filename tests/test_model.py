@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from model import NEVER_WRITTEN, S2VTConfig, build_model, caption_loss
+from model import NEVER_WRITTEN, ModelConfig, build_model, caption_loss
 from util import backend
 from util.vocab import BOS, EOS, PAD
 
@@ -12,9 +12,8 @@ FRAMES, DIM, VOCAB = 7, 10, 13
 
 def make_model(attention="bahdanau", seed=0, **overrides):
     """A tiny model whose weights are drawn with numpy from seed: the same model on every backend. overrides set
-    other S2VTConfig fields (model="meanpool" with attention "none", encoder="bidirectional")."""
-    config = S2VTConfig(vocab_size=VOCAB, feature_dim=DIM, frames=FRAMES, hidden=16, frame_embed=12,
-                        word_embed=8, attention=attention, attention_dim=9, max_caption_len=6, **overrides)
+    other ModelConfig fields (model="meanpool" with attention "none", encoder="bidirectional")."""
+    config = ModelConfig(vocab_size=VOCAB, feature_dim=DIM, frames=FRAMES, hidden=16, attention=attention, max_caption_len=6, **overrides)
     model = build_model(config)
     model.set_weights(numpy_weights(model, seed))
     return model
@@ -171,9 +170,9 @@ def test_greedy_stops_each_caption_at_eos():
 
 def test_config_refuses_unknown_attention_and_bad_sizes():
     with pytest.raises(ValueError, match="attention"):
-        S2VTConfig(vocab_size=10, attention="dot")
+        ModelConfig(vocab_size=10, attention="dot")
     with pytest.raises(ValueError, match="hidden"):
-        S2VTConfig(vocab_size=10, hidden=0)
+        ModelConfig(vocab_size=10, hidden=0)
 
 
 def test_every_weight_is_saved_in_a_weights_file(tmp_path):

@@ -14,9 +14,9 @@ import pytest
 import infer
 import train
 from conftest import write_tiny_mlds
-from model import S2VT, S2VTConfig
+from model import S2VT, ModelConfig
 from util.checkpoints import latest_checkpoint, resolve_checkpoint
-from util.data import DataError
+from util.errors import DataError
 from util.release import checkpoint_location, export_release, fetch_release, main, sha256_of
 
 TINY = [  # as in test_roundtrip.py
@@ -142,7 +142,7 @@ def test_export_holds_no_optimizer_state(release, tmp_path):
         with h5py.File(tmp_path / "weights.h5", "r") as weights:
             names = []
             weights.visititems(lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
-        model = S2VT(S2VTConfig(**json.loads(files["config.json"])["model"]))
+        model = S2VT(ModelConfig.from_dict(json.loads(files["config.json"])["model"]))
         assert len(names) == len(model.weights) and not [n for n in names if "optimizer" in n]
         assert set(json.loads(files[weights_name.replace("model.weights.h5", "state.json")])) <= {
             "epoch", "batch_in_epoch", "best_score", "best_epoch", "step", "seed", "backend"}

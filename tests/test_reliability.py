@@ -272,7 +272,7 @@ def best_weights(run):
 
 def another_config(run):
     config = json.loads((run / "config.json").read_text())
-    config["model"].update(hidden=32, frame_embed=32, word_embed=32, attention_dim=32)
+    config["model"].update(hidden=32)
     (run / "config.json").write_text(json.dumps(config))
     return best_weights(run), ("cannot be restored into this model: 18 weights saved, 18 built from config.json; "
                                "saved but not built: (15, 16), (16,) x2")
@@ -663,10 +663,10 @@ SAVE_IN_A_LOOP = """
 import os, random, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import keras
-from model import S2VT, S2VTConfig
+from model import S2VT, ModelConfig
 from util.checkpoints import save_checkpoint
 
-CONFIG = S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64)  # 3 MB
+CONFIG = ModelConfig(vocab_size=2891, hidden=64)  # 3 MB
 root, trials = sys.argv[2], int(sys.argv[3])
 random.seed(0)
 in_save = 0
@@ -704,7 +704,7 @@ print(in_save)
 def test_kill_9_during_checkpoint_saves_leaves_a_loadable_checkpoint(tmp_path):
     import keras
 
-    from model import S2VT, S2VTConfig
+    from model import S2VT, ModelConfig
     from util.checkpoints import restore
 
     trials = 20
@@ -712,7 +712,7 @@ def test_kill_9_during_checkpoint_saves_leaves_a_loadable_checkpoint(tmp_path):
                             check=True, capture_output=True, text=True, timeout=300)
     in_save = int(result.stdout)
     whole, saves = 0, []
-    model = S2VT(S2VTConfig(vocab_size=2891, hidden=64, frame_embed=64, word_embed=64, attention_dim=64))
+    model = S2VT(ModelConfig(vocab_size=2891, hidden=64))
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
     for trial in range(trials):

@@ -76,7 +76,7 @@ class StraightforwardS2VT:
 
     def decode_step(self, state, word_ids, encoder_outputs, h1_mask=None, h2_mask=None):
         h1, c1, h2, c2 = state
-        h1, c1 = lstm_step(self.m.lstm1, [ops.zeros((h1.shape[0], self.cfg.frame_embed))], h1, c1)
+        h1, c1 = lstm_step(self.m.lstm1, [ops.zeros((h1.shape[0], self.cfg.hidden))], h1, c1)
         weights, context = (self.attend(encoder_outputs, h2) if self.m.attention is not None
                             else (None, None))
         h1_out = h1 if h1_mask is None else h1 * h1_mask

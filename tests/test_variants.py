@@ -9,7 +9,7 @@ from keras import ops
 import infer
 import train
 from conftest import checkpoint_weights, write_tiny_mlds
-from model import NEVER_WRITTEN, S2VTConfig, beam_search, build_model, caption_loss, greedy
+from model import NEVER_WRITTEN, ModelConfig, beam_search, build_model, caption_loss, greedy
 from test_beam import teacher_forced_log_prob
 from test_model import DIM, FRAMES, VOCAB, batch, make_model
 from test_speed_equivalence import assert_same_training_step, lstm_step, up_to_eos
@@ -132,22 +132,21 @@ def test_late_fusion_of_meanpool_and_s2vt():
 
 
 def test_config_defaults_and_refusals():
-    old = S2VTConfig(vocab_size=10)  # a config.json written before the variants: S2VT, frames read forwards
+    old = ModelConfig(vocab_size=10)  # a config.json written before the variants: S2VT, frames read forwards
     assert (old.model, old.encoder) == ("s2vt", "unidirectional")
     with pytest.raises(ValueError, match="attention must be 'none'"):
-        S2VTConfig(vocab_size=10, model="meanpool")  # attention defaults to bahdanau
+        ModelConfig(vocab_size=10, model="meanpool")  # attention defaults to bahdanau
     with pytest.raises(ValueError, match="encoder"):
-        S2VTConfig(vocab_size=10, model="meanpool", attention="none", encoder="bidirectional")
+        ModelConfig(vocab_size=10, model="meanpool", attention="none", encoder="bidirectional")
     with pytest.raises(ValueError, match="model must be"):
-        S2VTConfig(vocab_size=10, model="lstm")
+        ModelConfig(vocab_size=10, model="lstm")
 
 
 @pytest.mark.parametrize("variant", [{"attention": "luong", "encoder": "bidirectional"},
                                      {"attention": "none", "model": "meanpool"}])
 def test_no_weight_depends_on_the_frame_count(variant):
     def weights(frames):
-        config = S2VTConfig(vocab_size=VOCAB, feature_dim=DIM, frames=frames, hidden=16, frame_embed=12, word_embed=8,
-                            attention_dim=9, max_caption_len=6, **variant)
+        config = ModelConfig(vocab_size=VOCAB, feature_dim=DIM, frames=frames, hidden=16, max_caption_len=6, **variant)
         return [(v.name, v.shape) for v in build_model(config).weights]
 
     assert weights(1) == weights(80)
@@ -241,7 +240,7 @@ def test_init_from_carries_the_weights_over_word_by_word(image_run, tiny_data, t
     assert f"initialised from {checkpoint}: {len(shared)} of this run's {len(vocab)} words carried over" in out
 
     # the weights the run started from, as train.initialise_from sets them on a fresh model
-    model = build_model(S2VTConfig(**dict(source.config.to_dict(), frames=6, vocab_size=len(vocab))))
+    model = build_model(ModelConfig(**dict(source.config.to_dict(), frames=6, vocab_size=len(vocab))))
     fresh_embeddings = np.array(ops.convert_to_numpy(model.word_embedding.embeddings))
     model.adapt_features(np.random.default_rng(0).normal(size=(4, 6, 12)))
     mean = ops.convert_to_numpy(model.feature_mean)

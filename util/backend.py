@@ -15,7 +15,7 @@ import sys
 import keras
 import numpy as np
 
-from util.data import DataError
+from util.errors import DataError
 
 BACKEND = keras.backend.backend()
 SUPPORTED = ("tensorflow", "jax")

@@ -12,7 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from util.data import DataError, load_labels
+from util.data import load_labels
+from util.errors import DataError
 
 
 def sentence_bleu1(candidate, references):

@@ -22,9 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model import S2VT, S2VTConfig, build_model
+from model import S2VT, ModelConfig, build_model
 from util.atomic import write_text_atomic
-from util.data import DataError, read_json
+from util.data import read_json
+from util.errors import DataError
 from util.vocab import Vocabulary
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -150,13 +151,13 @@ def load_vocab(run_dir):
 
 
 def model_config_of(run_dir, config, matmul_dtype=None):
-    """The S2VTConfig in a run's config.json (one written before the model and encoder fields existed is an S2VT with
+    """The ModelConfig in a run's config.json (one written before the model and encoder fields existed is an S2VT with
     a unidirectional encoder); matmul_dtype, if given, replaces the precision it was trained with."""
     try:
         settings = dict(config["model"])
         if matmul_dtype:
             settings["matmul_dtype"] = matmul_dtype
-        return S2VTConfig(**settings)
+        return ModelConfig.from_dict(settings)
     except (KeyError, TypeError, ValueError) as error:
         raise DataError(f"{Path(run_dir) / 'config.json'}: no valid \"model\" section ({error})") from None
 

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from util.errors import DataError
 from util.vocab import PAD
 
 NPY_MAGIC = b"\x93NUMPY"
-
-
-class DataError(Exception):
-    """Bad input data or an unusable path; the message names the file and what is wrong."""
 
 
 def read_json(path, missing="file not found"):

@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from util.atomic import atomic_path
-from util.data import DataError, read_json
+from util.data import read_json
+from util.errors import DataError
 
 SPLITS = ("training", "validation", "testing")
 RECORD = "dataset.json"

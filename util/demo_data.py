@@ -194,7 +194,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.check:
         from util.bleu import read_captions
-        from util.data import DataError, load_labels
+        from util.data import load_labels
+from util.errors import DataError
 
         if not args.labels:
             parser.error("--check needs --labels")

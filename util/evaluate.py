@@ -17,7 +17,8 @@ import sys
 
 from util.atomic import write_text_atomic
 from util.bleu import corpus_bleu1, read_captions
-from util.data import DataError, load_labels
+from util.data import load_labels
+from util.errors import DataError
 
 METRIC_NAMES = {"mlds_bleu1": "MLDS BLEU@1", "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3",
                 "bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}

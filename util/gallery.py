@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
 from util.bleu import read_captions, sentence_bleu1
-from util.data import DataError, load_labels, warnings_as_lines
+from util.data import load_labels, warnings_as_lines
+from util.errors import DataError
 from util.evaluate import fallback_tokenize
 from util.plots import caption_grid
 

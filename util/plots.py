@@ -14,7 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from util.atomic import atomic_path
-from util.data import DataError, read_json
+from util.data import read_json
+from util.errors import DataError
 
 DPI = 110
 VALIDATION_METRICS = {"val_bleu1": "BLEU@1 (MLDS)", "val_bleu4": "BLEU-4", "val_cider": "CIDEr"}

@@ -14,7 +14,8 @@ import sys
 
 import numpy as np
 
-from util.data import DataError, load_features, load_labels
+from util.data import load_features, load_labels
+from util.errors import DataError
 from util.demo_data import parse_caption
 
 ATTRIBUTES = ("colour", "shape", "direction")

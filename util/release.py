@@ -46,7 +46,8 @@ import keras
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, load_model, read_run_config, \
     read_state
-from util.data import DataError, read_json
+from util.data import read_json
+from util.errors import DataError
 from util.plots import run_select_metric
 
 DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"

@@ -77,7 +77,7 @@ def features(rng, batch_size, config):
 def bench_train(args):
     import keras
 
-    from model import replica_loss
+    from train import replica_loss
     from util import backend
     from util.data import batch_arrays
 

@@ -23,8 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from tqdm import tqdm
 
+import decoding
 import extract_features
-import model as s2vt
 from extract_features import VideoError
 from util import backend
 from util.errors import DataError
@@ -220,8 +220,8 @@ class Captioner:
             def decode(*features):
                 members = list(zip(models, features, weights))
                 if beam_size == 1:
-                    return s2vt.greedy(members, max_len)
-                return s2vt.beam_search(members, beam_size, length_penalty, max_len, n_best)
+                    return decoding.greedy(members, max_len)
+                return decoding.beam_search(members, beam_size, length_penalty, max_len, n_best)
 
             self._decoders[key] = backend.compile_function(models, decode)
         return self._decoders[key]

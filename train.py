@@ -37,7 +37,7 @@ from keras import ops
 from tqdm import tqdm
 
 from extract_features import manifest_differences
-from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, ModelConfig, build_model, caption_losses, replica_loss
+from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, ModelConfig, build_model, caption_losses
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
@@ -292,6 +292,14 @@ def initialise_from(model, vocab, source, manifest):
             np.moveaxis(value, axis, 0)[here] = np.moveaxis(carried, axis, 0)[there]
         target.assign(value)
     return checkpoint, len(here)
+
+
+def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
+    """A training step's loss on one replica's part of the batch: its captions' losses summed and divided by the
+    global batch size, so that summed over the replicas it is the mean over the global batch."""
+    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                         training=True)
+    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
 
 
 def interrupted(checkpoint, state, run_dir):

@@ -78,7 +78,7 @@ def greedy_trap():
     return markov_model(transitions / transitions.sum(1, keepdims=True))
 
 
-@pytest.mark.parametrize("attention, seed", [("none", 1), ("bahdanau", 0), ("luong", 0)])
+@pytest.mark.parametrize("attention, seed", [("none", 4), ("bahdanau", 2), ("luong", 1)])
 def test_beam_of_one_is_greedy(attention, seed):
     model = random_model(seed, attention)
     frame_features = features(8)
@@ -94,7 +94,7 @@ def test_beam_of_one_is_greedy(attention, seed):
 
 
 def test_wider_beam_is_never_less_likely_than_greedy_and_reports_the_true_log_prob():
-    model = random_model(0)
+    model = random_model(1)
     frame_features = features(8)
     greedy_words, _ = backend.to_numpy(model.greedy(frame_features, max_len=12))
     words, scores, log_probs, _ = backend.to_numpy(model.beam_search(frame_features, 4, max_len=12))
@@ -173,7 +173,7 @@ def test_n_best_on_a_random_model_with_a_length_penalty():
 
 
 def test_each_video_is_decoded_as_if_alone():
-    model = random_model(0)
+    model = random_model(1)
     frame_features = features(6)
     together = backend.to_numpy(model.beam_search(frame_features, 3, length_penalty=1.0, max_len=12, n_best=3))
     assert len(set(np.sum(together[0][:, 0] != PAD, 1))) > 1  # videos stop at different steps

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from model import NEVER_WRITTEN, ModelConfig, build_model, caption_loss
+from decoding import NEVER_WRITTEN
+from model import ModelConfig, build_model, caption_loss
 from util import backend
 from util.vocab import BOS, EOS, PAD
 

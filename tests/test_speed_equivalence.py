@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from model import NEVER_WRITTEN, caption_loss
+from decoding import NEVER_WRITTEN
+from model import caption_loss
 from test_model import batch, make_model
 from util import backend
 from util.vocab import BOS, EOS, PAD
@@ -117,7 +118,7 @@ def up_to_eos(words):
 
 def trained_like(attention, encoder="unidirectional", **overrides):
     """A tiny model whose standardisation and weights are not the initial ones."""
-    model = make_model(attention, seed=17, encoder=encoder, **overrides)  # greedy captions differ between videos
+    model = make_model(attention, seed=13, encoder=encoder, **overrides)  # greedy captions differ between videos
     rng = np.random.default_rng(11)
     model.adapt_features(rng.normal(2.0, 3.0, size=(20, 7, 10)).astype(np.float32))
     kernel = model.output_projection.kernel

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import train
-from model import NEVER_WRITTEN
+from decoding import NEVER_WRITTEN
 from test_model import batch, make_model
 from util import backend
 from util.data import feature_moments, hold_out_videos

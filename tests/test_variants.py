@@ -9,7 +9,8 @@ from keras import ops
 import infer
 import train
 from conftest import checkpoint_weights, write_tiny_mlds
-from model import NEVER_WRITTEN, ModelConfig, beam_search, build_model, caption_loss, greedy
+from decoding import NEVER_WRITTEN, beam_search, greedy
+from model import ModelConfig, build_model, caption_loss
 from test_beam import teacher_forced_log_prob
 from test_model import DIM, FRAMES, VOCAB, batch, make_model
 from test_speed_equivalence import assert_same_training_step, lstm_step, up_to_eos
@@ -40,7 +41,8 @@ def test_bidirectional_encoder_is_the_unidirectional_one_plus_a_backward_reader(
             (("attention",) if attention != "none" else ()):
         getattr(two_ways, name).set_weights(getattr(one_way, name).get_weights())
     lstm2 = two_ways.lstm2
-    unidirectional_lstm2 = lstm2.kernels[:two_ways.backward_block] + [lstm2.recurrent_kernel, lstm2.bias]
+    unidirectional_lstm2 = [lstm2.kernel(name) for name in lstm2.block_names if name != "backward"] + \
+        [lstm2.recurrent_kernel, lstm2.bias]
     for twin, variable in zip(unidirectional_lstm2 + [two_ways.feature_mean, two_ways.feature_std],
                               one_way.lstm2.weights + [one_way.feature_mean, one_way.feature_std]):
         twin.assign(ops.convert_to_numpy(variable))
@@ -52,7 +54,7 @@ def test_bidirectional_encoder_is_the_unidirectional_one_plus_a_backward_reader(
     beam_words = backend.to_numpy(two_ways.beam_search(features, 1))[0]
     np.testing.assert_array_equal(beam_words[:, 0], greedy_words)
     # with LSTM2's block for it zero, the backward LSTM is read by no one: the unidirectional model again
-    block = two_ways.lstm2.kernels[two_ways.backward_block]
+    block = two_ways.lstm2.kernel("backward")
     block.assign(np.zeros(block.shape, np.float32))
     np.testing.assert_allclose(ops.convert_to_numpy(two_ways(features, captions)[0]), logits, atol=1e-5)
     np.testing.assert_array_equal(backend.to_numpy(two_ways.greedy(features))[0],

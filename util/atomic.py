@@ -8,17 +8,20 @@ from pathlib import Path
 from util.errors import DataError
 
 
-def fsync_tree(path):
-    """Flush a file, or a folder's files and the folder itself, to disk: a rename is only as durable as what it
-    renames."""
-    path = Path(path)
-    items = [*sorted(path.rglob("*"), reverse=True), path] if path.is_dir() else [path]
-    for item in items:
-        fd = os.open(item, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def fsync(path):
+    """Flush one file, or one folder's entries, to disk: a rename is only as durable as what it renames."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder):
+    """fsync every file and folder under folder, then folder itself."""
+    for item in sorted(Path(folder).rglob("*"), reverse=True):
+        fsync(item)
+    fsync(folder)
 
 
 @contextmanager
@@ -35,9 +38,9 @@ def atomic_path(path):
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         made = True
         yield tmp
-        fsync_tree(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
-        fsync_tree(path.parent)
+        fsync(path.parent)
     except BaseException as error:
         if made:
             tmp.unlink(missing_ok=True)

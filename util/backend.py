@@ -1,7 +1,7 @@
 """What differs between the Keras backends s2vt runs on: TensorFlow (the default) and JAX.
 
 model.py is keras.ops throughout; this module holds, one function each, what keras.ops leaves to the backend:
-stateless random draws from a seed, a scan whose outputs need not look like its carry, XLA fusion of a kernel,
+stateless random draws from a seed, a scan whose outputs need not look like its carry, XLA compilation of a kernel,
 gradients, compiling a function of the model's weights, the training step and devices. Nothing here imports
 TensorFlow on JAX, or JAX on TensorFlow. Choose the backend with KERAS_BACKEND=tensorflow|jax; on any other
 (torch, numpy: their Keras lacks what the hand-written LSTM gradient needs) importing this module ends the program
@@ -152,7 +152,7 @@ def read(variable):
     return tf.convert_to_tensor(variable)
 
 
-def fused(function):
+def xla_compiled(function):
     """function compiled as one XLA kernel where that pays: TensorFlow runs elementwise chains op by op
     (Bahdanau attention's add, tanh and reduction over (batch, frames, dim): 2-3x faster fused); a JAX step is
     compiled whole anyway."""

@@ -1,0 +1,163 @@
+"""Decoding: greedy and beam search, of one model or of several fused (late fusion: an RGB and a flow run, say).
+
+Each decodes any model with the contract model.decoder(features, beam) -> (state, step): state a dict of tensors
+whose "rows" (batch*beam, ...) follow the hypotheses, step(state, word_ids) -> (state, logits (batch*beam, vocab),
+attention weights (batch*beam, frames)). Decoding stops once every caption (every video's pool of beams) has ended,
+its outputs padded to max_len so that shapes are fixed (util.backend.scan_until).
+"""
+import keras
+import numpy as np
+from keras import ops
+
+from util import backend
+from util.vocab import BOS, EOS, PAD, UNK
+
+NEVER_WRITTEN = (PAD, BOS, UNK)  # tokens that decoding never writes
+NEG_INF = float("-inf")
+
+
+def fused_scores(logits, weights, log_probs):
+    """The models' logits (each (rows, vocab)) combined into one score per word, -inf for the tokens a caption
+    never holds (<PAD>, <BOS>, <UNK>), which decoding must not write: alone, the model's logits (or its
+    log-probabilities with log_probs); together, the weighted sum of their log-probabilities (late fusion). The
+    other words keep their model probabilities."""
+    if len(logits) == 1 and weights[0] == 1.0:
+        scores = ops.log_softmax(logits[0], axis=-1) if log_probs else logits[0]
+    else:
+        scores = sum(w * ops.log_softmax(x, axis=-1) for x, w in zip(logits, weights))
+    never = np.isin(np.arange(logits[0].shape[-1]), NEVER_WRITTEN)  # (vocab,), a constant
+    return ops.where(never, NEG_INF, scores)
+
+
+def greedy(members, max_len):
+    """Greedy decoding of one model, or of several fused: members [(model, frame_features, weight), ...], each
+    model reading its own features (an RGB and a flow model, say), all with one vocabulary; each step takes the
+    word of highest weighted log-probability. Each caption stops at its <EOS>.
+    Returns word ids (batch, max_len), <PAD> after <EOS>, and the first model's attention weights (batch, max_len,
+    frames), zero after the end."""
+    decoders = [model.decoder(features) for model, features, _ in members]
+    weights = [weight for _, _, weight in members]
+    batch = ops.shape(members[0][1])[0]
+
+    def step(state, _):
+        states, word, finished = state
+        stepped = [step_fn(member_state, word) for (_, step_fn), member_state in zip(decoders, states)]
+        scores = fused_scores([logits for _, logits, _ in stepped], weights, log_probs=False)
+        word = ops.where(finished, PAD, ops.cast(ops.argmax(scores, -1), "int32"))
+        return ([s for s, _, _ in stepped], word, ops.logical_or(finished, word == EOS)), (word, stepped[0][2])
+
+    start = ([member_state for member_state, _ in decoders], ops.full((batch,), BOS, "int32"),
+             ops.zeros((batch,), "bool"))
+    _, (words, attention), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[-1]))
+    attention = ops.where((words == PAD)[:, :, None], 0.0, attention)  # zero after each caption's end, as beam's
+    return ops.transpose(words), ops.transpose(attention, (1, 0, 2))
+
+
+def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
+    """Beam search of one model or of several fused (members as for greedy), all videos and all their beams
+    decoded together; beam_size=1 gives exactly greedy().
+
+    A hypothesis's log-probability is the sum of its words' (<EOS> included; fused, the weighted sum of the
+    models'), and it is ranked by log_prob / length**length_penalty, the length counting <EOS>. Each step extends
+    every live hypothesis by every word; of each video's 2*beam_size best extensions, those among the first
+    beam_size that end in <EOS> join the video's finished pool (its beam_size best by rank), and the beam_size best
+    that do not end stay live. A video stops when its pool is full, the search when every video has stopped or
+    max_len words were written. A video with fewer than n_best finished captions is topped up with its best
+    unfinished ones, ranked after the finished.
+
+    Returns:
+      words      (batch, n_best, max_len) int32, best first, <PAD>-filled after each <EOS>;
+      scores     (batch, n_best) float32, the ranking scores log_prob / length**length_penalty;
+      log_probs  (batch, n_best) float32, the summed log-probabilities;
+      attention  (batch, max_len, frames) float32, the best hypothesis's attention weights (of the first model),
+                 zero after its end.
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"need 1 <= n_best <= beam_size, not n_best={n_best}, beam_size={beam_size}")
+    beam, vocab = beam_size, members[0][0].config.vocab_size
+    batch, frames = ops.shape(members[0][1])[0], ops.shape(members[0][1])[1]
+    decoders = [model.decoder(features, beam) for model, features, _ in members]
+    weights = [weight for _, _, weight in members]
+    first_rows = ops.arange(batch)[:, None] * beam  # (batch, 1)
+    first_ones = ops.arange(2 * beam) < beam  # (2*beam,)
+
+    def rank(log_probs, length):
+        return log_probs / ops.power(ops.cast(length, "float32"), length_penalty)
+
+    def is_full(pool):
+        return ops.all(pool["rank"] > NEG_INF, axis=1)  # (batch,)
+
+    def step(state, t):
+        states, words, live_scores, pool = state
+        stepped = [step_fn(member_state, words) for (_, step_fn), member_state in zip(decoders, states)]
+        log_probs = ops.reshape(fused_scores([logits for _, logits, _ in stepped], weights, log_probs=True),
+                                (batch, beam, vocab))
+        totals = ops.reshape(live_scores[:, :, None] + log_probs, (batch, beam * vocab))
+        # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
+        candidate_scores, candidate_ids = ops.top_k(totals, 2 * beam)  # (batch, 2*beam), best first
+        candidate_ids = ops.cast(candidate_ids, "int32")
+        candidate_parents, candidate_words = candidate_ids // vocab, candidate_ids % vocab
+        ends = candidate_words == EOS
+
+        finishing = ends & first_ones & (candidate_scores > NEG_INF) & ~is_full(pool)[:, None]
+        arrivals = {"rank": ops.where(finishing, rank(candidate_scores, t + 1), NEG_INF),
+                    "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_ids), t, "int32"),
+                    "parent": candidate_parents}
+        _, kept = ops.top_k(ops.concatenate([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
+        pool = {name: backend.batch_gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
+
+        live_scores, continuing = ops.top_k(ops.where(ends, NEG_INF, candidate_scores), beam)
+        parents = backend.batch_gather(candidate_parents, continuing)  # (batch, beam)
+        new_words = backend.batch_gather(candidate_words, continuing)
+        rows = ops.reshape(first_rows + parents, (-1,))  # (batch*beam,)
+        states = [dict(s, rows=keras.tree.map_structure(lambda x: ops.take(x, rows, axis=0), s["rows"]))
+                  for s, _, _ in stepped]
+        attention = ops.reshape(stepped[0][2], (batch, beam, frames))
+        return (states, ops.reshape(new_words, (-1,)), live_scores, pool), (new_words, parents, attention)
+
+    # At step 0 only beam 0 is live, so a video's beams do not all grow the same hypotheses.
+    live_scores = ops.tile(ops.concatenate([ops.zeros((1,)), ops.full((beam - 1,), NEG_INF)], 0)[None], (batch, 1))
+    empty_pool = {"rank": ops.full((batch, beam), NEG_INF), "log_prob": ops.full((batch, beam), NEG_INF),
+                  "end": ops.zeros((batch, beam), "int32"), "parent": ops.zeros((batch, beam), "int32")}
+    start = ([member_state for member_state, _ in decoders], ops.full((batch * beam,), BOS, "int32"), live_scores,
+             empty_pool)
+    end_state, (tokens, parents, attention), steps = backend.scan_until(
+        step, start, max_len, lambda state: ops.all(is_full(state[-1])))
+    # tokens, parents (max_len, batch, beam); attention (max_len, batch, beam, frames), by the beam extended
+    live_scores, pool = end_state[-2], end_state[-1]
+
+    pool["word"] = ops.full((batch, beam), EOS, "int32")
+    live = {"rank": rank(live_scores, steps), "log_prob": live_scores, "end": ops.full((batch, beam), steps - 1, "int32"),
+            "parent": ops.take(parents, steps - 1, axis=0), "word": ops.take(tokens, steps - 1, axis=0)}
+    finished_count = ops.sum(ops.cast(pool["rank"] > NEG_INF, "int32"), 1, keepdims=True)  # (batch, 1)
+    place = ops.arange(n_best, dtype="int32")[None]  # (1, n_best)
+    pick = ops.where(place < finished_count, place, beam + place - finished_count)  # (batch, n_best)
+    best = {name: backend.batch_gather(ops.concatenate([pool[name], live[name]], 1), pick) for name in pool}
+
+    words, attention = _backtrack(best, tokens, parents, attention)
+    return words, best["rank"], best["log_prob"], attention[:, 0]
+
+
+def _backtrack(hypotheses, tokens, parents, attention):
+    """Follow beam back-pointers from each hypothesis's last word to its first.
+
+    hypotheses: dict of (batch, n) tensors "end" (step of the last word), "word" (that word) and "parent" (the beam it
+    extended); tokens, parents (steps, batch, beam) and attention (steps, batch, beam, frames) as recorded by
+    beam_search. Returns word ids (batch, n, steps) and attention (batch, n, steps, frames), <PAD> and zeros after
+    each end.
+    """
+    end = hypotheses["end"]
+
+    def step(beam_index, inputs):
+        s, tokens_s, parents_s, attention_s = inputs
+        at_end, inside = end == s, s <= end
+        word = ops.where(at_end, hypotheses["word"], backend.batch_gather(tokens_s, beam_index))
+        parent = ops.where(at_end, hypotheses["parent"], backend.batch_gather(parents_s, beam_index))
+        weights = backend.batch_gather(attention_s, parent)  # (batch, n, frames)
+        return ops.where(inside, parent, beam_index), (ops.where(inside, word, PAD),
+                                                       ops.where(inside[:, :, None], weights, 0.0))
+
+    steps = ops.arange(ops.shape(tokens)[0], dtype="int32")
+    _, (words, weights) = backend.scan(step, ops.zeros_like(end), (steps, tokens, parents, attention), reverse=True,
+                                       differentiated=False)
+    return ops.transpose(words, (1, 2, 0)), ops.transpose(weights, (1, 2, 0, 3))

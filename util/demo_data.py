@@ -195,7 +195,7 @@ def main(argv=None):
     if args.check:
         from util.bleu import read_captions
         from util.data import load_labels
-from util.errors import DataError
+        from util.errors import DataError
 
         if not args.labels:
             parser.error("--check needs --labels")

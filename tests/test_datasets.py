@@ -1,4 +1,4 @@
-"""`python -m util.datasets prepare`: MSVD, MSR-VTT and VATEX annotation files, as distributed, into the MLDS layout.
+"""`python -m tools.datasets prepare`: MSVD, MSR-VTT and VATEX annotation files, as distributed, into the MLDS layout.
 
 Each fixture is a handful of rows in the real format, with non-English rows, duplicate, empty and non-ASCII
 captions, a video without captions and a clip the user does not have.
@@ -17,9 +17,10 @@ import infer
 import train
 from conftest import write_tiny_mlds
 from test_reliability import assert_one_error, run_cli, shown_lines
-from util import datasets, evaluate
+from tools import datasets
+from tools.demo_data import captions_for, render_clip
+from util import evaluate
 from util.data import load_labels, read_ids
-from util.demo_data import captions_for, render_clip
 
 SPLITS = ("training", "validation", "testing")
 

@@ -1,22 +1,22 @@
 """Linear probes: how well demo-corpus features tell each captioned attribute (colour, shape, direction).
 
-    python -m util.probe TRAIN_FEAT_DIR TEST_FEAT_DIR --train-labels training_label.json
+    python -m tools.probe TRAIN_FEAT_DIR TEST_FEAT_DIR --train-labels training_label.json
                          --test-labels testing_label.json [--pool mean|concat]
 
 For each attribute, a ridge regression onto one-hot classes (numpy; the class of highest output wins) from each
 clip's features, averaged over its frames (mean: what is there, not in what order) or all frames in order (concat),
 standardised on the training clips; the penalty is picked by 5-fold cross-validation on the training clips, then
 the test clips are scored once. Attributes are read from each clip's first reference caption
-(util.demo_data.parse_caption).
+(tools.demo_data.parse_caption).
 """
 import argparse
 import sys
 
 import numpy as np
 
+from tools.demo_data import parse_caption
 from util.data import load_features, load_labels
 from util.errors import DataError
-from util.demo_data import parse_caption
 
 ATTRIBUTES = ("colour", "shape", "direction")
 PENALTIES = 10.0 ** np.arange(-6, 1)  # times the largest squared singular value of the training features

@@ -1,6 +1,7 @@
 """The built-in demo corpus: real .avi clips of coloured shapes moving over varied backgrounds.
 
-`python -m util.demo_data OUT_DIR [--train N] [--test-seen N] [--test-unseen N] [--seed S]` writes the MLDS HW2-1 layout:
+`python -m tools.demo_data OUT_DIR [--train N] [--test-seen N] [--test-unseen N] [--seed S]` writes the MLDS HW2-1
+layout:
 OUT_DIR/{training,testing}_label.json, {training,testing}_id.txt, {training,testing}_data/video/<id>.avi
 and {training,testing}_data/id.txt. Everything is a function of the seed.
 

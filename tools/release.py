@@ -1,7 +1,7 @@
 """Released checkpoints: pack a run into one verified .tar.gz, and fetch one back by name or URL.
 
-    python -m util.release export RUN_DIR OUT.tar.gz [--which best|last]
-    python -m util.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
+    python -m tools.release export RUN_DIR OUT.tar.gz [--which best|last]
+    python -m tools.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
 
 A bundle holds, at its top level:
 
@@ -234,7 +234,7 @@ def _already_fetched(target, url, sha256):
     try:
         source = json.loads((target / SOURCE_FILE).read_text())
     except (OSError, ValueError):
-        raise DataError(f"{target}: exists but was not fetched by util.release; remove it or choose --dir") from None
+        raise DataError(f"{target}: exists but was not fetched by tools.release; remove it or choose --dir") from None
     same = source.get("sha256") == sha256 if sha256 else source.get("url") == url
     if not same:
         raise DataError(f"{target}: holds another release ({source.get('url')}, sha256 {source.get('sha256')}); "
@@ -307,7 +307,7 @@ def _verify_bundle(run_dir, url):
 # ---- command line ----
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m util.release", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.release", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="pack a run folder's checkpoint into one .tar.gz")
     export.add_argument("run_dir")

@@ -1,6 +1,6 @@
 """Standard benchmarks (MSVD, MSR-VTT, VATEX) in the MLDS layout, with their published splits.
 
-    python -m util.datasets prepare msvd|msrvtt|vatex OUT_DIR --annotations DIR [--videos DIR ...] [--copy]
+    python -m tools.datasets prepare msvd|msrvtt|vatex OUT_DIR --annotations DIR [--videos DIR ...] [--copy]
 
 Reads the annotation files as they are distributed (under their distributed names in --annotations DIR) and
 writes the MLDS layout extended with a validation split:
@@ -36,7 +36,9 @@ from util.errors import DataError
 SPLITS = ("training", "validation", "testing")
 RECORD = "dataset.json"
 MISSING = "missing_clips.txt"
-MADE_BY = "python -m util.datasets prepare"
+MADE_BY = "python -m tools.datasets prepare"
+# the same command before it moved from util/ to tools/: a folder it prepared is still ours to update
+MADE_BY_NAMES = (MADE_BY, MADE_BY.replace("tools.", "util."))
 # what `prepare` writes besides RECORD: a folder holding any of these without RECORD was made by someone else
 OUTPUTS = tuple(name for split in SPLITS for name in (f"{split}_label.json", f"{split}_id.txt", f"{split}_data")) \
     + (MISSING,)
@@ -237,7 +239,7 @@ def check_out_dir(out_dir, dataset):
     record_path = out_dir / RECORD
     if record_path.exists():
         record = read_json(record_path)
-        if not isinstance(record, dict) or record.get("made_by") != MADE_BY or "dataset" not in record:
+        if not isinstance(record, dict) or record.get("made_by") not in MADE_BY_NAMES or "dataset" not in record:
             raise DataError(f"{record_path}: not a record written by `{MADE_BY}`; choose a new or empty folder")
         if record["dataset"] != dataset:
             raise DataError(f"{out_dir}: holds the {record['dataset']} data set (see {RECORD}); prepare {dataset} "

@@ -1,7 +1,7 @@
 """Galleries of test clips with their generated captions: a PNG grid, or animated GIFs with a Markdown table.
 
-    python -m util.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR [--out gallery.png] [--count 8]
-    python -m util.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR --gifs raw_videos/
+    python -m tools.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR [--out gallery.png] [--count 8]
+    python -m tools.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR --gifs raw_videos/
                            [--markdown FILE] [--count 8]
 
 OUT_FILE is infer.py's output (`video_id,caption` lines). Shown are the captioned videos that have references in

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from util.atomic import atomic_path
 from util.data import read_json
-from util.errors import DataError
+from util.errors import DataError, command
 
 SPLITS = ("training", "validation", "testing")
 RECORD = "dataset.json"
@@ -408,6 +408,7 @@ def prepare(dataset, out_dir, annotations_dir, video_dirs=None, copy=False):
     return checked
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -425,13 +426,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.copy and not args.videos:
         prep.error("--copy needs --videos")
-    try:
-        prepared = prepare(args.dataset, args.out_dir, args.annotations, args.videos, args.copy)
-    except DataError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    prepared = prepare(args.dataset, args.out_dir, args.annotations, args.videos, args.copy)
     print(summary(prepared, Path(args.out_dir)))
     return 0
 

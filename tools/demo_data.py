@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from util.errors import command
+
 COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (220, 90, 30), "yellow": (30, 220, 230)}  # BGR
 # Shapes that differ in extent and topology (filled box, hollow ring, thin bar): seeded random VGG features tell
 # them apart far better than square/ring/cross or circle/square/triangle (linear probes, README "The demo").
@@ -181,6 +183,7 @@ def attribute_accuracy(captions, labels):
     return {name: count / len(labels) for name, count in right.items()}
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", nargs="?", help="where to write the corpus")
@@ -196,15 +199,10 @@ def main(argv=None):
     if args.check:
         from util.bleu import read_captions
         from util.data import load_labels
-        from util.errors import DataError
 
         if not args.labels:
             parser.error("--check needs --labels")
-        try:
-            accuracy = attribute_accuracy(read_captions(args.check), load_labels(args.labels))
-        except DataError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        accuracy = attribute_accuracy(read_captions(args.check), load_labels(args.labels))
         print("attributes right: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
         return 0
     if not args.out_dir:

@@ -16,7 +16,7 @@ import numpy as np
 
 from tools.demo_data import parse_caption
 from util.data import load_features, load_labels
-from util.errors import DataError
+from util.errors import DataError, command
 
 ATTRIBUTES = ("colour", "shape", "direction")
 PENALTIES = 10.0 ** np.arange(-6, 1)  # times the largest squared singular value of the training features
@@ -71,6 +71,7 @@ def attribute_classes(labels):
     return classes
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_feat_dir")
@@ -79,21 +80,16 @@ def main(argv=None):
     parser.add_argument("--test-labels", required=True)
     parser.add_argument("--pool", choices=("mean", "concat"), default="mean")
     args = parser.parse_args(argv)
-    try:
-        train_labels, test_labels = load_labels(args.train_labels), load_labels(args.test_labels)
-        train_x = clip_vectors(load_features(args.train_feat_dir, [v for v, _ in train_labels]), args.pool)
-        test_x = clip_vectors(load_features(args.test_feat_dir, [v for v, _ in test_labels]), args.pool)
-        train_values, test_values = attribute_classes(train_labels), attribute_classes(test_labels)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    train_labels, test_labels = load_labels(args.train_labels), load_labels(args.test_labels)
+    train_x = clip_vectors(load_features(args.train_feat_dir, [v for v, _ in train_labels]), args.pool)
+    test_x = clip_vectors(load_features(args.test_feat_dir, [v for v, _ in test_labels]), args.pool)
+    train_values, test_values = attribute_classes(train_labels), attribute_classes(test_labels)
     print(f"{'attribute':<10} {'classes':>7} {'train CV':>9} {'test':>7}  penalty")
     for attribute in ATTRIBUTES:
         names = sorted(set(train_values[attribute]))
         unknown = sorted(set(test_values[attribute]) - set(names))
         if unknown:
-            print(f"error: {args.test_labels}: {attribute} {unknown} never seen in training", file=sys.stderr)
-            return 2
+            raise DataError(f"{args.test_labels}: {attribute} {unknown} never seen in training")
         index = {name: i for i, name in enumerate(names)}
         cv, test, penalty = probe(train_x, np.array([index[v] for v in train_values[attribute]]), test_x,
                                   np.array([index[v] for v in test_values[attribute]]))

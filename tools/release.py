@@ -47,7 +47,7 @@ from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, load_model, read_run_config, \
     read_state
 from util.data import read_json
-from util.errors import DataError
+from util.errors import DataError, command
 from util.plots import run_select_metric
 
 DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
@@ -306,6 +306,7 @@ def _verify_bundle(run_dir, url):
 
 # ---- command line ----
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m tools.release", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -330,15 +331,10 @@ def main(argv=None):
                       f"registry entry (fill in url):\n{json.dumps(entry, indent=1)}")
             else:
                 print(fetch_release(args.spec, args.dir, args.sha256, args.registry))
-            code = 0
-        except DataError as error:
-            if args.debug:
-                raise
-            print(f"error: {error}", file=sys.stderr)
-            code = 2
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    return code
+        finally:  # also when a DataError ends the command: its line follows these
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class Captioner:
         (downloaded once and checked against its sha256); None: the newest run under checkpoints/.
         fuse: ((checkpoint, weight), ...), runs to fuse with this one (see __init__), e.g. a flow stream's."""
         from util.checkpoints import load_model
-        from util.release import checkpoint_location
+        from tools.release import checkpoint_location
 
         model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)
         fused = [(cls.load(other, matmul_dtype, batch_size), weight) for other, weight in fuse]

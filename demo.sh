@@ -8,7 +8,7 @@ DATA=${DEMO_DATA:-demo_data}
 RUN=${DEMO_RUN:-demo}
 start=$(date +%s)
 
-python -m util.demo_data "$DATA"
+python -m tools.demo_data "$DATA"
 # 720 training clips; 64 test clips, 16 of them of the 8 (colour, shape, direction) combinations training never shows.
 # Offline there are no ImageNet weights, so the demo uses seeded random VGG16 weights up to block3_pool at 96 px,
 # max-pooled over a 1x1 + 2x2 pyramid (1280-d): measured to keep colour, shape and motion (README, "The demo").
@@ -22,5 +22,5 @@ python train.py --data-dir "$DATA" --run "$RUN" --frames 12 --hidden 128 --batch
 # The test split, scored once, after training, with the best checkpoint by validation BLEU@1.
 python infer.py "$DATA/testing_id.txt" out.txt --checkpoint "checkpoints/$RUN"
 python -m util.evaluate out.txt --labels "$DATA/testing_label.json"
-python -m util.demo_data --check out.txt --labels "$DATA/testing_label.json"
+python -m tools.demo_data --check out.txt --labels "$DATA/testing_label.json"
 echo "demo done in $(( $(date +%s) - start )) s; captions in out.txt, run in checkpoints/$RUN"

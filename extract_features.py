@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
 from util.data import prefetched, read_feature_manifest, read_ids, warnings_as_lines
-from util.errors import DataError
+from util.errors import DataError, command
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
@@ -425,6 +425,7 @@ def positive_int(text):
     return value
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("video_dir")
@@ -462,7 +463,7 @@ def main(argv=None):
                                                skip=lambda path: output_path(path).exists())
         if failures:
             write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
-    except (VideoError, DataError) as error:  # DataError: a bad --ids file or manifest, a failed write, DecodingFailed
+    except VideoError as error:  # a DataError (bad --ids file or manifest, failed write, DecodingFailed): command()
         if args.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -34,7 +34,7 @@ from model import MATMUL_DTYPES
 from util.atomic import write_text_atomic
 from util.evaluate import evaluate, format_table
 from util.data import find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids, warnings_as_lines
-from util.errors import DataError
+from util.errors import DataError, command
 
 DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
 
@@ -112,6 +112,7 @@ def read_run_features(feat_dir, video_ids, captioner, what):
                          for v in bar])
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ids_file", nargs="?", help="video ids, one per line (e.g. testing_id.txt)")
@@ -148,60 +149,54 @@ def main(argv=None):
     if args.fuse_feat_dir and not args.fuse:
         parser.error("--fuse-feat-dir needs --fuse")
     decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best)
-    try:
-        started = time.perf_counter()
-        fuse = [parse_fuse(args.fuse)] if args.fuse else []
-        if args.video:
-            captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
-            results = captioner.caption([Path(p) for p in args.video], attention=True, errors="return", **decoding)
-            good = [(name, r) for name, r in zip(args.video, results) if not isinstance(r, Exception)]
-            for name, result in zip(args.video, results):
-                if isinstance(result, Exception):
-                    print(f"error: {result}", file=sys.stderr)
-                else:
-                    print(f"{name},{result.caption}")
-            if args.attention_dir:
-                write_attention_plots([r for _, r in good], [n for n, _ in good], args.attention_dir,
-                                      captioner.frames)
-            return 2 if len(good) < len(results) else 0
-        with warnings_as_lines():
-            video_ids = read_ids(args.ids_file)
-        out_dir = Path(args.out_file).resolve().parent
-        if not out_dir.is_dir():  # checked now rather than after captioning every video
-            raise DataError(f"{args.out_file}: output folder {out_dir} does not exist")
-        if Path(args.out_file).is_dir():
-            raise DataError(f"{args.out_file}: is a folder; give a file name to write the captions to")
+    started = time.perf_counter()
+    fuse = [parse_fuse(args.fuse)] if args.fuse else []
+    if args.video:
         captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
-        feat_dir = Path(args.feat_dir) if args.feat_dir else find_feat_dir(args.ids_file)
-        features = read_run_features(feat_dir, video_ids, captioner, "the checkpoint")
-        fused_features = [read_run_features(Path(args.fuse_feat_dir) if args.fuse_feat_dir else
-                                            fused_feat_dir(feat_dir, captioner, member), video_ids, member,
-                                            "--fuse")
-                          for member, _ in captioner.fused]
-        results = captioner.decode(features, fused_features=fused_features, **decoding)
-        captions = [r.caption for r in results]
-        write_text_atomic(args.out_file, "".join(f"{v},{c}\n" for v, c in zip(video_ids, captions)))
-        if args.n_best > 1:
-            write_text_atomic(f"{args.out_file}.nbest.json", json.dumps(
-                {v: [{"caption": h.caption, "score": h.score, "log_prob": h.log_prob} for h in r.n_best]
-                 for v, r in zip(video_ids, results)}, indent=1))
+        results = captioner.caption([Path(p) for p in args.video], attention=True, errors="return", **decoding)
+        good = [(name, r) for name, r in zip(args.video, results) if not isinstance(r, Exception)]
+        for name, result in zip(args.video, results):
+            if isinstance(result, Exception):
+                print(f"error: {result}", file=sys.stderr)
+            else:
+                print(f"{name},{result.caption}")
         if args.attention_dir:
-            write_attention_plots(results, video_ids, args.attention_dir, captioner.frames,
-                                  video_dir=args.video_dir or feat_dir.parent / "video")
-        decoder = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
-        fused = "".join(f" fused with {member.source} (weight {weight:g} against {captioner.weight:g})"
-                        for member, weight in captioner.fused)
-        print(f"captioned {len(video_ids)} videos ({decoder}) with {captioner.source}{fused} in "
-              f"{time.perf_counter() - started:.1f} s; wrote {args.out_file}")
-        if args.labels:
-            wanted = set(video_ids)
-            references = {v: refs for v, refs in load_labels(args.labels) if v in wanted}
-            print(format_table(evaluate(dict(zip(video_ids, captions)), references, source=args.out_file)))
-    except DataError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            write_attention_plots([r for _, r in good], [n for n, _ in good], args.attention_dir,
+                                  captioner.frames)
+        return 2 if len(good) < len(results) else 0
+    with warnings_as_lines():
+        video_ids = read_ids(args.ids_file)
+    out_dir = Path(args.out_file).resolve().parent
+    if not out_dir.is_dir():  # checked now rather than after captioning every video
+        raise DataError(f"{args.out_file}: output folder {out_dir} does not exist")
+    if Path(args.out_file).is_dir():
+        raise DataError(f"{args.out_file}: is a folder; give a file name to write the captions to")
+    captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
+    feat_dir = Path(args.feat_dir) if args.feat_dir else find_feat_dir(args.ids_file)
+    features = read_run_features(feat_dir, video_ids, captioner, "the checkpoint")
+    fused_features = [read_run_features(Path(args.fuse_feat_dir) if args.fuse_feat_dir else
+                                        fused_feat_dir(feat_dir, captioner, member), video_ids, member,
+                                        "--fuse")
+                      for member, _ in captioner.fused]
+    results = captioner.decode(features, fused_features=fused_features, **decoding)
+    captions = [r.caption for r in results]
+    write_text_atomic(args.out_file, "".join(f"{v},{c}\n" for v, c in zip(video_ids, captions)))
+    if args.n_best > 1:
+        write_text_atomic(f"{args.out_file}.nbest.json", json.dumps(
+            {v: [{"caption": h.caption, "score": h.score, "log_prob": h.log_prob} for h in r.n_best]
+             for v, r in zip(video_ids, results)}, indent=1))
+    if args.attention_dir:
+        write_attention_plots(results, video_ids, args.attention_dir, captioner.frames,
+                              video_dir=args.video_dir or feat_dir.parent / "video")
+    decoder = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
+    fused = "".join(f" fused with {member.source} (weight {weight:g} against {captioner.weight:g})"
+                    for member, weight in captioner.fused)
+    print(f"captioned {len(video_ids)} videos ({decoder}) with {captioner.source}{fused} in "
+          f"{time.perf_counter() - started:.1f} s; wrote {args.out_file}")
+    if args.labels:
+        wanted = set(video_ids)
+        references = {v: refs for v, refs in load_labels(args.labels) if v in wanted}
+        print(format_table(evaluate(dict(zip(video_ids, captions)), references, source=args.out_file)))
     return 0
 
 

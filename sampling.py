@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from util.errors import DataError
+from util.errors import command
 
 SCHEDULES = ("inverse_sigmoid", "linear", "constant")
 
@@ -47,6 +47,7 @@ def plot_schedule(probs, schedule, path):
     plt.close(fig)
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
@@ -61,13 +62,7 @@ def main(argv=None):
     probs = teacher_forcing_schedule(args.epochs, args.schedule, args.start, args.end)
     for epoch, p in enumerate(probs, 1):
         print(f"epoch {epoch:4d}  teacher_forcing_prob {p:.4f}")
-    try:
-        plot_schedule(probs, args.schedule, args.out)
-    except DataError as error:  # an --out that cannot be written
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    plot_schedule(probs, args.schedule, args.out)  # a DataError: an --out that cannot be written
     print(f"{args.schedule}: {probs[0]:.4f} ... {probs[-1]:.4f} over {args.epochs} epochs; plot in {args.out}")
     return 0
 

@@ -34,7 +34,7 @@ from starlette.routing import Route
 
 from captioner import Captioner, VideoError
 from extract_features import VIDEO_SUFFIXES
-from util.errors import DataError
+from util.errors import command
 
 PAGE = Path(__file__).resolve().parent / "util" / "serve_page.html"
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -234,6 +234,7 @@ def create_app(captioner, max_upload_bytes):
                              Route("/api/progress/{job}", progress)])
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="run folder, checkpoint, release name (checkpoints/releases.json) or "
@@ -247,13 +248,7 @@ def main(argv=None):
         parser.error("--max-upload-mb must be positive")
     import uvicorn
 
-    try:
-        captioner = Captioner.load(args.checkpoint)
-    except DataError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    captioner = Captioner.load(args.checkpoint)
     print(f"captioning with {captioner.source}: open http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     uvicorn.run(create_app(captioner, int(args.max_upload_mb * 1e6)), host=args.host, port=args.port,
                 log_level="info")

@@ -135,9 +135,9 @@ def test_pip_install_editable_then_import_from_another_folder(video_run, clips, 
     elsewhere.mkdir()
     script = textwrap.dedent(f"""
         import json
-        import captioner, util.release
+        import captioner, tools.release
         from captioner import Captioner
-        print(json.dumps({{"module": captioner.__file__, "releases": sorted(util.release.load_registry()),
+        print(json.dumps({{"module": captioner.__file__, "releases": sorted(tools.release.load_registry()),
                            "caption": Captioner.load({str(video_run)!r}).caption({str(clips[0])!r})}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -1,4 +1,4 @@
-"""`python -m util.datasets prepare`: MSVD, MSR-VTT and VATEX annotation files, as distributed, into the MLDS layout.
+"""`python -m tools.datasets prepare`: MSVD, MSR-VTT and VATEX annotation files, as distributed, into the MLDS layout.
 
 Each fixture is a handful of rows in the real format, with non-English rows, duplicate, empty and non-ASCII
 captions, a video without captions and a clip the user does not have.
@@ -17,9 +17,10 @@ import infer
 import train
 from conftest import write_tiny_mlds
 from test_reliability import assert_one_error, run_cli, shown_lines
-from util import datasets, evaluate
+from tools import datasets
+from tools.demo_data import captions_for, render_clip
+from util import evaluate
 from util.data import load_labels, read_ids
-from util.demo_data import captions_for, render_clip
 
 SPLITS = ("training", "validation", "testing")
 
@@ -244,8 +245,10 @@ def test_rerun_gives_the_same_output_and_follows_the_clips_present(tmp_path, cap
     assert (out / "missing_clips.txt").read_text() == "training\tCc_3_7.avi\ntesting\tGg_4_8.avi\n"
     assert not [p for p in out.rglob(".*")]  # no temporary folder left
 
-    assert prepare(capsys, "msvd", out, annotations)[0] == 0  # then without --videos: no stale clips or list
-    assert not (out / "testing_data" / "video").exists() and not (out / "missing_clips.txt").exists()
+    code, stdout, _ = prepare(capsys, "msvd", out, annotations)  # then without --videos: clips stay, the list goes
+    assert code == 0 and "clips: kept the 4 an earlier run placed" in stdout
+    assert [p.name for p in (out / "testing_data" / "video").iterdir()] == ["Ee_5_9.avi"]
+    assert not (out / "missing_clips.txt").exists()
 
 
 def test_copy_copies_the_clips(tmp_path, capsys):
@@ -257,6 +260,91 @@ def test_copy_copies_the_clips(tmp_path, capsys):
     assert code == 0 and "clips copied into" in stdout
     clip = out / "training_data" / "video" / "video1.mp4"
     assert not clip.is_symlink() and clip.read_bytes() == b"video1.mp4"
+
+
+def byte_clips(folder, names):
+    """Clips whose bytes are their names: a copy, a link or a lost clip tells itself apart."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(name.encode())
+    return folder
+
+
+def placed(out):
+    """{split/clip: ("link", target) or ("file", bytes)} of every clip in out's video folders."""
+    return {key: value for key, value in snapshot(out).items() if "/video/" in key}
+
+
+def assert_copies_intact(out):
+    clips = placed(out)
+    assert sorted(clips) == sorted(f"{split}_data/video/{name}" for split, names in
+                                   [("training", ["video0.mp4", "video1.mp4"]), ("validation", ["video3.mp4"]),
+                                    ("testing", ["video5.mp4", "video6.mp4"])] for name in names)
+    for key, value in clips.items():
+        assert value == ("file", key.rsplit("/", 1)[1].encode()), key
+
+
+def test_videos_pointing_into_its_own_copies_is_refused_and_the_copies_stay(tmp_path, capsys):
+    annotations, out = write_msrvtt(tmp_path / "msrvtt"), tmp_path / "out"
+    assert prepare(capsys, "msrvtt", out, annotations, "--videos", byte_clips(tmp_path / "clips", MSRVTT_CLIPS),
+                   "--copy")[0] == 0
+    before = snapshot(out)
+    own = out / "training_data" / "video"
+    assert_one_error(prepare(capsys, "msrvtt", out, annotations, "--videos", own), own, "inside the output folder")
+    assert snapshot(out) == before
+    assert_copies_intact(out)
+
+
+@pytest.mark.parametrize("how", ["folder", "link"])
+def test_videos_inside_the_output_folder_is_refused(tmp_path, capsys, how):
+    out = tmp_path / "out"
+    clips = byte_clips(out / "raw", MSRVTT_CLIPS)
+    videos = clips if how == "folder" else tmp_path / "clips"
+    if how == "link":
+        videos.symlink_to(clips)
+    before = snapshot(out)
+    result = prepare(capsys, "msrvtt", out, write_msrvtt(tmp_path / "msrvtt"), "--videos", videos)
+    assert_one_error(result, videos, "lies inside the output folder")
+    assert snapshot(out) == before
+
+
+def test_rerun_without_videos_keeps_the_copied_clips(tmp_path, capsys):
+    annotations, out = write_msrvtt(tmp_path / "msrvtt"), tmp_path / "out"
+    clips = byte_clips(tmp_path / "clips", MSRVTT_CLIPS)
+    assert prepare(capsys, "msrvtt", out, annotations, "--videos", clips, "--copy")[0] == 0
+    for clip in clips.iterdir():  # the user keeps only the copies
+        clip.unlink()
+    code, stdout, stderr = prepare(capsys, "msrvtt", out, annotations)
+    assert code == 0, stderr
+    assert "clips: kept the 5 an earlier run placed" in stdout
+    assert_copies_intact(out)
+
+
+def test_rerun_without_videos_keeps_the_linked_clips(tmp_path, capsys):
+    annotations, out = write_msrvtt(tmp_path / "msrvtt"), tmp_path / "out"
+    clips = byte_clips(tmp_path / "clips", MSRVTT_CLIPS)
+    assert prepare(capsys, "msrvtt", out, annotations, "--videos", clips)[0] == 0
+    links = placed(out)
+    code, stdout, stderr = prepare(capsys, "msrvtt", out, annotations)
+    assert code == 0, stderr
+    assert "clips: kept the 5 an earlier run placed" in stdout
+    assert placed(out) == links and len(links) == 5
+    assert all(kind == "link" and os.path.exists(target) for kind, target in links.values())
+
+
+def test_rerun_replaces_copied_clips_only_with_the_same_bytes(tmp_path, capsys):
+    annotations, out = write_msrvtt(tmp_path / "msrvtt"), tmp_path / "out"
+    assert prepare(capsys, "msrvtt", out, annotations, "--videos", byte_clips(tmp_path / "clips", MSRVTT_CLIPS),
+                   "--copy")[0] == 0
+    before = snapshot(out)
+    other = byte_clips(tmp_path / "other", MSRVTT_CLIPS)
+    (other / "video3.mp4").write_bytes(b"another clip of that name")
+    assert_one_error(prepare(capsys, "msrvtt", out, annotations, "--videos", other, "--copy"),
+                     out / "validation_data" / "video", "video3.mp4")
+    assert snapshot(out) == before
+    (other / "video3.mp4").write_bytes(b"video3.mp4")  # the same bytes elsewhere: nothing is lost, the run goes on
+    assert prepare(capsys, "msrvtt", out, annotations, "--videos", other, "--copy")[0] == 0
+    assert_copies_intact(out)
 
 
 def corrupt_msvd_columns(root):

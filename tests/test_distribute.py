@@ -27,7 +27,7 @@ from test_extract import FAST
 from util import backend
 from util.checkpoints import latest_checkpoint, read_state
 from util.data import batch_arrays, batches
-from util.demo_data import make_corpus
+from tools.demo_data import make_corpus
 from util.vocab import EOS, PAD
 
 # the same global batches through one device and through every local device: TensorFlow's CPU split in two logical

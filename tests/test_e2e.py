@@ -9,9 +9,9 @@ import pytest
 import extract_features
 import infer
 import train
+from tools.demo_data import COLOURS, DIRECTIONS, SHAPES, attribute_accuracy, make_corpus, parse_caption
 from util.bleu import corpus_bleu1, read_captions
 from util.data import load_labels
-from util.demo_data import COLOURS, DIRECTIONS, SHAPES, attribute_accuracy, make_corpus, parse_caption
 
 
 FEATURES = ["--weights", "none", "--layer", "block3_pool", "--image-size", "96", "--pool", "max", "--grids", "1,2",

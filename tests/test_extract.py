@@ -15,8 +15,8 @@ import extract_features
 import infer
 import train
 from conftest import ROOT
+from tools.demo_data import make_corpus
 from util.checkpoints import latest_checkpoint
-from util.demo_data import make_corpus
 
 # Small, fast settings for tests: seeded random VGG16 up to block1_pool at 32 px, globally pooled (64-d).
 FAST = ["--weights", "none", "--layer", "block1_pool", "--image-size", "32", "--pool", "max", "--grids", "1",

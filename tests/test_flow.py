@@ -262,9 +262,9 @@ def test_infer_video_with_fuse_extracts_both_streams(video_run, flow_run, tmp_pa
 
 
 def test_the_probe_tells_what_the_features_hold(tmp_path, capsys):
-    """util.probe: an attribute written into the features is told from them; one that is not, at chance."""
-    from util.demo_data import captions_for
-    from util.probe import main as probe_main
+    """tools.probe: an attribute written into the features is told from them; one that is not, at chance."""
+    from tools.demo_data import captions_for
+    from tools.probe import main as probe_main
 
     rng = np.random.default_rng(0)
     directions = ("left", "right", "up", "down")

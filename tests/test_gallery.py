@@ -6,10 +6,10 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image
 
+from tools.gallery import (MAX_GIF_BYTES, RELEVANT_CIDER, SECTIONS, Scored, clip_gif, correct_and_relevant, main,
+                          score_captions)
 from util.bleu import sentence_bleu1
 from util.errors import DataError
-from util.gallery import (MAX_GIF_BYTES, RELEVANT_CIDER, SECTIONS, Scored, clip_gif, correct_and_relevant, main,
-                          score_captions)
 from util.plots import DPI
 
 # Captions for the 8 real MLDS test clips: reference captions (correct), the right subject or action with the

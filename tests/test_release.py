@@ -1,4 +1,4 @@
-"""util.release: export a tiny trained run, serve it from a local HTTP server, fetch it back (or refuse it)."""
+"""tools.release: export a tiny trained run, serve it from a local HTTP server, fetch it back (or refuse it)."""
 import hashlib
 import io
 import json
@@ -15,9 +15,9 @@ import infer
 import train
 from conftest import write_tiny_mlds
 from model import S2VT, ModelConfig
+from tools.release import checkpoint_location, export_release, fetch_release, main, sha256_of
 from util.checkpoints import latest_checkpoint, resolve_checkpoint
 from util.errors import DataError
-from util.release import checkpoint_location, export_release, fetch_release, main, sha256_of
 
 TINY = [  # as in test_roundtrip.py
     "--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]

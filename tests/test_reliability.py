@@ -27,7 +27,8 @@ import infer
 import sampling
 import train
 from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, checkpoint_weights, optimizer_iterations, write_tiny_mlds
-from util import bleu, evaluate, release
+from tools import release
+from util import bleu, evaluate
 from util.checkpoints import latest_checkpoint, read_state
 
 # a tiny run with dropout, feature noise and scheduled sampling all on; 23 videos (one held out for validation)

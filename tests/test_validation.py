@@ -83,7 +83,7 @@ def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp
     assert err == f"error: {ids}: 1 ids are not in the training labels, e.g. not_a_training_video.avi"
     assert not (tmp_path / "bad_ids").exists()
 
-    # a data folder with validation_label.json (as util.datasets prepare writes it) validates on that split
+    # a data folder with validation_label.json (as tools.datasets prepare writes it) validates on that split
     labels = json.loads((tiny_data / "testing_label.json").read_text())
     (tiny_data / "validation_label.json").write_text(json.dumps(labels[:4]))
     shutil.copytree(tiny_data / "testing_data", tiny_data / "validation_data")

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from util.data import load_labels
-from util.errors import DataError
+from util.errors import DataError, command
 
 
 def sentence_bleu1(candidate, references):
@@ -59,22 +59,19 @@ def read_captions(path):
     return captions
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description="MLDS course BLEU@1 of a captions file")
     parser.add_argument("captions", help="file of 'video_id,caption' lines")
     parser.add_argument("--labels", required=True, help="labels JSON, e.g. testing_label.json")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    references = dict(load_labels(args.labels))
+    captions = read_captions(args.captions)
     try:
-        references = dict(load_labels(args.labels))
-        captions = read_captions(args.captions)
         score = corpus_bleu1(captions, references)
-    except (DataError, KeyError) as error:
-        if args.debug:
-            raise
-        print(f"error: {args.captions}: {error}" if isinstance(error, KeyError) else f"error: {error}",
-              file=sys.stderr)
-        return 2
+    except KeyError as error:
+        raise DataError(f"{args.captions}: {error}") from error
     print(f"videos: {len(references)}")
     print(f"Average bleu score is {score}")
     print(score)

@@ -18,7 +18,7 @@ import sys
 from util.atomic import write_text_atomic
 from util.bleu import corpus_bleu1, read_captions
 from util.data import load_labels
-from util.errors import DataError
+from util.errors import DataError, command
 
 METRIC_NAMES = {"mlds_bleu1": "MLDS BLEU@1", "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3",
                 "bleu4": "BLEU-4", "meteor": "METEOR", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
@@ -116,6 +116,7 @@ def format_table(scores):
     return "\n".join(lines)
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("captions", help="file of 'video_id,caption' lines")
@@ -123,19 +124,13 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the scores to this JSON file")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    try:
-        references = dict(load_labels(args.labels))
-        captions = read_captions(args.captions)
-        scores = evaluate(captions, references, source=args.captions)
-        print(format_table(scores))
-        if args.json:
-            report = {"captions": args.captions, "labels": args.labels, **scores}
-            write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
-    except DataError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    references = dict(load_labels(args.labels))
+    captions = read_captions(args.captions)
+    scores = evaluate(captions, references, source=args.captions)
+    print(format_table(scores))
+    if args.json:
+        report = {"captions": args.captions, "labels": args.labels, **scores}
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

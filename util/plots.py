@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from util.atomic import atomic_path
 from util.data import read_json
-from util.errors import DataError
+from util.errors import DataError, command
 
 DPI = 110
 VALIDATION_METRICS = {"val_bleu1": "BLEU@1 (MLDS)", "val_bleu4": "BLEU-4", "val_cider": "CIDEr"}
@@ -178,6 +178,7 @@ def caption_grid(items, out_png, columns=4, wrap=34):
     return fig
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,12 +188,8 @@ def main(argv=None):
                         help="the metric whose best epoch is marked (default: the run's, from config.json)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    try:
-        metric = args.select_metric or run_select_metric(run_dir)
-        plot_training_curves(run_dir / "history.csv", run_dir / "curves.png", metric)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    metric = args.select_metric or run_select_metric(run_dir)
+    plot_training_curves(run_dir / "history.csv", run_dir / "curves.png", metric)
     print(run_dir / "curves.png")
     return 0
 

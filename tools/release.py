@@ -1,7 +1,7 @@
 """Released checkpoints: pack a run into one verified .tar.gz, and fetch one back by name or URL.
 
-    python -m util.release export RUN_DIR OUT.tar.gz [--which best|last]
-    python -m util.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
+    python -m tools.release export RUN_DIR OUT.tar.gz [--which best|last]
+    python -m tools.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
 
 A bundle holds, at its top level:
 
@@ -47,7 +47,7 @@ from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, load_model, read_run_config, \
     read_state
 from util.data import read_json
-from util.errors import DataError
+from util.errors import DataError, command
 from util.plots import run_select_metric
 
 DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
@@ -234,7 +234,7 @@ def _already_fetched(target, url, sha256):
     try:
         source = json.loads((target / SOURCE_FILE).read_text())
     except (OSError, ValueError):
-        raise DataError(f"{target}: exists but was not fetched by util.release; remove it or choose --dir") from None
+        raise DataError(f"{target}: exists but was not fetched by tools.release; remove it or choose --dir") from None
     same = source.get("sha256") == sha256 if sha256 else source.get("url") == url
     if not same:
         raise DataError(f"{target}: holds another release ({source.get('url')}, sha256 {source.get('sha256')}); "
@@ -306,8 +306,9 @@ def _verify_bundle(run_dir, url):
 
 # ---- command line ----
 
+@command
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m util.release", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.release", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="pack a run folder's checkpoint into one .tar.gz")
     export.add_argument("run_dir")
@@ -330,15 +331,10 @@ def main(argv=None):
                       f"registry entry (fill in url):\n{json.dumps(entry, indent=1)}")
             else:
                 print(fetch_release(args.spec, args.dir, args.sha256, args.registry))
-            code = 0
-        except DataError as error:
-            if args.debug:
-                raise
-            print(f"error: {error}", file=sys.stderr)
-            code = 2
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
-    return code
+        finally:  # also when a DataError ends the command: its line follows these
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

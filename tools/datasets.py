@@ -1,6 +1,6 @@
 """Standard benchmarks (MSVD, MSR-VTT, VATEX) in the MLDS layout, with their published splits.
 
-    python -m util.datasets prepare msvd|msrvtt|vatex OUT_DIR --annotations DIR [--videos DIR ...] [--copy]
+    python -m tools.datasets prepare msvd|msrvtt|vatex OUT_DIR --annotations DIR [--videos DIR ...] [--copy]
 
 Reads the annotation files as they are distributed (under their distributed names in --annotations DIR) and
 writes the MLDS layout extended with a validation split:
@@ -16,6 +16,14 @@ Captions are stripped; empty ones and exact duplicates within a video are droppe
 is dropped from its split. With --videos only the clips found there are kept (a split left empty is an error);
 without it every clip of the annotations is listed and no clip is checked (for features obtained elsewhere).
 All input is read and checked before anything is written, and every file is written whole (util.atomic).
+
+No clip is lost, whoever put it there. A --videos folder inside OUT_DIR (its path resolved through links) is
+refused, as is a clip of --videos that resolves into OUT_DIR: linking OUT_DIR's clips to themselves would delete
+them. A re-run replaces the links in <split>_data/video; a real file there (an earlier --copy, or put there by
+hand) it replaces only with the same bytes (same size and sha256, e.g. --copy again from the same clips) and
+otherwise refuses, naming the folder and the file: move it away, or prepare into another folder. A re-run without
+--videos keeps the video folders as they are and says how many clips they hold. A refusal is one error line;
+nothing is written or removed.
 """
 import argparse
 import hashlib
@@ -31,12 +39,14 @@ from tqdm import tqdm
 
 from util.atomic import atomic_path
 from util.data import read_json
-from util.errors import DataError
+from util.errors import DataError, command
 
 SPLITS = ("training", "validation", "testing")
 RECORD = "dataset.json"
 MISSING = "missing_clips.txt"
-MADE_BY = "python -m util.datasets prepare"
+MADE_BY = "python -m tools.datasets prepare"
+# the same command before it moved from util/ to tools/: a folder it prepared is still ours to update
+MADE_BY_NAMES = (MADE_BY, MADE_BY.replace("tools.", "util."))
 # what `prepare` writes besides RECORD: a folder holding any of these without RECORD was made by someone else
 OUTPUTS = tuple(name for split in SPLITS for name in (f"{split}_label.json", f"{split}_id.txt", f"{split}_data")) \
     + (MISSING,)
@@ -237,7 +247,7 @@ def check_out_dir(out_dir, dataset):
     record_path = out_dir / RECORD
     if record_path.exists():
         record = read_json(record_path)
-        if not isinstance(record, dict) or record.get("made_by") != MADE_BY or "dataset" not in record:
+        if not isinstance(record, dict) or record.get("made_by") not in MADE_BY_NAMES or "dataset" not in record:
             raise DataError(f"{record_path}: not a record written by `{MADE_BY}`; choose a new or empty folder")
         if record["dataset"] != dataset:
             raise DataError(f"{out_dir}: holds the {record['dataset']} data set (see {RECORD}); prepare {dataset} "
@@ -258,6 +268,7 @@ class Plan:
     sources: dict  # split -> [(clip, absolute path of the user's clip)]; empty without --videos
     missing: dict  # split -> [clip]
     notes: list
+    kept: int = 0  # without --videos: the clips an earlier run placed in <split>_data/video, kept as they are
 
 
 def plan(dataset, annotations_dir, video_dirs=None, copy=False):
@@ -365,8 +376,7 @@ def write(plan, out_dir, copy=False):
                 write_text(split_dir / "id.txt", ids)
                 if plan.record["videos"]:
                     place_clips(split_dir / "video", plan.sources[split], copy, progress)
-                else:  # no clips checked: a video folder of an earlier run would disagree with the labels
-                    remove(split_dir / "video")
+                # without --videos an earlier run's video folder stays: its clips may be the only copies
         missing = "".join(f"{split}\t{clip}\n" for split in SPLITS for clip in plan.missing[split])
         if missing:
             write_text(out_dir / MISSING, missing)
@@ -392,20 +402,76 @@ def summary(plan, out_dir):
                      + (f"{missing} missing clips listed in {out_dir / MISSING}" if missing else "no clip missing"))
     else:
         lines.append("clips not checked (no --videos): the labels list every clip of the annotations")
+        if plan.kept:
+            lines.append(f"clips: kept the {plan.kept} an earlier run placed in {out_dir}/<split>_data/video/")
     lines.append(f"prepared {plan.dataset} in {out_dir}: <split>_label.json, <split>_id.txt, <split>_data/id.txt "
                  f"for {', '.join(SPLITS)}; {RECORD}")
     return "\n".join(lines)
+
+
+def within(path, folder):
+    """Whether path is folder or lies under it, both resolved through links."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def check_videos_outside(out_dir, video_dirs):
+    """Refuse a --videos folder inside out_dir: its clips would be linked to themselves, or replaced."""
+    for folder in video_dirs or ():
+        if within(folder, out_dir):
+            raise DataError(f"{folder}: this --videos folder lies inside the output folder {out_dir}; give the "
+                            "folder the clips came from, or move them out of it first")
+
+
+def same_bytes(a, b):
+    return a.stat().st_size == b.stat().st_size and file_sha256(a) == file_sha256(b)
+
+
+def check_placed_clips(out_dir, plan):
+    """Refuse a run that would lose a clip in <split>_data/video; return how many clips stay there untouched
+    (all of them without --videos, none with it)."""
+    kept = 0
+    for split in SPLITS:
+        sources = dict(plan.sources[split])
+        for source in sources.values():
+            if within(source, out_dir):  # a link in --videos that leads back into out_dir
+                raise DataError(f"{source}: a clip of --videos that lies inside the output folder {out_dir}; give "
+                                "the folder the clips came from")
+        video_dir = out_dir / f"{split}_data" / "video"
+        if not video_dir.is_dir():
+            continue
+        if not plan.record["videos"]:
+            kept += sum(1 for _ in video_dir.iterdir())
+            continue
+        if video_dir.is_symlink():  # replacing a link to a folder removes the link only
+            continue
+        for entry in sorted(video_dir.iterdir()):
+            if entry.is_symlink():  # replacing a link loses no clip
+                continue
+            source = sources.get(entry.name)
+            if source is None or not entry.is_file():
+                raise DataError(f"{video_dir}: holds {entry.name}, not a link, which this run would remove (no clip of "
+                                "that name takes its place); move it away, or prepare into another folder")
+            if not same_bytes(entry, source):
+                raise DataError(f"{video_dir}: holds {entry.name}, not a link, which this run would replace with "
+                                f"the different {source}; move it away, or prepare into another folder")
+    return kept
 
 
 def prepare(dataset, out_dir, annotations_dir, video_dirs=None, copy=False):
     """Check everything, then write the data set into out_dir; returns the Plan written."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, dataset)
+    check_videos_outside(out_dir, video_dirs)
     checked = plan(dataset, annotations_dir, video_dirs, copy)
+    checked.kept = check_placed_clips(out_dir, checked)
+    if checked.kept:
+        checked.record["clips"] = f"not checked; {checked.kept} kept from an earlier run"
     write(checked, out_dir, copy)
     return checked
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -423,13 +489,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.copy and not args.videos:
         prep.error("--copy needs --videos")
-    try:
-        prepared = prepare(args.dataset, args.out_dir, args.annotations, args.videos, args.copy)
-    except DataError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    prepared = prepare(args.dataset, args.out_dir, args.annotations, args.videos, args.copy)
     print(summary(prepared, Path(args.out_dir)))
     return 0
 

@@ -1,7 +1,7 @@
 """Galleries of test clips with their generated captions: a PNG grid, or animated GIFs with a Markdown table.
 
-    python -m util.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR [--out gallery.png] [--count 8]
-    python -m util.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR --gifs raw_videos/
+    python -m tools.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR [--out gallery.png] [--count 8]
+    python -m tools.gallery OUT_FILE --labels testing_label.json --videos VIDEO_DIR --gifs raw_videos/
                            [--markdown FILE] [--count 8]
 
 OUT_FILE is infer.py's output (`video_id,caption` lines). Shown are the captioned videos that have references in
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from util.atomic import atomic_path, write_text_atomic
 from util.bleu import read_captions, sentence_bleu1
 from util.data import load_labels, warnings_as_lines
-from util.errors import DataError
+from util.errors import DataError, command
 from util.evaluate import fallback_tokenize
 from util.plots import caption_grid
 
@@ -252,6 +252,7 @@ def write_gif_gallery(groups, video_dir, gif_dir, link_base):
     return markdown, summary
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("captions", metavar="OUT_FILE", help="infer.py's output: 'video_id,caption' lines")
@@ -270,32 +271,28 @@ def main(argv=None):
         parser.error("--out (a PNG grid) and --gifs (GIFs and Markdown) are two galleries: give one")
     if args.markdown and not args.gifs:
         parser.error("--markdown goes with --gifs")
-    try:
-        with warnings_as_lines():
+    with warnings_as_lines():
+        if args.markdown:
+            check_markdown_path(args.markdown)
+        scored = gallery_candidates(args.captions, args.labels, args.videos)
+        if args.gifs:
+            groups = correct_and_relevant(scored, args.count)
+            if not any(groups):
+                raise DataError(f"{args.captions}: no caption of a clip in {args.videos} scores CIDEr-D "
+                                f"{RELEVANT_CIDER} or more: nothing to show")
+            link_base = Path(args.markdown).parent if args.markdown else Path.cwd()
+            markdown, summary = write_gif_gallery(groups, args.videos, args.gifs, link_base)
             if args.markdown:
-                check_markdown_path(args.markdown)
-            scored = gallery_candidates(args.captions, args.labels, args.videos)
-            if args.gifs:
-                groups = correct_and_relevant(scored, args.count)
-                if not any(groups):
-                    raise DataError(f"{args.captions}: no caption of a clip in {args.videos} scores CIDEr-D "
-                                    f"{RELEVANT_CIDER} or more: nothing to show")
-                link_base = Path(args.markdown).parent if args.markdown else Path.cwd()
-                markdown, summary = write_gif_gallery(groups, args.videos, args.gifs, link_base)
-                if args.markdown:
-                    write_text_atomic(args.markdown, markdown)
-                    summary += f"; Markdown in {args.markdown}"
-                else:
-                    print(markdown)
+                write_text_atomic(args.markdown, markdown)
+                summary += f"; Markdown in {args.markdown}"
             else:
-                out = args.out or "gallery.png"
-                items = [(middle_frame(Path(args.videos) / s.video_id), s.caption, closest_reference(s))
-                         for s in best_and_worst(scored, args.count)]
-                caption_grid(items, out)
-                summary = f"gallery of {len(items)} clips in {out}"
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+                print(markdown)
+        else:
+            out = args.out or "gallery.png"
+            items = [(middle_frame(Path(args.videos) / s.video_id), s.caption, closest_reference(s))
+                     for s in best_and_worst(scored, args.count)]
+            caption_grid(items, out)
+            summary = f"gallery of {len(items)} clips in {out}"
     print(summary, file=sys.stderr if args.gifs and not args.markdown else sys.stdout)
     return 0
 

@@ -1,22 +1,22 @@
 """Linear probes: how well demo-corpus features tell each captioned attribute (colour, shape, direction).
 
-    python -m util.probe TRAIN_FEAT_DIR TEST_FEAT_DIR --train-labels training_label.json
+    python -m tools.probe TRAIN_FEAT_DIR TEST_FEAT_DIR --train-labels training_label.json
                          --test-labels testing_label.json [--pool mean|concat]
 
 For each attribute, a ridge regression onto one-hot classes (numpy; the class of highest output wins) from each
 clip's features, averaged over its frames (mean: what is there, not in what order) or all frames in order (concat),
 standardised on the training clips; the penalty is picked by 5-fold cross-validation on the training clips, then
 the test clips are scored once. Attributes are read from each clip's first reference caption
-(util.demo_data.parse_caption).
+(tools.demo_data.parse_caption).
 """
 import argparse
 import sys
 
 import numpy as np
 
+from tools.demo_data import parse_caption
 from util.data import load_features, load_labels
-from util.errors import DataError
-from util.demo_data import parse_caption
+from util.errors import DataError, command
 
 ATTRIBUTES = ("colour", "shape", "direction")
 PENALTIES = 10.0 ** np.arange(-6, 1)  # times the largest squared singular value of the training features
@@ -71,6 +71,7 @@ def attribute_classes(labels):
     return classes
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_feat_dir")
@@ -79,21 +80,16 @@ def main(argv=None):
     parser.add_argument("--test-labels", required=True)
     parser.add_argument("--pool", choices=("mean", "concat"), default="mean")
     args = parser.parse_args(argv)
-    try:
-        train_labels, test_labels = load_labels(args.train_labels), load_labels(args.test_labels)
-        train_x = clip_vectors(load_features(args.train_feat_dir, [v for v, _ in train_labels]), args.pool)
-        test_x = clip_vectors(load_features(args.test_feat_dir, [v for v, _ in test_labels]), args.pool)
-        train_values, test_values = attribute_classes(train_labels), attribute_classes(test_labels)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    train_labels, test_labels = load_labels(args.train_labels), load_labels(args.test_labels)
+    train_x = clip_vectors(load_features(args.train_feat_dir, [v for v, _ in train_labels]), args.pool)
+    test_x = clip_vectors(load_features(args.test_feat_dir, [v for v, _ in test_labels]), args.pool)
+    train_values, test_values = attribute_classes(train_labels), attribute_classes(test_labels)
     print(f"{'attribute':<10} {'classes':>7} {'train CV':>9} {'test':>7}  penalty")
     for attribute in ATTRIBUTES:
         names = sorted(set(train_values[attribute]))
         unknown = sorted(set(test_values[attribute]) - set(names))
         if unknown:
-            print(f"error: {args.test_labels}: {attribute} {unknown} never seen in training", file=sys.stderr)
-            return 2
+            raise DataError(f"{args.test_labels}: {attribute} {unknown} never seen in training")
         index = {name: i for i, name in enumerate(names)}
         cv, test, penalty = probe(train_x, np.array([index[v] for v in train_values[attribute]]), test_x,
                                   np.array([index[v] for v in test_values[attribute]]))

@@ -35,6 +35,31 @@ __all__ = ["Captioner", "Caption", "Hypothesis", "VideoError", "DataError"]
 CNN_BATCH = 32  # frames per CNN call, as extract_features.py's default
 
 
+def load_model(path=None, matmul_dtype=None):
+    """Restore a trained model for inference: (model, vocab, run config, checkpoint folder). path: a run folder (its
+    best checkpoint, else its newest), a best/ or last/ folder or a checkpoint folder; None: the newest run's.
+    matmul_dtype, if given, replaces the precision the model was trained with (the weights are the same). A run whose
+    config.json, vocab.json or weights do not fit together is one DataError line."""
+    from util.checkpoints import load_vocab, read_run_config, resolve_checkpoint, restore
+
+    run_dir, checkpoint = resolve_checkpoint(path)
+    config = read_run_config(run_dir)
+    vocab = load_vocab(run_dir)
+    try:  # a run written before the model and encoder fields existed is an S2VT with a unidirectional encoder
+        settings = dict(config["model"])
+        if matmul_dtype:
+            settings["matmul_dtype"] = matmul_dtype
+        model_config = s2vt.ModelConfig.from_dict(settings)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{Path(run_dir) / 'config.json'}: no valid \"model\" section ({error})") from None
+    if model_config.vocab_size != len(vocab):
+        raise DataError(f"{run_dir / 'vocab.json'}: {len(vocab)} words, but the model was built for "
+                        f"{model_config.vocab_size}")
+    model = s2vt.build_model(model_config)
+    restore(checkpoint, model)
+    return model, vocab, config, checkpoint
+
+
 @dataclass(frozen=True)
 class Hypothesis:
     """One of beam search's best captions: score = log_prob / length**length_penalty, the beam's ranking."""
@@ -103,7 +128,6 @@ class Captioner:
         """From a run folder, a checkpoint folder, a release name in checkpoints/releases.json or a release URL
         (downloaded once and checked against its sha256); None: the newest run under checkpoints/.
         fuse: ((checkpoint, weight), ...), runs to fuse with this one (see __init__), e.g. a flow stream's."""
-        from util.checkpoints import load_model
         from util.release import checkpoint_location
 
         model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)

@@ -45,7 +45,8 @@ if os.environ["KERAS_BACKEND"] == "tensorflow":  # before TensorFlow starts; the
 import keras
 import numpy as np
 import train
-from model import S2VT, ModelConfig, replica_loss
+from model import S2VT, ModelConfig
+from train import replica_loss
 from util import backend
 from util.data import batches
 from util.vocab import EOS, PAD

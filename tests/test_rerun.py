@@ -5,8 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import decoding
 import extract_features
 from extract_features import VideoError
+from model import load_model
 from util import backend
 from util.errors import DataError
 from util.vocab import EOS
@@ -103,7 +104,6 @@ class Captioner:
         """From a run folder, a checkpoint folder, a release name in checkpoints/releases.json or a release URL
         (downloaded once and checked against its sha256); None: the newest run under checkpoints/.
         fuse: ((checkpoint, weight), ...), runs to fuse with this one (see __init__), e.g. a flow stream's."""
-        from util.checkpoints import load_model
         from tools.release import checkpoint_location
 
         model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)

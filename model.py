@@ -34,7 +34,9 @@ import decoding
 from kernels import (MATMUL_DTYPES, additive_attention, lstm_cell, lstm_sequence, matmul, multiplicative_attention,
                      sequence_matmul)
 from util import backend
+from util.checkpoints import load_vocab, read_run_config, resolve_checkpoint, restore
 from util.data import feature_moments
+from util.errors import DataError
 from util.vocab import BOS, PAD
 
 MODELS = ("s2vt", "meanpool")
@@ -467,6 +469,29 @@ class MeanPool(CaptionModel):
 def build_model(config: ModelConfig):
     """The model config.model names: S2VT or MeanPool."""
     return {"s2vt": S2VT, "meanpool": MeanPool}[config.model](config)
+
+
+def load_model(path=None, matmul_dtype=None):
+    """Restore a trained model for inference: (model, vocab, run config, checkpoint folder). path: a run folder (its
+    best checkpoint, else its newest), a best/ or last/ folder or a checkpoint folder; None: the newest run's.
+    matmul_dtype, if given, replaces the precision the model was trained with (the weights are the same). A run whose
+    config.json, vocab.json or weights do not fit together is one DataError line."""
+    run_dir, checkpoint = resolve_checkpoint(path)
+    config = read_run_config(run_dir)
+    vocab = load_vocab(run_dir)
+    try:  # a run written before the model and encoder fields existed is an S2VT with a unidirectional encoder
+        settings = dict(config["model"])
+        if matmul_dtype:
+            settings["matmul_dtype"] = matmul_dtype
+        model_config = ModelConfig.from_dict(settings)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{run_dir / 'config.json'}: no valid \"model\" section ({error})") from None
+    if model_config.vocab_size != len(vocab):
+        raise DataError(f"{run_dir / 'vocab.json'}: {len(vocab)} words, but the model was built for "
+                        f"{model_config.vocab_size}")
+    model = build_model(model_config)
+    restore(checkpoint, model)
+    return model, vocab, config, checkpoint
 
 
 def caption_losses(logits, caption_ids):

@@ -1,7 +1,7 @@
 """Train S2VT on data in the MLDS HW2-1 layout.
 
     python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--val-fraction 0.05]
-                    [--select-metric bleu1] [--patience N] [--strategy auto] [--resume]
+                    [--select-metric bleu1] [--patience N] [--strategy auto] [--resume | --overwrite]
                     [--model s2vt|meanpool] [--encoder unidirectional|bidirectional] [--init-from RUN]
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
@@ -9,7 +9,8 @@ of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/va
 validation split when the folder has one, else --val-fraction of the training videos are drawn with --seed. The
 test split is never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (see
 util/checkpoints.py): the last 3 checkpoints, the best by the validation metric, config.json, vocab.json,
-val_ids.txt, history.csv, curves.png and, on TensorFlow, TensorBoard logs.
+val_ids.txt, history.csv, curves.png and, on TensorFlow, TensorBoard logs. A run folder that holds a run already is
+refused: --resume continues it, --overwrite moves it aside (to a new folder beside it) and starts afresh.
 Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
 --model meanpool trains the mean-pool baseline instead of S2VT, --encoder bidirectional reads S2VT's frames both ways
 (model.py). --init-from RUN starts from another run's weights, e.g. one pre-trained on image captions (images as
@@ -18,6 +19,8 @@ standardisation is computed afresh from this data, and the frame count may diffe
 Runs on TensorFlow (the default) or JAX: KERAS_BACKEND=jax python train.py ... With --strategy mirrored (several
 GPUs) each global batch is split over the devices with the same result as one device; on TensorFlow, multiworker
 spreads it over machines named in TF_CONFIG, and the chief alone validates and writes the run folder.
+
+The flags are the fields of two dataclasses: model.ModelConfig's (those with help text) and TrainConfig's below.
 """
 import argparse
 import os
@@ -25,8 +28,12 @@ import signal
 import sys
 import threading
 import time
+import typing
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,21 +44,22 @@ from keras import ops
 from tqdm import tqdm
 
 from extract_features import manifest_differences
-from model import ATTENTIONS, ENCODERS, MATMUL_DTYPES, MODELS, ModelConfig, build_model, caption_losses
+from model import ModelConfig, build_model, caption_losses, load_model
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
-from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_model, load_vocab, newest_run, read_run_config,
+from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, read_state,
                               restore, save_checkpoint, write_run_files)
 from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels, open_feature_file,
                        read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
-from util.errors import DataError
+from util.errors import DataError, command
 from util.evaluate import evaluate
 from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import Vocabulary
 
 SELECT_METRICS = ("bleu1", "bleu4", "cider")
 DEFAULT_VAL_FRACTION = 0.05
+RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
 
 
 def positive_int(text):
@@ -61,68 +69,96 @@ def positive_int(text):
     return value
 
 
-# the flags that change what is trained: --resume refuses to go on with any of them changed
-TRAINING_FLAGS = ("hidden", "frames", "attention", "max_caption_len", "min_word_count", "batch_size", "seed", "pairs",
-                  "epochs", "schedule", "teacher_forcing_start", "teacher_forcing_end", "learning_rate", "clip_norm",
-                  "dropout", "feature_noise", "val_fraction", "val_ids", "select_metric", "matmul_dtype", "model",
-                  "encoder", "init_from")
-# flags added since the first runs: a run saved without one was trained as its value here says
-LATER_FLAG_DEFAULTS = {"model": "s2vt", "encoder": "unidirectional"}
-# the model settings another run must share for --init-from: the vocabulary is mapped, the frame count free
-SHARED_SETTINGS = ("model", "encoder", "feature_dim", "hidden", "attention")
+# ---- the configuration: one source for the flags, --resume's check, config.json and --init-from's check ----
+
+def setting(default, help=None, trains=False, **options):
+    """A TrainConfig field: its flag's help and argparse options (type, choices, metavar); trains=True marks the
+    settings that change what is trained, which --resume refuses to see changed."""
+    return field(default=default, metadata={"help": help, "trains": trains, **options})
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained: every field is a flag (--batch-size for batch_size), beside model.ModelConfig's."""
+    init_from: Optional[str] = setting(None, "start from this run's (or checkpoint's) weights, the shared words' "
+                                             "included", trains=True, metavar="RUN")
+    schedule: str = setting("inverse_sigmoid", "teacher-forcing probability per epoch (see sampling.py)", trains=True,
+                            choices=SCHEDULES)
+    teacher_forcing_start: float = setting(1.0, "linear/constant schedules", trains=True)
+    teacher_forcing_end: float = setting(0.0, "linear schedule", trains=True)
+    epochs: int = setting(100, trains=True, type=positive_int)
+    batch_size: int = setting(250, "the global batch (all replicas)", trains=True, type=positive_int)
+    min_word_count: int = setting(3, trains=True, type=positive_int)
+    learning_rate: float = setting(1e-4, trains=True)
+    clip_norm: float = setting(5.0, "global gradient-norm clip", trains=True)
+    pairs: str = setting("all", "an epoch is every (video, caption) pair, or one random caption per video",
+                         trains=True, choices=("all", "sample"))
+    val_fraction: Optional[float] = setting(
+        None, f"share of the training videos held out for validation, drawn with --seed (default "
+              f"{DEFAULT_VAL_FRACTION}, unless the data folder has its own validation_label.json)", trains=True)
+    val_ids: Optional[str] = setting(None, "validate on these training videos (one id per line) instead", trains=True)
+    select_metric: str = setting("bleu1", "validation metric that picks the best checkpoint (bleu1 = the MLDS course "
+                                          "BLEU@1)", trains=True, choices=SELECT_METRICS)
+    patience: int = setting(0, "stop when --select-metric has not improved for this many epochs (0: never)")
+    log_every: int = setting(10, "show the loss every N batches (reading it waits for the device)", type=positive_int)
+    features: Optional[str] = setting(
+        None, "memory: every video's features in memory (float16); files: read from their .npy files a batch at a "
+              "time, so memory does not grow with the data set (default: memory when the training features take at "
+              "most a quarter of this machine's memory)", choices=("memory", "files"))
+    seed: int = setting(0, trains=True)
+    strategy: str = setting("auto", "auto: mirrored when more than one GPU is visible, else default (one device); "
+                                    "mirrored: every local GPU (or logical CPU); multiworker: the cluster in TF_CONFIG",
+                            choices=backend.STRATEGIES)
+
+
+def model_settings():
+    """ModelConfig's fields that are flags (those with help text); vocab_size and feature_dim come from the data."""
+    return [f for f in fields(ModelConfig) if f.metadata.get("help")]
+
+
+def trained_settings():
+    """The names of the settings that change what is trained: every model flag, and TrainConfig's marked so."""
+    return [f.name for f in model_settings()] + [f.name for f in fields(TrainConfig) if f.metadata["trains"]]
+
+
+def flag_type(f, ints=int):
+    """The argparse type of a field's flag: its metadata's, else its annotation's (Optional[float] -> float)."""
+    if "type" in f.metadata:
+        return f.metadata["type"]
+    kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
+    return ints if kind is int else kind
+
+
+def add_setting_flags(parser):
+    for f in model_settings():  # every size a model has must be positive (ModelConfig checks it too)
+        default = None if f.name == "attention" else f.default  # bahdanau for s2vt, none for meanpool: parse_args
+        add_flag(parser, f, default, flag_type(f, ints=positive_int))
+    for f in fields(TrainConfig):
+        add_flag(parser, f, f.default, flag_type(f))
+
+
+def add_flag(parser, f, default, kind):
+    options = {key: f.metadata[key] for key in ("choices", "metavar") if key in f.metadata}
+    if "choices" not in options and kind is not str:
+        options["type"] = kind
+    parser.add_argument(f"--{f.name.replace('_', '-')}", default=default, help=f.metadata.get("help"), **options)
+
+
+def model_config(args, vocab_size, feature_dim):
+    return ModelConfig(vocab_size=vocab_size, feature_dim=feature_dim,
+                       **{f.name: getattr(args, f.name) for f in model_settings()})
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder in the MLDS HW2-1 layout")
-    parser.add_argument("--model", choices=MODELS, default="s2vt",
-                        help="s2vt, or meanpool: the frame features' mean feeds an LSTM decoder (model.MeanPool)")
-    parser.add_argument("--encoder", choices=ENCODERS, default="unidirectional",
-                        help="bidirectional: S2VT reads the frames backwards too (model.py)")
-    parser.add_argument("--attention", choices=ATTENTIONS,
-                        help="default bahdanau for s2vt; meanpool attends to nothing (none)")
-    parser.add_argument("--init-from", metavar="RUN",
-                        help="start from this run's (or checkpoint's) weights, the shared words' included")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="inverse_sigmoid",
-                        help="teacher-forcing probability per epoch (see sampling.py)")
-    parser.add_argument("--teacher-forcing-start", type=float, default=1.0, help="linear/constant schedules")
-    parser.add_argument("--teacher-forcing-end", type=float, default=0.0, help="linear schedule")
-    parser.add_argument("--epochs", type=positive_int, default=100)
-    parser.add_argument("--batch-size", type=positive_int, default=250, help="the global batch (all replicas)")
-    parser.add_argument("--hidden", type=positive_int, default=600, help="LSTM size, also the frame/word embeddings")
-    parser.add_argument("--frames", type=positive_int, default=80)
-    parser.add_argument("--max-caption-len", type=positive_int, default=50, help="tokens, <EOS> included")
-    parser.add_argument("--min-word-count", type=positive_int, default=3)
-    parser.add_argument("--dropout", type=float, default=0.5)
-    parser.add_argument("--feature-noise", type=float, default=0.1)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--clip-norm", type=float, default=5.0, help="global gradient-norm clip")
-    parser.add_argument("--matmul-dtype", choices=MATMUL_DTYPES, default="float32",
-                        help="precision of the large matmuls: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 "
-                             "(weights, gates and cell states stay float32)")
-    parser.add_argument("--pairs", choices=("all", "sample"), default="all",
-                        help="an epoch is every (video, caption) pair, or one random caption per video")
-    parser.add_argument("--val-fraction", type=float,
-                        help=f"share of the training videos held out for validation, drawn with --seed (default "
-                             f"{DEFAULT_VAL_FRACTION}, unless the data folder has its own validation_label.json)")
-    parser.add_argument("--val-ids", help="validate on these training videos (one id per line) instead")
-    parser.add_argument("--select-metric", choices=SELECT_METRICS, default="bleu1",
-                        help="validation metric that picks the best checkpoint (bleu1 = the MLDS course BLEU@1)")
-    parser.add_argument("--patience", type=int, default=0,
-                        help="stop when --select-metric has not improved for this many epochs (0: never)")
-    parser.add_argument("--log-every", type=positive_int, default=10,
-                        help="show the loss every N batches (reading it waits for the device)")
-    parser.add_argument("--features", choices=("memory", "files"),
-                        help="memory: every video's features in memory (float16); files: read from their .npy files a "
-                             "batch at a time, so memory does not grow with the data set (default: memory when the "
-                             "training features take at most a quarter of this machine's memory)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--strategy", choices=backend.STRATEGIES, default="auto",
-                        help="auto: mirrored when more than one GPU is visible, else default (one device); "
-                             "mirrored: every local GPU (or logical CPU); multiworker: the cluster in TF_CONFIG")
+    add_setting_flags(parser)
     parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
     parser.add_argument("--ckpt-dir", help="run folder (default checkpoints/<run>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir (default: newest)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run folder that holds a run, moving that run aside first (to "
+                             "FOLDER.replaced-<time> beside it; nothing is deleted)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if not 0 <= args.dropout < 1:
@@ -133,6 +169,8 @@ def parse_args(argv=None):
         parser.error("give --val-fraction or --val-ids, not both")
     if args.patience < 0:
         parser.error("--patience must be 0 (off) or positive")
+    if args.resume and args.overwrite:
+        parser.error("give --resume (continue the run) or --overwrite (move it aside), not both")
     if args.model == "meanpool" and args.attention not in (None, "none"):
         parser.error(f"--attention {args.attention}: the meanpool model has no frame encoder to attend to")
     if args.model == "meanpool" and args.encoder != "unidirectional":
@@ -145,11 +183,15 @@ def parse_args(argv=None):
 
 
 def check_resumable(run_dir, args, validation_ids):
-    """Refuse, before anything is written, to resume a run with other training flags or validation videos."""
-    saved = read_run_config(run_dir).get("train", {})
-    saved = dict(LATER_FLAG_DEFAULTS, **saved)
-    changed = [f"--{flag.replace('_', '-')}: {saved.get(flag)} saved, {getattr(args, flag)} asked"
-               for flag in TRAINING_FLAGS if saved.get(flag) != getattr(args, flag)]
+    """Refuse, before anything is written, to resume a run with other training settings or validation videos. A
+    model setting saved without a value (a run older than the setting) was trained as its config.json's "model"
+    section, or else the setting's default, says."""
+    config = read_run_config(run_dir)
+    saved = dict(config.get("train", {}))
+    for f in model_settings():
+        saved.setdefault(f.name, (config.get("model") or {}).get(f.name, f.default))
+    changed = [f"--{name.replace('_', '-')}: {saved.get(name)} saved, {getattr(args, name)} asked"
+               for name in trained_settings() if saved.get(name) != getattr(args, name)]
     saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
     if saved_ids is not None and saved_ids != validation_ids:
         changed.append(f"validation videos: {len(saved_ids)} in {run_dir / 'val_ids.txt'}, {len(validation_ids)} "
@@ -157,6 +199,8 @@ def check_resumable(run_dir, args, validation_ids):
     if changed:
         raise DataError(f"{run_dir}: cannot resume with changed training settings ({'; '.join(changed)})")
 
+
+# ---- data ----
 
 def load_splits(args):
     """(training, validation or None, description of the validation split), as util.data.Split objects."""
@@ -199,6 +243,214 @@ def features_fit_in_memory(feat_dir, labels, frames, share=0.25):
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return len(labels) * first.size * 2 <= share * total
 
+
+def load_data(args, run_dir):
+    """The splits, the vocabulary (a resumed run's own, checked against these flags and features) and the training
+    captions encoded with it."""
+    train_split, val_split, val_source = load_splits(args)
+    validation_ids = val_split.video_ids if val_split else []
+    manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
+    if args.resume:
+        check_resumable(run_dir, args, validation_ids)
+        if manifest != read_run_config(run_dir).get("features"):
+            raise DataError(f"{Path(args.data_dir) / 'training_data' / 'feat'}: features differ from those the run "
+                            "was trained on")
+        vocab = load_vocab(run_dir)
+    else:
+        vocab = Vocabulary.build((c for _, caps in train_split.labels for c in caps), args.min_word_count)
+    video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
+    if val_split is None:
+        print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
+              "loss", file=sys.stderr)
+    else:
+        print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
+              f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
+    return SimpleNamespace(train=train_split, validation=val_split, validation_ids=validation_ids, manifest=manifest,
+                           vocab=vocab, video_index=video_index, caption_ids=caption_ids)
+
+
+# ---- the model: new, from another run's weights, or resumed ----
+
+def initialise_from(model, vocab, source, manifest):
+    """Set model's weights from another run's (source: a run or checkpoint folder, as infer.py takes) for --init-from,
+    the feature standardisation excepted (model's own, from this data). Word-indexed weights are carried over word by
+    word: the rows of the word embedding and the output projection's columns and biases for the words both
+    vocabularies hold; this run's other words keep their fresh initial values. No weight depends on the frame count,
+    so a run on one-frame "videos" (images) can start one on videos. Every other weight must have its shape here:
+    the model settings that differ are named otherwise. Returns (the source checkpoint, the count of words carried
+    over)."""
+    source_model, source_vocab, source_config, checkpoint = load_model(source)
+    differing = []
+    if shapes_not_by_word(source_model) != shapes_not_by_word(model):
+        differing = [f"{f.name} {getattr(source_model.config, f.name)} there, {getattr(model.config, f.name)} here"
+                     for f in fields(ModelConfig) if f.name not in ("vocab_size", "frames")  # mapped, and free
+                     and getattr(source_model.config, f.name) != getattr(model.config, f.name)]
+    source_features = source_config.get("features")
+    if source_features and manifest:  # the same feature extractor, whatever the frames sampled
+        differing += [f"features' {key} {there!r} there, {here!r} here"
+                      for key, (there, here) in manifest_differences(source_features, manifest).items()
+                      if key != "frames"]
+    if differing:
+        raise DataError(f"{source}: cannot start from this run's weights ({'; '.join(differing)})")
+    here = [i for i, word in enumerate(vocab.words) if word in source_vocab.index]
+    there = [source_vocab.index[vocab.words[i]] for i in here]
+    output = model.output_projection
+    for target, value in zip(model.weights, source_model.weights):
+        if target is model.feature_mean or target is model.feature_std:
+            continue
+        value = ops.convert_to_numpy(value)
+        if any(target is word_indexed for word_indexed in word_indexed_weights(model)):
+            axis = 1 if target is output.kernel else 0  # the kernel is (hidden, vocab), the others (vocab, ...)
+            carried, value = value, np.array(ops.convert_to_numpy(target))
+            np.moveaxis(value, axis, 0)[here] = np.moveaxis(carried, axis, 0)[there]
+        target.assign(value)
+    return checkpoint, len(here)
+
+
+def word_indexed_weights(model):
+    return model.word_embedding.embeddings, model.output_projection.kernel, model.output_projection.bias
+
+
+def shapes_not_by_word(model):
+    """The shapes of the model's weights, in order, but those indexed by word (their vocabulary is mapped)."""
+    return [tuple(w.shape) for w in model.weights if not any(w is v for v in word_indexed_weights(model))]
+
+
+def build_or_resume_model(args, data, distribution, run):
+    """(model, optimizer, state): built from the flags; started from --init-from's weights, or restored from the
+    run's last checkpoint with --resume (its best checkpoint reconciled), or else a new run folder written."""
+    config = model_config(args, len(data.vocab), data.train.features.shape[2])
+    backend.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
+    with distribution.scope():  # on TensorFlow, one copy of every weight and optimizer slot per replica
+        model = build_model(config)
+        model.adapt_features(data.train.features)  # a resumed run restores the same values from its checkpoint
+        optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
+        optimizer.build(model.trainable_variables)
+    run_settings = vars(args)  # every flag: config.json's "train" section
+    if args.init_from and not args.resume:  # a resumed run restores its own weights: the source is not read again
+        source, carried = initialise_from(model, data.vocab, args.init_from, data.manifest)
+        run_settings = dict(run_settings, init_from_checkpoint=str(source))
+        print(f"initialised from {source}: {carried} of this run's {len(data.vocab)} words carried over, "
+              f"{len(data.vocab) - carried} new; feature standardisation from this data")
+    state = {"epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_epoch": 0}
+    if args.resume:  # every worker restores the chief's checkpoint
+        latest = latest_checkpoint(run.path / "last")
+        if not latest:
+            raise DataError(f"{run.path / 'last'}: no checkpoint to resume from")
+        state.update({k: v for k, v in restore(latest, model, optimizer).items() if k in state})
+        print(f"resumed {latest}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, "
+              f"step {int(optimizer.iterations.numpy())}")
+        run.reconcile_best(state)
+    else:
+        run.start(config, run_settings, data.vocab, data.manifest, data.validation_ids)
+    return model, optimizer, state
+
+
+# ---- the run folder ----
+
+def holds_run(folder):
+    return any((Path(folder) / name).exists() for name in RUN_FILES)
+
+
+def refuse_a_run_folder_in_use(run_dir, overwrite, chief, agree):
+    """A new run never mixes with the run a folder holds: refused unless --overwrite (which moves that one aside when
+    the run starts). The chief's folder decides for every worker."""
+    if agree(chief and not overwrite and holds_run(run_dir)):
+        where = run_dir if chief else "the chief's run folder"
+        raise DataError(f"{where}: holds a run already; continue it with --resume, or pass --overwrite to move it "
+                        f"aside")
+
+
+def move_aside(run_dir):
+    """Rename the run folder to a new sibling, FOLDER.replaced-<time>[-N]; returns where it went."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
+        if not target.exists():
+            break
+    try:
+        os.rename(run_dir, target)
+    except OSError as error:
+        raise DataError(f"{run_dir}: cannot move the earlier run aside ({error.strerror or error})") from None
+    return target
+
+
+class RunFolder:
+    """What the chief writes into the run folder (the other workers write nothing): config.json, vocab.json,
+    val_ids.txt, checkpoints in last/ and best/, history.csv, curves.png, TensorBoard scalars.
+
+    At the end of an epoch its files are written in this order, each whole: history.csv (and curves.png, TensorBoard),
+    then best/ (when the epoch improved), then last/. The last/ checkpoint is the commit: a process killed before it
+    is resumed from the previous one, and reconcile_best / read_history drop or adopt what went further."""
+
+    def __init__(self, path, chief, select_metric):
+        self.path, self.chief, self.select_metric = Path(path), chief, select_metric
+        self.history_path = self.path / "history.csv"
+        self.write_scalars = None
+
+    def start(self, config, run_settings, vocab, manifest, validation_ids):
+        """A new run: move a run there aside (--overwrite), then write the run's files."""
+        if not self.chief:
+            return
+        if holds_run(self.path):  # refused earlier unless --overwrite
+            print(f"--overwrite: moved the earlier run in {self.path} to {move_aside(self.path)}", flush=True)
+        write_run_files(self.path, config, run_settings, vocab, manifest)
+        write_text_atomic(self.path / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
+
+    def reconcile_best(self, state):
+        """Make a resumed state's best score and epoch describe the checkpoint best/ holds: a process killed
+        between saving best/ and last/ left best/ an epoch ahead of last/'s state."""
+        best = latest_checkpoint(self.path / "best")
+        if best is None:
+            return
+        saved = read_state(best)
+        if (saved.get("best_epoch"), saved.get("best_score")) != (state["best_epoch"], state["best_score"]):
+            state.update(best_score=saved.get("best_score"), best_epoch=saved.get("best_epoch", 0))
+            if self.chief:
+                print(f"{best} holds the best checkpoint, of epoch {state['best_epoch']}: the best so far", flush=True)
+
+    def read_history(self, epochs):
+        """The resumed run's history rows of its first `epochs` epochs (a process killed after writing history.csv
+        and before last/ wrote a row for an epoch the resumed run trains again)."""
+        if not self.history_path.is_file():
+            return []
+        rows = pd.read_csv(self.history_path).to_dict("records")
+        kept = [row for row in rows if row["epoch"] <= epochs]
+        if len(kept) < len(rows) and self.chief:
+            self.write_history(kept)
+        return kept
+
+    def open_scalars(self):
+        self.write_scalars = backend.summary_writer(self.path / "tensorboard") if self.chief else None
+
+    def record_epoch(self, history):
+        """The newest epoch's row as TensorBoard scalars, then history.csv and curves.png."""
+        if self.write_scalars:
+            row = history[-1]
+            self.write_scalars(row["epoch"], {k: v for k, v in row.items() if isinstance(v, float)})
+        self.write_history(history)
+
+    def write_history(self, history):
+        if not self.chief:
+            return
+        with atomic_path(self.history_path) as tmp:
+            pd.DataFrame(history).to_csv(tmp, index=False)
+        plot_training_curves(self.history_path, self.path / "curves.png", self.select_metric)
+
+    def save_checkpoint(self, folder, step, model, state, optimizer=None, keep=3):
+        """The chief's checkpoint of now in folder (last or best), or None on the other workers."""
+        if not self.chief:
+            return None
+        return save_checkpoint(self.path / folder, step, model, state, optimizer, keep)
+
+    def save_best(self, step, model, state):
+        return self.save_checkpoint("best", step, model, state, keep=1)
+
+    def save_last(self, step, model, state, optimizer):
+        return self.save_checkpoint("last", step, model, state, optimizer, keep=3)
+
+
+# ---- the loop ----
 
 @contextmanager
 def ctrl_c_stops_between_batches():
@@ -262,36 +514,125 @@ class Validator:
                 "val_cider": scores["cider"], "example": f"{first}: {captions[first]}"}
 
 
-def initialise_from(model, vocab, source, manifest):
-    """Set model's weights from another run's (source: a run or checkpoint folder, as infer.py takes) for --init-from,
-    the feature standardisation excepted (model's own, from this data). Word-indexed weights are carried over word by
-    word: the rows of the word embedding and the output projection's columns and biases for the words both
-    vocabularies hold; this run's other words keep their fresh initial values. No weight depends on the frame count,
-    so a run on one-frame "videos" (images) can start one on videos. Returns (the source checkpoint, the count of
-    words carried over)."""
-    source_model, source_vocab, source_config, checkpoint = load_model(source)
-    differing = [f"{name} {getattr(source_model.config, name)} there, {getattr(model.config, name)} here"
-                 for name in SHARED_SETTINGS if getattr(source_model.config, name) != getattr(model.config, name)]
-    source_features = source_config.get("features")
-    if source_features and manifest:  # the same feature extractor, whatever the frames sampled
-        differing += [f"features' {key} {there!r} there, {here!r} here"
-                      for key, (there, here) in manifest_differences(source_features, manifest).items()
-                      if key != "frames"]
-    if differing:
-        raise DataError(f"{source}: cannot start from this run's weights ({'; '.join(differing)})")
-    here = [i for i, word in enumerate(vocab.words) if word in source_vocab.index]
-    there = [source_vocab.index[vocab.words[i]] for i in here]
-    embeddings, output = model.word_embedding.embeddings, model.output_projection
-    for target, value in zip(model.weights, source_model.weights):
-        if target is model.feature_mean or target is model.feature_std:
-            continue
-        value = ops.convert_to_numpy(value)
-        if any(target is word_indexed for word_indexed in (output.kernel, embeddings, output.bias)):
-            axis = 1 if target is output.kernel else 0  # the kernel is (hidden, vocab), the others (vocab, ...)
-            carried, value = value, np.array(ops.convert_to_numpy(target))
-            np.moveaxis(value, axis, 0)[here] = np.moveaxis(carried, axis, 0)[there]
-        target.assign(value)
-    return checkpoint, len(here)
+def interrupted(checkpoint, state, run_dir):
+    saved = f"saved {checkpoint}" if checkpoint else "the chief saved its checkpoint"
+    print(f"interrupted: {saved} at epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}; "
+          f"continue with --resume --ckpt-dir {run_dir}")
+    return 130
+
+
+class Training:
+    """The loop over epochs, from the state a new or resumed model starts at; every worker runs it, and the
+    multi-worker decisions (stop now, the epoch improved, stop early) are agreed at the points where they are
+    taken."""
+
+    def __init__(self, args, data, model, optimizer, state, distribution, agree, run):
+        self.args, self.data, self.model, self.optimizer, self.state, self.run = \
+            args, data, model, optimizer, state, run
+        self.distribution, self.chief, self.agree = distribution, distribution.chief, agree
+        self.train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
+        self.padding = distribution.padding(args.batch_size)
+        self.validate = (Validator(model, data.vocab, data.validation, args.max_caption_len, args.batch_size,
+                                   self.padding) if data.validation is not None and self.chief else None)
+        self.step = int(optimizer.iterations.numpy())  # counted here from now on: reading it waits for the device
+        self.probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start,
+                                              args.teacher_forcing_end)
+        self.metric_name = VALIDATION_METRICS[f"val_{args.select_metric}"]
+        self.history = run.read_history(state["epoch"]) if args.resume else []
+        run.open_scalars()
+
+    def __call__(self):
+        started = time.perf_counter()
+        with ctrl_c_stops_between_batches() as stop:
+            for epoch in range(self.state["epoch"], self.args.epochs):
+                row = self.train_epoch(epoch, stop)
+                if row is None:  # stopped within the epoch
+                    return interrupted(self.save_last(), self.state, self.run.path)
+                if not self.end_epoch(epoch, row):
+                    break
+                if self.agree(stop.is_set()) and epoch + 1 < self.args.epochs:  # Ctrl-C in the last batch,
+                    # validation or saving
+                    return interrupted(latest_checkpoint(self.run.path / "last") if self.chief else None, self.state,
+                                       self.run.path)
+        self.report(time.perf_counter() - started)
+        return 0
+
+    def train_epoch(self, epoch, stop):
+        """Train the epoch's batches (from the resumed batch on); its history row, or None when stopped within."""
+        args, data, distribution = self.args, self.data, self.distribution
+        p = float(self.probs[epoch])
+        epoch_videos, epoch_captions = epoch_pairs(data.video_index, data.caption_ids, args.pairs, args.seed, epoch)
+        batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
+        skip = self.state["batch_in_epoch"]
+        epoch_batches = batches(data.train.features, epoch_videos, epoch_captions, args.batch_size, skip,
+                                (distribution.slices, distribution.first_slice, distribution.local_slices),
+                                *self.padding, prepare=self.train_step.prepare)
+        epoch_started = time.perf_counter()
+        with tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                  leave=False) as bar:
+            losses = run_epoch(self.train_step, epoch_batches, p, args.seed, self.step,
+                               lambda: self.agree(stop.is_set()), args.log_every, bar)
+        self.step += len(losses)
+        self.state["batch_in_epoch"] = skip + len(losses)
+        if self.state["batch_in_epoch"] < batches_per_epoch:
+            return None
+        train_loss = float(np.mean([float(loss) for loss in losses])) if losses else None  # waits for the device
+        trained_pairs = len(epoch_videos) - skip * args.batch_size
+        row = {"epoch": epoch + 1, "teacher_forcing_prob": p, "train_loss": train_loss,
+               "train_samples_per_s": trained_pairs / (time.perf_counter() - epoch_started)}
+        if self.validate is not None:
+            self.train_step.sync()
+            row.update(self.validate())
+        return row
+
+    def end_epoch(self, epoch, row):
+        """Record the finished epoch: history.csv, best/ when it improved, last/ (in that order: see RunFolder);
+        print its line. Returns False to stop early."""
+        args, state = self.args, self.state
+        score = row.get(f"val_{args.select_metric}") if self.data.validation is not None \
+            else -float(row["train_loss"] or 0)
+        improved = self.agree(self.chief and (state["best_score"] is None or score > state["best_score"]))
+        state.update(epoch=epoch + 1, batch_in_epoch=0)
+        if improved:  # the chief's validation decides for every worker
+            state.update(best_score=score if self.chief else None, best_epoch=epoch + 1)
+        self.history.append(row)
+        self.run.record_epoch(self.history)
+        if improved:
+            self.save_best()
+        self.save_last()
+        print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  "
+              f"teacher_forcing {row['teacher_forcing_prob']:.3f}"
+              + (f"  val_loss {row['val_loss']:.4f}  BLEU@1 {row['val_bleu1']:.4f}  BLEU-4 {row['val_bleu4']:.4f}"
+                 f"  CIDEr {row['val_cider']:.4f}" if "val_loss" in row else "")
+              + (f"  *best {self.metric_name}*" if improved else ""), flush=True)
+        if "example" in row:
+            print(f"  {row['example']}", flush=True)
+        if args.patience and self.agree(self.chief and epoch + 1 - state["best_epoch"] >= args.patience):
+            print(f"early stop: validation {self.metric_name} has not improved for {args.patience} epochs since "
+                  f"epoch {state['best_epoch']}", flush=True)
+            return False
+        return True
+
+    def checkpoint_state(self):
+        return dict(self.state, step=self.step, seed=self.args.seed, backend=backend.BACKEND)
+
+    def save_best(self):
+        if self.chief:
+            self.train_step.sync()
+        return self.run.save_best(self.step, self.model, self.checkpoint_state())
+
+    def save_last(self):
+        if self.chief:
+            self.train_step.sync()
+        return self.run.save_last(self.step, self.model, self.checkpoint_state(), self.optimizer)
+
+    def report(self, elapsed):
+        state = self.state
+        best = (f"best validation {self.metric_name} {state['best_score']:.4f} at epoch {state['best_epoch']}"
+                if self.data.validation is not None and self.chief
+                else "no validation" if self.data.validation is None else "validated by the chief")
+        print(f"trained {state['epoch']} epochs ({elapsed:.0f} s this session, {backend.BACKEND}); {best}; "
+              f"run folder {self.run.path}")
 
 
 def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
@@ -302,164 +643,28 @@ def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed,
     return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
 
 
-def interrupted(checkpoint, state, run_dir):
-    saved = f"saved {checkpoint}" if checkpoint else "the chief saved its checkpoint"
-    print(f"interrupted: {saved} at epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}; "
-          f"continue with --resume --ckpt-dir {run_dir}")
-    return 130
-
+# ---- the command ----
 
 def train(args):
+    """Config, data, model (new or resumed), the loop: returns the exit status."""
     run_dir = Path(args.ckpt_dir)
     backend.configure_devices()
     distribution = backend.Distribution(args.strategy)  # first: TensorFlow's multi-worker setup precedes other work
-    chief, agree = distribution.chief, distribution.agreement()
-
-    # ---- data ----
-    train_split, val_split, val_source = load_splits(args)
-    feature_dim = train_split.features.shape[2]
-    validation_ids = val_split.video_ids if val_split else []
-    manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
-    if args.resume:
-        check_resumable(run_dir, args, validation_ids)
-        if manifest != read_run_config(run_dir).get("features"):
-            raise DataError(f"{Path(args.data_dir) / 'training_data' / 'feat'}: features differ from those the run "
-                            "was trained on")
-        vocab = load_vocab(run_dir)
-    else:
-        vocab = Vocabulary.build((c for _, caps in train_split.labels for c in caps), args.min_word_count)
-    video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
-    if val_split is None:
-        print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
-              "loss", file=sys.stderr)
-    else:
-        print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
-              f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
-
-    # ---- model ----
-    config = ModelConfig(vocab_size=len(vocab), feature_dim=feature_dim, frames=args.frames, hidden=args.hidden,
-                        attention=args.attention, max_caption_len=args.max_caption_len, dropout=args.dropout,
-                        feature_noise=args.feature_noise, matmul_dtype=args.matmul_dtype, model=args.model,
-                        encoder=args.encoder)
-    backend.set_random_seed(args.seed)  # same seed, same initial weights: runs are reproducible
-    with distribution.scope():  # on TensorFlow, one copy of every weight and optimizer slot per replica
-        model = build_model(config)
-        model.adapt_features(train_split.features)  # a resumed run restores the same values from its checkpoint
-        optimizer = keras.optimizers.Adam(args.learning_rate, global_clipnorm=args.clip_norm)
-        optimizer.build(model.trainable_variables)
-    run_settings = vars(args)
-    if args.init_from and not args.resume:  # a resumed run restores its own weights: the source is not read again
-        source, carried = initialise_from(model, vocab, args.init_from, manifest)
-        run_settings = dict(run_settings, init_from_checkpoint=str(source))
-        print(f"initialised from {source}: {carried} of this run's {len(vocab)} words carried over, "
-              f"{len(vocab) - carried} new; feature standardisation from this data")
-    state = {"epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_epoch": 0}
-    if args.resume:  # every worker restores the chief's checkpoint
-        latest = latest_checkpoint(run_dir / "last")
-        if not latest:
-            raise DataError(f"{run_dir / 'last'}: no checkpoint to resume from")
-        state.update({k: v for k, v in restore(latest, model, optimizer).items() if k in state})
-        print(f"resumed {latest}: epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}, "
-              f"step {int(optimizer.iterations.numpy())}")
-    elif chief:
-        write_run_files(run_dir, config, run_settings, vocab, manifest)
-        write_text_atomic(run_dir / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
-    train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
-    padding = distribution.padding(args.batch_size)
-    validate = (Validator(model, vocab, val_split, args.max_caption_len, args.batch_size, padding)
-                if val_split is not None and chief else None)
-    step = int(optimizer.iterations.numpy())  # counted here from now on: reading it every step waits for the device
-
-    def save(folder, keep, with_optimizer=True):
-        """The chief's checkpoint of now (the other workers save nothing), or None."""
-        if not chief:
-            return None
-        train_step.sync()
-        return save_checkpoint(run_dir / folder, step, model, dict(state, step=step, seed=args.seed,
-                                                                   backend=backend.BACKEND),
-                               optimizer if with_optimizer else None, keep)
-
-    # ---- loop ----
-    probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start, args.teacher_forcing_end)
-    write_scalars = backend.summary_writer(run_dir / "tensorboard") if chief else None
-    history_path = run_dir / "history.csv"
-    history = pd.read_csv(history_path).to_dict("records") if args.resume and history_path.is_file() else []
-    metric_name = VALIDATION_METRICS[f"val_{args.select_metric}"]
-    started = time.perf_counter()
-    with ctrl_c_stops_between_batches() as stop:
-        for epoch in range(state["epoch"], args.epochs):
-            p = float(probs[epoch])
-            epoch_videos, epoch_captions = epoch_pairs(video_index, caption_ids, args.pairs, args.seed, epoch)
-            batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
-            skip = state["batch_in_epoch"]
-            epoch_batches = batches(train_split.features, epoch_videos, epoch_captions, args.batch_size, skip,
-                                    (distribution.slices, distribution.first_slice, distribution.local_slices),
-                                    *padding, prepare=train_step.prepare)
-            epoch_started = time.perf_counter()
-            with tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                      leave=False) as bar:
-                losses = run_epoch(train_step, epoch_batches, p, args.seed, step, lambda: agree(stop.is_set()),
-                                   args.log_every, bar)
-            step += len(losses)
-            state["batch_in_epoch"] = skip + len(losses)
-            if state["batch_in_epoch"] < batches_per_epoch:  # stopped
-                return interrupted(save("last", 3), state, run_dir)
-
-            train_loss = float(np.mean([float(loss) for loss in losses])) if losses else None  # waits for the device
-            trained_pairs = len(epoch_videos) - skip * args.batch_size
-            row = {"epoch": epoch + 1, "teacher_forcing_prob": p, "train_loss": train_loss,
-                   "train_samples_per_s": trained_pairs / (time.perf_counter() - epoch_started)}
-            if validate is not None:
-                train_step.sync()
-                row.update(validate())
-            history.append(row)
-            if chief:
-                if write_scalars:
-                    write_scalars(epoch + 1, {k: v for k, v in row.items() if isinstance(v, float)})
-                with atomic_path(history_path) as tmp:
-                    pd.DataFrame(history).to_csv(tmp, index=False)
-                plot_training_curves(history_path, run_dir / "curves.png", args.select_metric)
-
-            state.update(epoch=epoch + 1, batch_in_epoch=0)
-            score = row.get(f"val_{args.select_metric}") if val_split is not None else -float(row["train_loss"] or 0)
-            improved = agree(chief and (state["best_score"] is None or score > state["best_score"]))
-            if improved:  # the chief's validation decides for every worker
-                state.update(best_score=score if chief else None, best_epoch=epoch + 1)
-            save("last", 3)
-            if improved:
-                save("best", 1, with_optimizer=False)
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  teacher_forcing {p:.3f}"
-                  + (f"  val_loss {row['val_loss']:.4f}  BLEU@1 {row['val_bleu1']:.4f}  BLEU-4 {row['val_bleu4']:.4f}"
-                     f"  CIDEr {row['val_cider']:.4f}" if "val_loss" in row else "")
-                  + (f"  *best {metric_name}*" if improved else ""), flush=True)
-            if "example" in row:
-                print(f"  {row['example']}", flush=True)
-            if args.patience and agree(chief and epoch + 1 - state["best_epoch"] >= args.patience):
-                print(f"early stop: validation {metric_name} has not improved for {args.patience} epochs since "
-                      f"epoch {state['best_epoch']}", flush=True)
-                break
-            if agree(stop.is_set()) and epoch + 1 < args.epochs:  # Ctrl-C in the last batch, validation or saving
-                return interrupted(latest_checkpoint(run_dir / "last") if chief else None, state, run_dir)
-
-    elapsed = time.perf_counter() - started
-    best = (f"best validation {metric_name} {state['best_score']:.4f} at epoch {state['best_epoch']}"
-            if val_split is not None and chief else "no validation" if val_split is None else "validated by the chief")
-    print(f"trained {state['epoch']} epochs ({elapsed:.0f} s this session, {backend.BACKEND}); {best}; "
-          f"run folder {run_dir}")
-    return 0
+    agree = distribution.agreement()
+    if not args.resume:
+        refuse_a_run_folder_in_use(run_dir, args.overwrite, distribution.chief, agree)
+    run = RunFolder(run_dir, distribution.chief, args.select_metric)
+    data = load_data(args, run_dir)
+    model, optimizer, state = build_or_resume_model(args, data, distribution, run)
+    return Training(args, data, model, optimizer, state, distribution, agree, run)()
 
 
-def main(argv=None):
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+@command
+def main(argv):
     try:
         return train(parse_args(argv))
-    except DataError as error:
-        if debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:  # before training, or a second Ctrl-C: the last checkpoint stands
-        if debug:
+        if "--debug" in argv:
             raise
         print("interrupted: nothing new saved; --resume continues from the last checkpoint", file=sys.stderr)
         return 130

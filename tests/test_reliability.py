@@ -373,12 +373,12 @@ sys.path.insert(0, sys.argv[1])
 import keras
 import numpy as np
 import tensorflow as tf
-from model import S2VT
-from util.checkpoints import latest_checkpoint, load_vocab, model_config_of, read_run_config
+from model import ModelConfig, build_model
+from util.checkpoints import latest_checkpoint, load_vocab, read_run_config
 from util.data import load_features, read_ids
 
 run, old_run, ids_file, feat_dir = map(Path, sys.argv[2:6])
-model = S2VT(model_config_of(run, read_run_config(run)))
+model = build_model(ModelConfig.from_dict(read_run_config(run)["model"]))
 model.load_weights(latest_checkpoint(run / "best") / "model.weights.h5")
 optimizer = keras.optimizers.Adam(1e-3)
 optimizer.build(model.trainable_variables)
@@ -424,13 +424,13 @@ def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path,
     for checkpoint in (old, old / "best"):
         assert_one_error(run_cli(infer.main, [ids, out, "--checkpoint", checkpoint], capsys), old,
                          f"holds TensorFlow checkpoints of an older s2vt; convert it with "
-                         f"`python -m util.checkpoints convert {old}`")
+                         f"`python -m tools.convert_run {old}`")
     assert not out.exists()
 
     weights_only = tmp_path / "old-weights-only"
     for source, target, epoch in ((old, new, 2), (weights_only, tmp_path / "old-weights-only-converted", None)):
         # the second without NEW_RUN: OLD_RUN-converted beside it
-        converted = backend_run("tensorflow", ["-m", "util.checkpoints", "convert", source,
+        converted = backend_run("tensorflow", ["-m", "tools.convert_run", source,
                                                *([target] if target == new else [])])
         assert converted.returncode == 0, converted.stderr[-3000:]
         assert converted.stdout.strip().splitlines()[-1] == f"converted {source} -> {target}"
@@ -445,15 +445,15 @@ def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path,
 
     # converting onto an existing folder, or where the folder cannot be, is refused in one line, leaving it be
     before = folder_state(new)
-    again = backend_run("tensorflow", ["-m", "util.checkpoints", "convert", old, new])
+    again = backend_run("tensorflow", ["-m", "tools.convert_run", old, new])
     assert again.returncode == 2 and error_lines(again.stderr) == [
         f"error: {new}: already exists; choose another folder"]
-    nowhere = backend_run("tensorflow", ["-m", "util.checkpoints", "convert", old, tmp_path / "no" / "such" / "run"])
+    nowhere = backend_run("tensorflow", ["-m", "tools.convert_run", old, tmp_path / "no" / "such" / "run"])
     assert nowhere.returncode == 2
     (line,) = error_lines(nowhere.stderr)
     assert line.startswith(f"error: {tmp_path / 'no' / 'such' / 'run'}: ")
     # JAX cannot read tf.train checkpoints
-    on_jax = backend_run("jax", ["-m", "util.checkpoints", "convert", old, tmp_path / "other"])
+    on_jax = backend_run("jax", ["-m", "tools.convert_run", old, tmp_path / "other"])
     assert on_jax.returncode == 2 and error_lines(on_jax.stderr) == [
         f"error: {old}: converting TensorFlow checkpoints needs KERAS_BACKEND=tensorflow"]
     assert folder_state(new) == before

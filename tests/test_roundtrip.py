@@ -9,7 +9,8 @@ import infer
 import train
 from conftest import checkpoint_weights, optimizer_iterations
 from util import backend
-from util.checkpoints import latest_checkpoint, load_model, read_state
+from model import load_model
+from util.checkpoints import latest_checkpoint, read_state
 from util.data import load_features
 
 TINY = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]

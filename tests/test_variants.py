@@ -15,7 +15,8 @@ from test_beam import teacher_forced_log_prob
 from test_model import DIM, FRAMES, VOCAB, batch, make_model
 from test_speed_equivalence import assert_same_training_step, lstm_step, up_to_eos
 from util import backend
-from util.checkpoints import load_model, load_vocab, read_run_config
+from model import load_model
+from util.checkpoints import load_vocab, read_run_config
 from util.data import load_features
 from util.vocab import BOS
 

@@ -13,7 +13,7 @@ A bundle holds, at its top level:
                                                              by the run's --select-metric
     MANIFEST.json                                            sha256 and size of every other file
 
-so the extracted folder is a run folder for util.checkpoints.load_model, on any backend. The registry
+so the extracted folder is a run folder for model.load_model, on any backend. The registry
 (releases.json) is a JSON list of {name, url, sha256, size, trained_on, metrics, created}; a url without a scheme
 is a file beside the registry (a release shipped in the repository). A download is checked against its sha256, unpacked
 member by member (plain files and folders only, nothing outside), checked against MANIFEST.json and restored into
@@ -43,8 +43,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 
+from model import load_model
 from util.atomic import atomic_path
-from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, load_model, read_run_config, \
+from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, read_run_config, \
     read_state
 from util.data import read_json
 from util.errors import DataError, command

@@ -7,23 +7,18 @@
 
 model.weights.h5 is Keras's weights file and optimizer.h5 the optimizer's variables (HDF5 arrays); state.json holds
 the epoch, the batch within it, the step and the best score. Loading reads arrays and JSON: it runs no code and
-unpickles nothing. A checkpoint is written into a hidden folder and renamed into place whole, so a crash never
-leaves half of one. A run trained on TensorFlow loads on JAX and the other way round.
-
-    python -m util.checkpoints convert OLD_RUN [NEW_RUN]   runs saved as TensorFlow checkpoints (s2vt before the
-                                                            backend-neutral format) -> this format, for inference
+unpickles nothing. A checkpoint is written into a hidden folder, flushed to disk and renamed into place whole, so a
+crash never leaves half of one. A run trained on TensorFlow loads on JAX and the other way round. model.load_model
+builds a run's model from its checkpoint; `python -m tools.convert_run` converts runs of the TensorFlow-only s2vt.
+This module imports nothing from the pipeline's scripts.
 """
-import argparse
 import json
-import os
 import re
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
-from model import S2VT, ModelConfig, build_model
-from util.atomic import write_text_atomic
+from util.atomic import fsync, fsync_tree, write_text_atomic
 from util.data import read_json
 from util.errors import DataError
 from util.vocab import Vocabulary
@@ -83,9 +78,11 @@ def save_checkpoint(folder, step, model, state, optimizer=None, keep=3):
                 for name, value in store.items():
                     file[name] = value
         (work / STATE_FILE).write_text(json.dumps(state, indent=1))
+        fsync_tree(work)  # the files first: a rename is only as durable as what it renames
         if target.exists():  # the same step saved again (a second save of a finished epoch): replace it
             shutil.rmtree(target)
         work.rename(target)
+        fsync(folder)
     except OSError as error:
         raise DataError(f"{target}: cannot write the checkpoint ({error.strerror or error})") from None
     finally:
@@ -132,7 +129,7 @@ def resolve_checkpoint(path=None):
                     return run_dir, found
             if _is_tensorflow_run(run_dir):
                 raise DataError(f"{run_dir}: holds TensorFlow checkpoints of an older s2vt; convert it with "
-                                f"`python -m util.checkpoints convert {run_dir}` (needs TensorFlow)")
+                                f"`python -m tools.convert_run {run_dir}` (needs TensorFlow)")
             raise DataError(f"{path}: holds no checkpoint")
     if (path / STATE_FILE).is_file() and (path.parent.parent / "config.json").is_file():
         return path.parent.parent, path
@@ -148,33 +145,6 @@ def load_vocab(run_dir):
         return Vocabulary.load(path)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as error:
         raise DataError(f"{path}: not a vocabulary written by train.py ({error})") from None
-
-
-def model_config_of(run_dir, config, matmul_dtype=None):
-    """The ModelConfig in a run's config.json (one written before the model and encoder fields existed is an S2VT with
-    a unidirectional encoder); matmul_dtype, if given, replaces the precision it was trained with."""
-    try:
-        settings = dict(config["model"])
-        if matmul_dtype:
-            settings["matmul_dtype"] = matmul_dtype
-        return ModelConfig.from_dict(settings)
-    except (KeyError, TypeError, ValueError) as error:
-        raise DataError(f"{Path(run_dir) / 'config.json'}: no valid \"model\" section ({error})") from None
-
-
-def load_model(path=None, matmul_dtype=None):
-    """Restore a trained model for inference: (model, vocab, run config, checkpoint folder).
-    matmul_dtype, if given, replaces the precision the model was trained with (the weights are the same)."""
-    run_dir, checkpoint = resolve_checkpoint(path)
-    config = read_run_config(run_dir)
-    vocab = load_vocab(run_dir)
-    model_config = model_config_of(run_dir, config, matmul_dtype)
-    if model_config.vocab_size != len(vocab):
-        raise DataError(f"{run_dir / 'vocab.json'}: {len(vocab)} words, but the model was built for "
-                        f"{model_config.vocab_size}")
-    model = build_model(model_config)
-    restore(checkpoint, model)
-    return model, vocab, config, checkpoint
 
 
 def restore(checkpoint, model, optimizer=None):
@@ -245,67 +215,3 @@ def _summary(error):
     """The first line of an error, without the values it may print."""
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
-
-
-# ---- converting runs saved by the TensorFlow-only s2vt ----
-
-def convert_tensorflow_run(old_run, new_run):
-    """Copy a run whose best/ and last/ hold tf.train checkpoints into new_run in this format: config, vocabulary,
-    history and the best checkpoint's weights (inference weights: the optimizer state is not carried over)."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        raise DataError(f"{old_run}: converting TensorFlow checkpoints needs KERAS_BACKEND=tensorflow")
-    import tensorflow as tf
-
-    old_run, new_run = Path(old_run), Path(new_run)
-    config = read_run_config(old_run)
-    prefix = tf.train.latest_checkpoint(str(old_run / "best")) or tf.train.latest_checkpoint(str(old_run / "last"))
-    if not prefix:
-        raise DataError(f"{old_run}: holds no TensorFlow checkpoint (best/checkpoint or last/checkpoint)")
-    if new_run.exists():
-        raise DataError(f"{new_run}: already exists; choose another folder")
-    model = S2VT(model_config_of(old_run, config))
-    try:  # the model's attribute names are those of the old one, so tf.train matches them
-        tf.train.Checkpoint(model=model).restore(prefix).expect_partial().assert_existing_objects_matched()
-        saved = dict(tf.train.list_variables(prefix))
-        epoch_key = "epoch/.ATTRIBUTES/VARIABLE_VALUE"  # old train.py saved it; a checkpoint of weights alone has none
-        epoch = int(tf.train.load_variable(prefix, epoch_key)) if epoch_key in saved else None
-    except (tf.errors.OpError, ValueError, AssertionError) as error:
-        raise DataError(f"{prefix}: cannot be read into an S2VT of its config ({_summary(error)})") from None
-    try:
-        work = Path(tempfile.mkdtemp(prefix=f".{new_run.name}.", dir=new_run.parent))
-    except OSError as error:
-        raise DataError(f"{new_run}: cannot create the run folder ({error.strerror or error})") from None
-    try:
-        for name in ("config.json", "vocab.json", "history.csv", "curves.png"):
-            if (old_run / name).is_file():
-                shutil.copy2(old_run / name, work / name)
-        save_checkpoint(work / "best", 0, model, {"epoch": epoch, "converted_from": prefix})
-        os.rename(work, new_run)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return new_run
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m util.checkpoints", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="a run of TensorFlow checkpoints -> this format")
-    convert.add_argument("old_run")
-    convert.add_argument("new_run", nargs="?", help="default: OLD_RUN-converted beside it")
-    convert.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    try:
-        new_run = convert_tensorflow_run(args.old_run, args.new_run or f"{Path(args.old_run)}-converted")
-    except DataError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"converted {args.old_run} -> {new_run}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -118,9 +118,10 @@ def test_checkpoint_without_feature_extractor_captions_features_only(captioner, 
         features_only.caption(clips[0])
 
 
-def test_pip_install_editable_then_import_from_another_folder(video_run, clips, tmp_path):
-    """A throwaway venv that sees this one's packages gets `pip install -e .`; a script in an unrelated folder
-    imports the API from it, finds checkpoints/releases.json and captions a clip."""
+def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips, tmp_path):
+    """A throwaway venv that sees this one's packages gets `pip install -e .`: it installs no module named model,
+    train or util; a script in an unrelated folder with the checkout on PYTHONPATH imports the API, finds
+    checkpoints/releases.json and captions a clip."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     python = venv / "bin" / "python"
@@ -141,7 +142,12 @@ def test_pip_install_editable_then_import_from_another_folder(video_run, clips, 
                            "caption": Captioner.load({str(video_run)!r}).caption({str(clips[0])!r})}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([python, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True)
+    for generic in ("model", "train", "util", "tools", "captioner"):
+        found = subprocess.run([python, "-c", f"import importlib.util; print(importlib.util.find_spec({generic!r}))"],
+                               cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+        assert found.stdout.strip() == "None", generic
+    result = subprocess.run([python, "-c", script], cwd=elsewhere, env=dict(env, PYTHONPATH=str(ROOT)),
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.splitlines()[-1])
     assert found["module"] == str(ROOT / "captioner.py")

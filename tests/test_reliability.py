@@ -513,10 +513,14 @@ def test_output_without_write_permission(tiny, tmp_path, capsys, monkeypatch):
     data, run_dir = tiny
     out = tmp_path / "out.txt"
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    real_open = os.open
 
-    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    def refuse(path, flags, *args, **kwargs):  # the temp file beside the output is made with O_EXCL
+        if flags & os.O_EXCL:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     assert_one_error(run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run_dir], capsys), out,
                      "cannot write (Permission denied)")
     assert list(tmp_path.iterdir()) == []

@@ -74,12 +74,6 @@ exec PYTHON "$@"
 def test_demo_sh_runs_twice_and_says_it_moved_the_earlier_run_aside(tmp_path):
     """The real demo.sh in a checkout of links (its corpus, run and captions land there), with 1 epoch on a small
     corpus; `java` is not on PATH (the fallback tokenizer: no Java start-up)."""
-    module = next(ROOT / m.replace(".", "/") for m in ("tools.demo_data", "util.demo_data")
-                  if f"python -m {m} " in (ROOT / "demo.sh").read_text())
-    try:
-        compile((module.with_suffix(".py")).read_text(), str(module), "exec")
-    except SyntaxError as error:  # a file this test does not own, broken at 170d514 (fixed where it moves to tools/)
-        pytest.skip(f"demo.sh's {module}.py does not compile: {error}")
     checkout, bin_dir = tmp_path / "checkout", tmp_path / "bin"
     checkout.mkdir()
     bin_dir.mkdir()

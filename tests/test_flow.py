@@ -152,7 +152,7 @@ def test_fused_log_probs_are_the_weighted_sum_of_the_runs():
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_a_fusion_weighing_one_run_almost_alone_captions_as_that_run(beam_size):
-    rgb, flow = random_model(0), random_model(1)
+    rgb, flow = random_model(1), random_model(2)
     rgb_features, flow_features = features(8, seed=3), features(8, seed=4)
     alone = [[r.caption for r in Captioner(model, tiny_vocab(), {}, Path("alone")).decode(f, beam_size)]
              for model, f in ((rgb, rgb_features), (flow, flow_features))]

@@ -14,6 +14,7 @@ sum of the runs' log-probabilities, the fused runs weighing w each and this one 
 """
 import itertools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Tuple
@@ -31,9 +32,17 @@ from util import backend
 from util.errors import DataError
 from util.vocab import EOS
 
-__all__ = ["Captioner", "Caption", "Hypothesis", "VideoError", "DataError"]
+__all__ = ["Captioner", "Caption", "Hypothesis", "SampledClip", "VideoError", "DataError"]
 
 CNN_BATCH = 32  # frames per CNN call, as extract_features.py's default
+DECODER_CACHE = 4  # compiled decoders kept per Captioner, the least recently used dropped first
+
+
+@dataclass(frozen=True, eq=False)
+class SampledClip:
+    """What a run's CNN sees of one clip file (Captioner.read_clip), read apart from captioning it."""
+    images: np.ndarray  # (frames, size, size, 3) uint8
+    settings: extract_features.FeatureSettings
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class Captioner:
             raise ValueError(f"the fused runs' weights must sum to less than 1 (this run weighs the rest), not "
                              f"{sum(weight for _, weight in self.fused)}")
         self._run_cnn = None  # built on first use: a Captioner given only features never builds the CNN
-        self._decoders = {}
+        self._decoders = OrderedDict()  # (beam_size, length_penalty, n_best) -> compiled decoder, LRU
 
     @classmethod
     def load(cls, checkpoint=None, matmul_dtype=None, batch_size=100, fuse=()):
@@ -139,7 +148,7 @@ class Captioner:
                 progress=None):
         """Caption one video or several, batched together.
 
-        videos: a clip path; decoded RGB frames (frames, H, W, 3) uint8; features (frames, dim) float; or a list
+        videos: a clip path; a SampledClip (read_clip); decoded RGB frames (frames, H, W, 3) uint8; features (frames, dim) float; or a list
         of those, or a (videos, frames, H, W, 3) / (videos, frames, dim) array.
         Returns a string per video, or a Caption when n_best > 1 or attention=True ask for more; a single
         video gives a single result. An unreadable clip raises VideoError (errors="raise") or, with
@@ -212,7 +221,9 @@ class Captioner:
     def _decoder(self, beam_size, length_penalty, n_best):
         """The compiled decoding function of every run's features for these settings, made once per Captioner."""
         key = (beam_size, length_penalty, n_best)
-        if key not in self._decoders:
+        if key in self._decoders:
+            self._decoders.move_to_end(key)
+        else:
             models = [self.model, *(member.model for member, _ in self.fused)]
             weights = [self.weight, *(weight for _, weight in self.fused)]
             max_len = self.model.config.max_caption_len
@@ -224,13 +235,21 @@ class Captioner:
                 return decoding.beam_search(members, beam_size, length_penalty, max_len, n_best)
 
             self._decoders[key] = backend.compile_function(models, decode)
+            if len(self._decoders) > DECODER_CACHE:  # a client choosing a new length_penalty each time compiles anew
+                self._decoders.popitem(last=False)
         return self._decoders[key]
 
     # ---- features ----
 
+    def read_clip(self, path, limits=extract_features.NO_LIMITS, stop=None):
+        """What this run's CNN sees of a clip file, decoded now under ClipLimits `limits` (ClipOverLimit, a
+        VideoError, past them) and stop() (extract_features.read_clip): a SampledClip for caption()."""
+        settings = self._extractor_settings()
+        return SampledClip(extract_features.read_clip(path, settings, limits, stop), settings)
+
     def _as_items(self, videos):
-        """(single?, [item, ...]) where each item is a path, a frames array or a features array."""
-        if isinstance(videos, (str, os.PathLike)):
+        """(single?, [item, ...]) where each item is a path, a SampledClip, a frames array or a features array."""
+        if isinstance(videos, (str, os.PathLike, SampledClip)):
             return True, [videos]
         if isinstance(videos, np.ndarray):
             if videos.ndim in (2, 4):
@@ -241,7 +260,7 @@ class Captioner:
                              f"an optional leading videos axis, not {videos.shape}")
         videos = list(videos)
         for item in videos:
-            if not isinstance(item, (str, os.PathLike, np.ndarray)):
+            if not isinstance(item, (str, os.PathLike, SampledClip, np.ndarray)):
                 raise TypeError(f"a video is a path or a numpy array, not {type(item).__name__}")
         return False, videos
 
@@ -270,7 +289,9 @@ class Captioner:
         """({index: (frames, dim) float32}, {index: sampled frames} if keep_frames, {index: VideoError})."""
         features, frames, failures, clips, paths = {}, {}, {}, {}, {}
         for i, item in enumerate(items):
-            if not isinstance(item, np.ndarray):
+            if isinstance(item, SampledClip):
+                clips[i] = self._check_sampled(item)
+            elif not isinstance(item, np.ndarray):
                 paths[i] = Path(item)
             elif item.ndim == 2:
                 features[i] = self._check_features(item)
@@ -305,6 +326,12 @@ class Captioner:
             raise ValueError(f"features must be (frames={self.frames}, dim={self.feature_dim}) numbers, not "
                              f"{array.shape} {array.dtype}")
         return array.astype(np.float32)
+
+    def _check_sampled(self, clip):
+        if clip.settings != self._extractor_settings():
+            raise ValueError(f"a SampledClip read for another feature extractor ({clip.settings}) than this run's "
+                             f"({self.feature_settings}); pass the clip's path instead")
+        return clip.images
 
     def _extractor_settings(self):
         if self.feature_settings is None:

@@ -53,6 +53,35 @@ class VideoError(Exception):
     """A clip that cannot be read: the message names the file and what is wrong."""
 
 
+class ClipOverLimit(VideoError):
+    """A clip longer, with more frames or larger frames than the ClipLimits it is read under."""
+
+
+class DecodingStopped(Exception):
+    """Decoding given up because its caller's stop() said so (a deadline passed, the client went away)."""
+
+
+@dataclass(frozen=True)
+class ClipLimits:
+    """Caps on the clips read, checked from the container's header before decoding and again while decoding (headers
+    lie); None: no cap. seconds counts frames at the header's frame rate; pixels is a frame's width * height."""
+    seconds: Optional[float] = None
+    frames: Optional[int] = None
+    pixels: Optional[int] = None
+
+    def check(self, path, frames, fps=0.0, width=0, height=0):
+        """Raise ClipOverLimit if a clip of `frames` frames at `fps` of width x height breaks a cap."""
+        if self.frames is not None and frames > self.frames:
+            raise ClipOverLimit(f"{path}: more than {self.frames} frames (the limit)")
+        if self.seconds is not None and fps > 0 and frames / fps > self.seconds:
+            raise ClipOverLimit(f"{path}: longer than {self.seconds:g} s (the limit)")
+        if self.pixels is not None and width * height > self.pixels:
+            raise ClipOverLimit(f"{path}: {width}x{height} frames are over the limit of {self.pixels} pixels")
+
+
+NO_LIMITS = ClipLimits()
+
+
 @dataclass(frozen=True)
 class FeatureSettings:
     """Everything that decides what a feature file holds; stored as FEAT_DIR/manifest.json."""
@@ -98,20 +127,22 @@ def flow_pair_indices(frame_count, frames):
     return np.stack([first, np.minimum(first + 1, frame_count - 1)], 1)
 
 
-def read_frames(path, frames, image_size):
+def read_frames(path, frames, image_size, limits=NO_LIMITS, stop=None):
     """Decode `frames` uniformly sampled RGB frames of `path`, resized to image_size: (frames, size, size, 3) uint8.
 
-    The frames are chosen before decoding and only they are kept, so memory does not grow with the clip's length.
-    They are chosen from the container's frame count (CAP_PROP_FRAME_COUNT), which decoding then checks: headers
-    often lie, and when this one did the clip is decoded a second time with the true count.
+    The frames are chosen before decoding and only they are converted and kept, so memory does not grow with the
+    clip's length. They are chosen from the container's frame count (CAP_PROP_FRAME_COUNT), which decoding then
+    checks: headers often lie, and when this one did the clip is decoded a second time with the true count.
+    limits (ClipLimits) caps the clip (ClipOverLimit); stop(), if given, is asked between frames and True ends
+    decoding with DecodingStopped.
     """
-    return _read_picked(path, lambda count: frame_indices(count, frames), image_size)
+    return _read_picked(path, lambda count: frame_indices(count, frames), image_size, limits, stop)
 
 
-def read_frame_pairs(path, frames, image_size):
+def read_frame_pairs(path, frames, image_size, limits=NO_LIMITS, stop=None):
     """Like read_frames, each sampled frame with the decoded frame after it (flow_pair_indices):
     (frames, 2, size, size, 3) uint8 RGB; only these 2 * frames frames are kept."""
-    picked = _read_picked(path, lambda count: flow_pair_indices(count, frames).reshape(-1), image_size)
+    picked = _read_picked(path, lambda count: flow_pair_indices(count, frames).reshape(-1), image_size, limits, stop)
     return picked.reshape(frames, 2, *picked.shape[1:])
 
 
@@ -132,12 +163,12 @@ def flow_images(pairs):
     return images
 
 
-def read_clip(path, settings):
+def read_clip(path, settings, limits=NO_LIMITS, stop=None):
     """What the CNN sees of one clip: its sampled RGB frames, or with settings.stream "flow" their flow images;
-    (frames, size, size, 3) uint8."""
+    (frames, size, size, 3) uint8. limits and stop as for read_frames."""
     if settings.stream == "flow":
-        return flow_images(read_frame_pairs(path, settings.frames, settings.image_size))
-    return read_frames(path, settings.frames, settings.image_size)
+        return flow_images(read_frame_pairs(path, settings.frames, settings.image_size, limits, stop))
+    return read_frames(path, settings.frames, settings.image_size, limits, stop)
 
 
 def sample_decoded(frames_rgb, settings):
@@ -151,53 +182,65 @@ def sample_decoded(frames_rgb, settings):
     return flow_images(resized.reshape(*picked.shape, *resized.shape[1:])) if settings.stream == "flow" else resized
 
 
-def _read_picked(path, indices_for, image_size):
+def _read_picked(path, indices_for, image_size, limits=NO_LIMITS, stop=None):
     """Decode the frames at indices_for(frame count) of `path`, resized: (len(indices), size, size, 3) uint8 RGB."""
     path = Path(path)
     if not path.is_file():
         raise VideoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
-    header_count = _frame_count_in_header(path)
-    picked, decoded_count = _decode_frames(path, indices_for(header_count) if header_count > 0 else [], image_size)
+    capture = _open(path)
+    try:
+        header_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        limits.check(path, header_count, fps, int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                     int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        picked, decoded_count = _decode_frames(capture, path, indices_for(header_count) if header_count > 0 else [],
+                                               image_size, limits, fps, stop)
+    finally:
+        capture.release()
     if decoded_count == 0:
         raise VideoError(f"{path}: no decodable frames")
     if decoded_count != header_count:
-        picked, _ = _decode_frames(path, indices_for(decoded_count), image_size)
+        capture = _open(path)
+        try:
+            picked, _ = _decode_frames(capture, path, indices_for(decoded_count), image_size, limits, fps, stop)
+        finally:
+            capture.release()
     return picked[..., ::-1]  # OpenCV decodes BGR; keras.applications preprocessing expects RGB
 
 
-def _frame_count_in_header(path):
+def _open(path):
     capture = cv2.VideoCapture(str(path))
-    try:
-        if not capture.isOpened():
-            raise VideoError(f"{path}: not a video OpenCV can open")
-        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    finally:
+    if not capture.isOpened():
         capture.release()
+        raise VideoError(f"{path}: not a video OpenCV can open")
+    return capture
 
 
-def _decode_frames(path, indices, image_size):
-    """Decode the whole clip, keeping the frames at `indices` (repeats allowed), each resized at once so a
-    high-resolution clip never holds full-size frames: (len(indices), size, size, 3) BGR, and the frame count."""
+def _decode_frames(capture, path, indices, image_size, limits, fps, stop):
+    """Decode the clip, keeping the frames at `indices` (repeats allowed), each resized at once so a
+    high-resolution clip never holds full-size frames: (len(indices), size, size, 3) BGR, and the frame count.
+    Every frame is decoded (grab) but only the kept ones are converted (retrieve)."""
     wanted = {}
     for position, index in enumerate(indices):
         wanted.setdefault(int(index), []).append(position)
     picked = np.zeros((len(indices), image_size, image_size, 3), np.uint8)
-    capture = cv2.VideoCapture(str(path))
     count = 0
     try:
-        while capture.grab():  # grab() decodes; retrieve() converts only the frames kept
-            if count in wanted:
+        while capture.grab():
+            if stop is not None and stop():
+                raise DecodingStopped(f"{path}: decoding stopped after {count} frames")
+            count += 1
+            limits.check(path, count, fps)
+            if count - 1 in wanted:
                 ok, frame = capture.retrieve()
                 if not ok:
                     break
-                picked[wanted[count]] = cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA)
-            count += 1
+                limits.check(path, count, fps, frame.shape[1], frame.shape[0])
+                picked[wanted[count - 1]] = cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA)
     except cv2.error as error:
         raise VideoError(f"{path}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
-    finally:
-        capture.release()
     return picked, count
 
 

@@ -1,6 +1,8 @@
 """A local web page and JSON API that caption uploaded clips with a trained checkpoint.
 
     python serve.py [--checkpoint NAME|RUN_DIR|CKPT|URL] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 200]
+                    [--allowed-host NAME ...] [--max-clip-seconds 60] [--max-clip-frames 3000]
+                    [--max-clip-pixels 8300000] [--time-limit 60] [--max-queue 8] [--decode-workers 2]
 
     GET  /                   the page: choose or drop a clip; see its caption, the n-best list and the attention
     GET  /api/info           the checkpoint, its frames and the upload limit
@@ -10,35 +12,50 @@
     GET  /api/progress/JOB   {stage, done, total} of the request in flight with that job id
 
 An upload goes to a temporary folder that is removed when its request ends, failures included; the body is
-counted as it streams in and refused (413) past --max-upload-mb. One request uses the model at a time. Each bad
-request gets a 4xx status and a one-line JSON body {"error": "..."}.
+counted as it streams in and refused (413) past --max-upload-mb. Work is bounded: at most --max-queue captions
+are uploading, waiting or working at once (more get 503 with Retry-After); a clip over --max-clip-seconds,
+-frames or -pixels is refused (413) from its header before decoding and again while decoding; a request past
+--time-limit seconds gets 408 (or 503 if it is still waiting for the model); a client that goes away has its
+decoding stopped and never reaches the model. Clips are decoded in a pool of --decode-workers threads, apart from
+the model, which one request uses at a time. Only requests for 127.0.0.1, localhost and --allowed-host names are
+answered (400 otherwise), and a POST from a page of another origin gets 403, so other sites open in the same
+browser cannot use the server. Every error is a 4xx/5xx status with a one-line JSON body {"error": "..."} naming
+no server path.
 """
 import argparse
 import asyncio
 import base64
+import math
 import re
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from captioner import Captioner, VideoError
-from extract_features import VIDEO_SUFFIXES
-from util.errors import command
+from extract_features import VIDEO_SUFFIXES, ClipLimits, ClipOverLimit, DecodingStopped
+from util.errors import DataError, command
 
 PAGE = Path(__file__).resolve().parent / "util" / "serve_page.html"
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BEAM = 20
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+DEFAULT_LIMITS = ClipLimits(seconds=60.0, frames=3000, pixels=3840 * 2160)
 
 
 class RequestError(Exception):
@@ -97,6 +114,64 @@ class UploadParts:
         if self.file:
             self.file.close()
             self.file = None
+
+
+def error_response(status, message, headers=None):
+    """The API's answer to anything that went wrong: one line of JSON."""
+    return JSONResponse({"error": " ".join(str(message).split())}, status, headers=headers)
+
+
+class TrustedHosts:
+    """Starlette's TrustedHostMiddleware deciding which Host headers are served, its refusal as the API's JSON: a
+    page that rebinds its own domain name to 127.0.0.1 still sends that name, and is refused."""
+
+    def __init__(self, app, allowed_hosts):
+        self.app, self.allowed_hosts = app, list(allowed_hosts)
+        self.check = TrustedHostMiddleware(self._allowed, self.allowed_hosts, www_redirect=False)
+
+    @staticmethod
+    async def _allowed(scope, receive, send):
+        scope["s2vt.host_allowed"] = True
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            async def discard(message):  # Starlette's plain-text refusal; ours follows
+                pass
+
+            await self.check(scope, receive, discard)
+            if not scope.pop("s2vt.host_allowed", False):
+                host = Headers(scope=scope).get("host", "")
+                return await error_response(400, f"host {host[:100]!r} is not served here (allowed: "
+                                                 f"{', '.join(self.allowed_hosts)}; see --allowed-host)")(
+                    scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class SameOriginPosts:
+    """403 for a request that changes something (POST, ...) sent by a page of another origin: a browser names the
+    page's origin in Origin; requests without one (curl, scripts) and the server's own page pass."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and origin != f"{scope['scheme']}://{headers.get('host')}":
+                return await error_response(403, f"cross-origin request from {origin[:100]!r} refused")(
+                    scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def http_error(request, error):
+    """Starlette's own errors (404 no such route, 405 wrong method, ...) as the API's JSON."""
+    return error_response(error.status_code, error.detail, getattr(error, "headers", None))
+
+
+async def server_error(request, error):
+    """An unexpected error: its type only (its message may hold server paths); the traceback goes to the log."""
+    return error_response(500, f"internal error ({type(error).__name__}); see the server's log")
 
 
 def check_file_name(name):
@@ -161,28 +236,49 @@ def decoding_options(query):
     return dict(beam_size=beam_size, n_best=n_best, length_penalty=length_penalty), query.get("plot") == "1"
 
 
-def create_app(captioner, max_upload_bytes):
-    """The Starlette app around one Captioner."""
+def checkpoint_label(source):
+    """The checkpoint as shown to clients: its run folder's name and the checkpoint's, no absolute path."""
+    return "/".join(Path(str(source)).parts[-3:])
+
+
+def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60.0, max_queue=8, decode_workers=2,
+               allowed_hosts=()):
+    """The Starlette app around one Captioner. A Captioner that cannot read clips is refused (DataError)."""
+    if captioner.feature_settings is None:
+        raise DataError(f"{checkpoint_label(captioner.source)}: the checkpoint records no feature extractor (its "
+                        f"features were not made by extract_features.py), so it cannot caption uploaded clips")
     model_lock = asyncio.Lock()
+    decoders = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
     jobs = {}  # job id -> {stage, done, total} while its request is in flight
+    admitted = {"count": 0}  # requests uploading, waiting or working
+    label = checkpoint_label(captioner.source)
 
     async def page(request):
         return HTMLResponse(PAGE.read_text())
 
     async def info(request):
-        return JSONResponse({"checkpoint": str(captioner.source), "frames": captioner.frames,
-                             "max_upload_bytes": max_upload_bytes, "max_beam_size": MAX_BEAM})
+        return JSONResponse({"checkpoint": label, "frames": captioner.frames, "max_upload_bytes": max_upload_bytes,
+                             "max_beam_size": MAX_BEAM, "max_clip_seconds": limits.seconds,
+                             "max_clip_frames": limits.frames, "max_clip_pixels": limits.pixels,
+                             "time_limit_s": time_limit, "max_queue": max_queue})
 
     async def progress(request):
         job = jobs.get(request.path_params["job"])
         if job is None:
-            return JSONResponse({"error": f"no request in flight with job id {request.path_params['job']!r}"}, 404)
+            return error_response(404, f"no request in flight with job id {request.path_params['job']!r}")
         return JSONResponse(job)
 
     async def caption(request):
+        if admitted["count"] >= max_queue:
+            return error_response(503, f"busy: {max_queue} requests are in flight; try again shortly",
+                                  {"Retry-After": str(max(1, math.ceil(time_limit / 4)))})
+        admitted["count"] += 1
         job_id, job = request.query_params.get("job"), {"stage": "uploading", "done": 0, "total": 0}
         folder = Path(tempfile.mkdtemp(prefix="s2vt-serve-"))
         started = time.perf_counter()
+        deadline = time.monotonic() + time_limit
+        gone = asyncio.Event()
+        watcher = None
         try:
             if job_id is not None:
                 if not _JOB.fullmatch(job_id):
@@ -191,22 +287,45 @@ def create_app(captioner, max_upload_bytes):
                     raise RequestError(409, f"job id {job_id!r} is already in flight")
                 jobs[job_id] = job
             decoding, plot = decoding_options(request.query_params)
-            path, name = await receive_upload(request, folder, max_upload_bytes)
+            try:
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + time_limit):
+                    path, name = await receive_upload(request, folder, max_upload_bytes)
+            except TimeoutError:
+                raise RequestError(408, f"the upload took longer than the time limit of {time_limit:g} s") from None
             uploaded = time.perf_counter()
-            job.update(stage="queued")
+            watcher = asyncio.create_task(watch_disconnect(request, gone))
+
+            def stop():  # asked by the decoding and captioning threads between frames and batches
+                return gone.is_set() or time.monotonic() > deadline
 
             def report(stage, done, total):
+                if stop():
+                    raise DecodingStopped("stopped")
                 job.update(stage=stage, done=done, total=total)
 
-            async with model_lock:
+            job.update(stage="decoding")
+            try:
+                clip = await asyncio.get_running_loop().run_in_executor(
+                    decoders, lambda: captioner.read_clip(path, limits, stop))
+            except VideoError as error:
+                raise RequestError(413 if isinstance(error, ClipOverLimit) else 422,
+                                   str(error).replace(str(path), name)) from None
+            decoded = time.perf_counter()
+            job.update(stage="queued")
+            try:
+                await asyncio.wait_for(model_lock.acquire(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                raise RequestError(503, f"busy: no turn at the model within the time limit of {time_limit:g} s") \
+                    from None
+            try:
+                if stop():  # the client left or the time is up while waiting: the next in line goes first
+                    raise DecodingStopped("stopped")
                 locked = time.perf_counter()
-                try:
-                    result = await run_in_threadpool(captioner.caption, path, attention=True, progress=report,
-                                                     **decoding)
-                except VideoError as error:
-                    raise RequestError(422, f"{name}: {str(error).removeprefix(f'{path}: ')}") from None
+                result = await run_in_threadpool(captioner.caption, clip, attention=True, progress=report, **decoding)
+            finally:
+                model_lock.release()
             captioned = time.perf_counter()
-            body = {"file": name, "checkpoint": str(captioner.source), "decoding": decoding, **result.to_dict(),
+            body = {"file": name, "checkpoint": label, "decoding": decoding, **result.to_dict(),
                     "frames": captioner.frames}
             if plot:
                 job.update(stage="plotting", done=0, total=0)
@@ -214,24 +333,40 @@ def create_app(captioner, max_upload_bytes):
                 await run_in_threadpool(result.plot_attention, png, f"{name}: {result.caption}")
                 body["attention_png"] = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
             finished = time.perf_counter()
-            body["timings"] = {"upload_s": round(uploaded - started, 3), "queued_s": round(locked - uploaded, 3),
-                               "caption_s": round(captioned - locked, 3), "plot_s": round(finished - captioned, 3),
-                               "total_s": round(finished - started, 3)}
+            body["timings"] = {"upload_s": round(uploaded - started, 3), "decode_s": round(decoded - uploaded, 3),
+                               "queued_s": round(locked - decoded, 3), "caption_s": round(captioned - locked, 3),
+                               "plot_s": round(finished - captioned, 3), "total_s": round(finished - started, 3)}
             return JSONResponse(body)
+        except DecodingStopped:
+            if gone.is_set():  # nobody reads this answer
+                return error_response(499, "the client went away")
+            return error_response(408, f"the request took longer than the time limit of {time_limit:g} s")
         except RequestError as error:
-            return JSONResponse({"error": str(error)}, error.status)
+            return error_response(error.status, error)
         except Exception as error:  # the server goes on serving; the traceback goes to its log
             traceback.print_exc()
-            return JSONResponse({"error": f"internal error: {type(error).__name__}: "
-                                          f"{(str(error).splitlines() or [''])[0]}"}, 500)
+            return await server_error(request, error)
         finally:
+            admitted["count"] -= 1
+            if watcher is not None:
+                watcher.cancel()
             if jobs.get(job_id) is job:
                 del jobs[job_id]
             shutil.rmtree(folder, ignore_errors=True)
 
+    middleware = [Middleware(TrustedHosts, allowed_hosts=[*LOCAL_HOSTS, *allowed_hosts]),
+                  Middleware(SameOriginPosts)]
     return Starlette(routes=[Route("/", page), Route("/api/info", info),
                              Route("/api/caption", caption, methods=["POST"]),
-                             Route("/api/progress/{job}", progress)])
+                             Route("/api/progress/{job}", progress)],
+                     middleware=middleware, exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+async def watch_disconnect(request, gone, every=0.2):
+    """Set `gone` once the client has closed its connection (after its upload was read)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    gone.set()
 
 
 @command
@@ -242,16 +377,33 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-upload-mb", type=float, default=200, help="larger uploads are refused (413)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests for this host name (repeatable; 127.0.0.1 and localhost always)")
+    parser.add_argument("--max-clip-seconds", type=float, default=DEFAULT_LIMITS.seconds,
+                        help="longer clips are refused (413)")
+    parser.add_argument("--max-clip-frames", type=int, default=DEFAULT_LIMITS.frames,
+                        help="clips with more frames are refused (413)")
+    parser.add_argument("--max-clip-pixels", type=int, default=DEFAULT_LIMITS.pixels,
+                        help="clips with larger frames (width * height) are refused (413); default 4K")
+    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds a request may take (408)")
+    parser.add_argument("--max-queue", type=int, default=8,
+                        help="requests uploading, waiting or working at once; more get 503 with Retry-After")
+    parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding clips")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    if args.max_upload_mb <= 0:
-        parser.error("--max-upload-mb must be positive")
+    for flag in ("max_upload_mb", "max_clip_seconds", "max_clip_frames", "max_clip_pixels", "time_limit",
+                 "max_queue", "decode_workers"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
     import uvicorn
 
     captioner = Captioner.load(args.checkpoint)
+    limits = ClipLimits(args.max_clip_seconds, args.max_clip_frames, args.max_clip_pixels)
+    app = create_app(captioner, int(args.max_upload_mb * 1e6), limits, args.time_limit, args.max_queue,
+                     args.decode_workers, args.allowed_host)
     print(f"captioning with {captioner.source}: open http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(captioner, int(args.max_upload_mb * 1e6)), host=args.host, port=args.port,
-                log_level="info")
+    # uvicorn's own cap on open requests (GETs included) backs up --max-queue's
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=4 * args.max_queue + 16)
     return 0
 
 

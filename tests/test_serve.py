@@ -5,6 +5,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from captioner import Captioner
 from conftest import ROOT
 
 LIMIT_MB = 2  # over the largest real clip (1.25 MB)
+MAX_FRAMES, MAX_PIXELS = 600, 640 * 480  # over the real test clips (360 frames, 640x480 at most)
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
@@ -94,16 +97,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(video_run, tmp_path_factory):
-    """serve.py in a child process, started from an unrelated folder, its temporary files in a folder of its own."""
-    root = tmp_path_factory.mktemp("serve")
+def start_server(video_run, root, *flags):
+    """serve.py in a child process, started from an unrelated folder, its temporary files in a folder of its own:
+    yields the Server once it answers."""
     tmp = root / "tmp"
     tmp.mkdir()
     port = free_port()
     log = open(root / "serve.log", "w+")
     process = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(video_run),
-                                "--port", str(port), "--max-upload-mb", str(LIMIT_MB)],
+                                "--port", str(port), *flags],
                                cwd=root, env=dict(os.environ, TMPDIR=str(tmp)), stdout=log, stderr=subprocess.STDOUT)
     server = Server(port, tmp, process, log)
     deadline = time.monotonic() + 120
@@ -123,6 +125,12 @@ def server(video_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(video_run, tmp_path_factory):
+    yield from start_server(video_run, tmp_path_factory.mktemp("serve"), "--max-upload-mb", str(LIMIT_MB),
+                            "--max-clip-frames", str(MAX_FRAMES), "--max-clip-pixels", str(MAX_PIXELS))
+
+
+@pytest.fixture(scope="module")
 def real_clip(video_run):
     clips = sorted((ROOT.parent / "shared" / "data" / "mlds_hw2_1" / "testing_data" / "video").glob("*.avi"))
     if not clips:
@@ -130,11 +138,12 @@ def real_clip(video_run):
     return clips[0]
 
 
-def test_info_names_the_checkpoint_and_the_limit(server, video_run):
+def test_info_names_the_checkpoint_and_the_limits_but_no_path(server, video_run):
     status, body = server.get("/api/info")
     info = json.loads(body)
-    assert status == 200 and info["checkpoint"].startswith(str(video_run)) and info["frames"] == 6
-    assert info["max_upload_bytes"] == LIMIT_MB * 1_000_000
+    assert status == 200 and info["checkpoint"].startswith("run/best/") and info["frames"] == 6
+    assert str(video_run.parent) not in body.decode() and not info["checkpoint"].startswith("/")
+    assert info["max_upload_bytes"] == LIMIT_MB * 1_000_000 and info["max_clip_frames"] == MAX_FRAMES
 
 
 def test_caption_real_clips(server, video_run, mlds):
@@ -152,7 +161,8 @@ def test_caption_real_clips(server, video_run, mlds):
         assert body["decoding"] == {"beam_size": 3, "n_best": 2, "length_penalty": 0.0}
         png = body["attention_png"].removeprefix("data:image/png;base64,")
         assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
-        assert set(body["timings"]) == {"upload_s", "queued_s", "caption_s", "plot_s", "total_s"}
+        assert set(body["timings"]) == {"upload_s", "decode_s", "queued_s", "caption_s", "plot_s", "total_s"}
+        assert body["checkpoint"].startswith("run/best/")
     assert not server.temp_entries()
 
 
@@ -303,3 +313,106 @@ def test_page_in_headless_chromium(server, video_run, real_clip, tmp_path):
     finally:
         driver.quit()
     no_temp_files_left(server)
+
+
+def one_json_error(body):
+    """The error of a one-line JSON body {"error": ...}."""
+    assert b"\n" not in body.strip(), body
+    message = json.loads(body)
+    assert list(message) == ["error"], message
+    return message["error"]
+
+
+def request(server, method, path, headers, body=b""):
+    connection = server.connection()
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def test_other_host_names_are_refused(server, real_clip):
+    """A page that rebinds its own domain to 127.0.0.1 still sends its name in Host."""
+    for method, path, body, content_type in (("GET", "/api/info", b"", "text/plain"),
+                                             ("POST", "/api/caption", *multipart(real_clip.name, real_clip.read_bytes()))):
+        status, reply = request(server, method, path, {"Host": "evil.example", "Content-Type": content_type}, body)
+        assert status == 400 and "'evil.example' is not served here" in one_json_error(reply)
+    assert request(server, "GET", "/api/info", {"Host": f"localhost:{server.port}"})[0] == 200
+
+
+def test_cross_origin_post_is_refused_and_same_origin_served(server, real_clip):
+    body, content_type = multipart(real_clip.name, real_clip.read_bytes())
+    status, reply = request(server, "POST", "/api/caption",
+                            {"Origin": "https://attacker.example", "Content-Type": content_type}, body)
+    assert status == 403 and "cross-origin" in one_json_error(reply)
+    status, reply = request(server, "POST", "/api/caption",
+                            {"Origin": f"http://127.0.0.1:{server.port}", "Content-Type": content_type}, body)
+    assert status == 200 and json.loads(reply)["caption"]
+    no_temp_files_left(server)
+
+
+def test_unknown_route_and_wrong_method_are_json(server):
+    status, reply = server.get("/no/such/page")
+    assert status == 404 and one_json_error(reply) == "Not Found"
+    status, reply = server.get("/api/caption")
+    assert status == 405 and one_json_error(reply) == "Method Not Allowed"
+
+
+def write_clip(path, frames, width, height, fps=25.0):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    for i in range(frames):
+        writer.write(np.full((height, width, 3), i % 256, np.uint8))
+    writer.release()
+    return path
+
+
+@pytest.mark.parametrize("frames, size, refusal", [(MAX_FRAMES + 5, (16, 16), f"more than {MAX_FRAMES} frames"),
+                                                   (2, (700, 480), f"over the limit of {MAX_PIXELS} pixels")])
+def test_clip_over_a_limit_is_refused_from_its_header(server, real_clip, tmp_path, frames, size, refusal):
+    clip = write_clip(tmp_path / "big.avi", frames, *size)
+    status, reply = server.caption("big.avi", clip.read_bytes())
+    error = one_json_error(reply)
+    assert status == 413 and error.startswith("big.avi: ") and refusal in error
+    assert str(server.tmp) not in reply.decode()
+    no_temp_files_left(server)
+
+
+@pytest.fixture(scope="module")
+def strict_server(video_run, tmp_path_factory):
+    """serve.py with a queue of one and a 3-second time limit."""
+    yield from start_server(video_run, tmp_path_factory.mktemp("strict"), "--max-queue", "1", "--time-limit", "3")
+
+
+def test_full_queue_gets_503_and_a_stalled_upload_408(strict_server, real_clip):
+    body, content_type = multipart(real_clip.name, real_clip.read_bytes())
+    head = (f"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=30) as stalled:
+        stalled.sendall(head + body[:1000])  # and no more: it holds the only place in the queue
+        deadline = time.monotonic() + 10
+        while not strict_server.temp_entries() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        connection = strict_server.connection()
+        connection.request("POST", "/api/caption", body=body, headers={"Content-Type": content_type})
+        busy = connection.getresponse()
+        assert busy.status == 503 and int(busy.getheader("Retry-After")) >= 1
+        assert "busy" in one_json_error(busy.read())
+        reply = b""
+        while b"}" not in reply:
+            reply += stalled.recv(65536)
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and "time limit of 3 s" in one_json_error(answer)
+    no_temp_files_left(strict_server, wait=5)
+    still_serves(strict_server, real_clip)
+
+
+def test_checkpoint_that_cannot_read_clips_is_refused_at_start(video_run, tmp_path, capsys):
+    import serve
+
+    run = tmp_path / "run"
+    shutil.copytree(video_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["features"] = None
+    (run / "config.json").write_text(json.dumps(config))
+    assert serve.main(["--checkpoint", str(run), "--port", str(free_port())]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "records no feature extractor" in error and str(tmp_path) not in error

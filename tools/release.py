@@ -2,6 +2,7 @@
 
     python -m tools.release export RUN_DIR OUT.tar.gz [--which best|last]
     python -m tools.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
+                                     [--insecure-no-hash] [--max-download-mb 2000] [--max-unpacked-mb 4000] [--timeout 30]
 
 A bundle holds, at its top level:
 
@@ -15,16 +16,21 @@ A bundle holds, at its top level:
 
 so the extracted folder is a run folder for model.load_model, on any backend. The registry
 (releases.json) is a JSON list of {name, url, sha256, size, trained_on, metrics, created}; a url without a scheme
-is a file beside the registry (a release shipped in the repository). A download is checked against its sha256, unpacked
-member by member (plain files and folders only, nothing outside), checked against MANIFEST.json and restored into
-the model once, in a hidden folder beside the target, and only then renamed to DIR/<name>: a reader never sees a
-half-unpacked release. DIR/<name>/SOURCE.json records where it came from; a second fetch of it makes no request.
+is a file beside the registry (a release shipped in the repository). A URL needs its sha256 (--sha256, or the URL
+ending in #sha256=HEX; --insecure-no-hash installs it unverified). A download has a connect and read timeout and a
+size cap, counted as it arrives whatever the server announces; it is checked against its sha256, unpacked member by
+member (plain files and folders only, nothing outside, their sizes checked against a cap before any is written),
+checked against MANIFEST.json and restored into the model once, in a hidden folder DIR/.<name>.*.partial, and only
+then renamed to DIR/<name>: a reader never sees a half-unpacked release. A partial folder left by a killed fetch is
+removed by the next fetch into DIR (one still being written is locked, and kept). DIR/<name>/SOURCE.json records
+where it came from; a second fetch of it makes no request.
 """
 import argparse
-import contextlib
 import csv
+import fcntl
 import gzip
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -34,14 +40,16 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import warnings
 import zlib
 from pathlib import Path, PurePosixPath
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
+from tqdm import tqdm
 
 from model import load_model
 from util.atomic import atomic_path
@@ -57,6 +65,13 @@ SOURCE_FILE = "SOURCE.json"
 URL_SCHEMES = ("http", "https", "file")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_DOWNLOAD_BYTES = 2_000_000_000
+MAX_UNPACKED_BYTES = 4_000_000_000
+MAX_MEMBERS = 10_000  # files and folders in a release; a real one holds under 10
+TIMEOUT_S = 30.0  # to connect, and for each read
+CHUNK = 1 << 20
+LOCK_FILE = ".lock"  # held (flock) by the process unpacking into a partial folder
+UNLOCKED_AGE_S = 600  # a partial folder with no lock file yet is left alone this long after it was made
 
 
 def sha256_of(path):
@@ -173,14 +188,24 @@ def _check_sha256(digest, where):
 
 # ---- download ----
 
-def fetch_release(spec, directory=None, sha256=None, registry=None):
-    """The run folder DIR/<name> of a release given by registry name or URL, downloaded and checked if not there yet."""
+def fetch_release(spec, directory=None, sha256=None, registry=None, insecure_no_hash=False,
+                  max_download_bytes=MAX_DOWNLOAD_BYTES, max_unpacked_bytes=MAX_UNPACKED_BYTES, timeout=TIMEOUT_S):
+    """The run folder DIR/<name> of a release given by registry name or URL, downloaded and checked if not there yet.
+    A URL without a sha256 (sha256=, or #sha256=HEX on the URL) is refused unless insecure_no_hash."""
     directory = Path(directory) if directory else DEFAULT_ROOT
     sha256 = _check_sha256(sha256.lower(), "--sha256") if sha256 else None
     if urllib.parse.urlsplit(spec).scheme in URL_SCHEMES:
-        url = spec
+        url, fragment = urllib.parse.urldefrag(spec)
+        if fragment.startswith("sha256="):
+            pinned = _check_sha256(fragment.removeprefix("sha256=").lower(), f"{spec}: #sha256=")
+            if sha256 and sha256 != pinned:
+                raise DataError(f"{spec}: --sha256 {sha256} differs from the URL's #sha256={pinned}")
+            sha256 = pinned
         name = _check_name(PurePosixPath(urllib.parse.urlsplit(url).path).name.removesuffix(".tar.gz")
                            .removesuffix(".tgz"), url)
+        if sha256 is None and not insecure_no_hash:
+            raise DataError(f"{url}: no sha256 given, so the download could not be checked; pass --sha256 HEX (or end "
+                            f"the URL with #sha256=HEX), or --insecure-no-hash to install it unverified")
     else:
         registry_path = Path(registry) if registry else DEFAULT_REGISTRY
         # a missing default registry just means no names; a registry asked for must exist
@@ -197,29 +222,51 @@ def fetch_release(spec, directory=None, sha256=None, registry=None):
     if target.exists():
         return _already_fetched(target, url, sha256)
     directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(directory)
     # download and unpack in a hidden folder beside the target, so the final rename is atomic
     work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=directory))
     try:
-        archive = _download(url, sha256, work)
-        digest = sha256_of(archive)
-        run_dir = _unpack(archive, work / "run", url)
-        _verify_bundle(run_dir, url)
-        (run_dir / SOURCE_FILE).write_text(json.dumps({"name": name, "url": url, "sha256": digest,
-                                                       "sha256_given": sha256 is not None,
-                                                       "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                                      indent=1))
-        try:
-            run_dir.rename(target)
-        except OSError:
-            if not target.exists():
-                raise
-            return _already_fetched(target, url, sha256)  # another process fetched it meanwhile
+        with open(work / LOCK_FILE, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # remove_stale_partials in other processes keeps out while it is held
+            archive, digest = _download(url, sha256, work, max_download_bytes, timeout)
+            run_dir = _unpack(archive, work / "run", url, max_unpacked_bytes)
+            _verify_bundle(run_dir, url)
+            (run_dir / SOURCE_FILE).write_text(json.dumps({"name": name, "url": url, "sha256": digest,
+                                                           "sha256_given": sha256 is not None,
+                                                           "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                    time.gmtime())}, indent=1))
+            try:
+                run_dir.rename(target)
+            except OSError:
+                if not target.exists():
+                    raise
+                return _already_fetched(target, url, sha256)  # another process fetched it meanwhile
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if sha256 is None:
-        warnings.warn(f"{url}: no sha256 given, so the download was not verified; its sha256 is {digest} "
+        warnings.warn(f"{url}: --insecure-no-hash: the download was not verified; its sha256 is {digest} "
                       f"(recorded in {target / SOURCE_FILE}; pass --sha256 {digest} next time)", stacklevel=2)
     return target
+
+
+def remove_stale_partials(directory):
+    """Remove the DIR/.<name>.*.partial folders of fetches that were killed: those whose lock file no process
+    holds, and those never locked and older than UNLOCKED_AGE_S (a fetch just starting has not locked yet)."""
+    for folder in Path(directory).glob(".*.partial"):
+        try:
+            with open(folder / LOCK_FILE, "r") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(folder, ignore_errors=True)  # while locked, so no one else takes it meanwhile
+        except BlockingIOError:
+            continue  # a live fetch
+        except FileNotFoundError:
+            try:
+                if time.time() - folder.stat().st_mtime > UNLOCKED_AGE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        except OSError:
+            continue
 
 
 def checkpoint_location(spec):
@@ -243,36 +290,64 @@ def _already_fetched(target, url, sha256):
     return target
 
 
-def _download(url, sha256, folder):
-    """Download url into folder with keras.utils.get_file, checking its sha256 when one is given."""
-    fname = "release.tar.gz"
+def _download(url, sha256, folder, max_bytes, timeout):
+    """Stream url into folder/release.tar.gz with a connect and read timeout, refusing it past max_bytes (announced
+    or counted) and, when a sha256 is given, unless it matches: (path, its sha256)."""
+    path = folder / "release.tar.gz"
+    digest, received = hashlib.sha256(), 0
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # get_file's progress bar; stdout may carry captions
-            return Path(keras.utils.get_file(fname, origin=url, file_hash=sha256, hash_algorithm="sha256",
-                                             cache_dir=str(folder.parent), cache_subdir=str(folder)))
-    except ValueError as error:
-        if not (folder / fname).is_file():
-            raise DataError(f"{url}: download failed ({error})") from None
-        # get_file's hash mismatch leaves the file; it is deleted with `folder`
-        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {sha256_of(folder / fname)}); "
-                        f"the download was refused and deleted") from None
-    except Exception as error:  # get_file turns HTTP and network errors into plain Exceptions
-        raise DataError(f"{url}: download failed ({str(error).splitlines()[0]})") from None
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
+            announced = response.headers.get("Content-Length")
+            announced = int(announced) if announced and announced.isdigit() else None
+            if announced is not None and announced > max_bytes:
+                raise DataError(f"{url}: refused: the server announces {announced} bytes, over the limit of "
+                                f"{max_bytes} (--max-download-mb)")
+            with tqdm(total=announced, unit="B", unit_scale=True, desc="downloading", leave=False,
+                      file=sys.stderr) as progress:  # stdout may carry captions
+                while chunk := response.read(CHUNK):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise DataError(f"{url}: refused: over the limit of {max_bytes} bytes (--max-download-mb)")
+                    out.write(chunk)
+                    digest.update(chunk)
+                    progress.update(len(chunk))
+    except urllib.error.HTTPError as error:
+        raise DataError(f"{url}: download failed (HTTP {error.code} {error.reason})") from None
+    except urllib.error.URLError as error:
+        raise DataError(f"{url}: download failed ({error.reason})") from None
+    except TimeoutError:
+        raise DataError(f"{url}: download failed (no answer within {timeout:g} s)") from None
+    except http.client.IncompleteRead as error:
+        raise DataError(f"{url}: download cut off after {received + len(error.partial)} of "
+                        f"{received + len(error.partial) + (error.expected or 0)} bytes") from None
+    except (OSError, http.client.HTTPException) as error:
+        raise DataError(f"{url}: download failed ({type(error).__name__}: {error})") from None
+    if sha256 and digest.hexdigest() != sha256:
+        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
+                        f"the download was refused and deleted")
+    return path, digest.hexdigest()
 
 
-def _unpack(archive, out_dir, url):
-    """Extract plain files and folders only, each checked to stay inside out_dir before it is written."""
+def _unpack(archive, out_dir, url, max_bytes=MAX_UNPACKED_BYTES):
+    """Extract plain files and folders only, each checked to stay inside out_dir and within max_bytes in all
+    before it is written."""
     out_dir.mkdir()
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(out_dir, members=_safe_members(tar, url), filter="data")
+            tar.extractall(out_dir, members=_safe_members(tar, url, max_bytes), filter="data")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{url}: not a complete .tar.gz archive, truncated or corrupt ({error})") from None
     return out_dir
 
 
-def _safe_members(tar, url):
-    for member in tar:
+def _safe_members(tar, url, max_bytes):
+    total = 0
+    for count, member in enumerate(tar, 1):
+        total += member.size
+        if total > max_bytes:
+            raise DataError(f"{url}: refused: unpacks to more than {max_bytes} bytes (--max-unpacked-mb)")
+        if count > MAX_MEMBERS:
+            raise DataError(f"{url}: refused: more than {MAX_MEMBERS} files in the archive")
         path = PurePosixPath(member.name)
         if path.is_absolute() or ".." in path.parts:
             raise DataError(f"{url}: refused: archive member {member.name!r} points outside the release folder")
@@ -320,6 +395,14 @@ def main(argv=None):
     download.add_argument("--sha256", help="expected sha256 of the archive (a registry name brings its own)")
     download.add_argument("--dir", default=str(DEFAULT_ROOT), help="where DIR/<name> goes (default checkpoints/)")
     download.add_argument("--registry", help="releases.json to resolve names in (default checkpoints/releases.json)")
+    download.add_argument("--insecure-no-hash", action="store_true",
+                          help="install a URL given without --sha256, unverified (its sha256 is printed)")
+    download.add_argument("--max-download-mb", type=float, default=MAX_DOWNLOAD_BYTES / 1e6,
+                          help="larger downloads are refused")
+    download.add_argument("--max-unpacked-mb", type=float, default=MAX_UNPACKED_BYTES / 1e6,
+                          help="archives unpacking to more are refused")
+    download.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                          help="seconds to wait to connect, and for each read")
     for command in (export, download):
         command.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
@@ -331,7 +414,8 @@ def main(argv=None):
                 print(f"wrote {args.out}\nsha256 {digest}\nsize {size}\n"
                       f"registry entry (fill in url):\n{json.dumps(entry, indent=1)}")
             else:
-                print(fetch_release(args.spec, args.dir, args.sha256, args.registry))
+                print(fetch_release(args.spec, args.dir, args.sha256, args.registry, args.insecure_no_hash,
+                                    int(args.max_download_mb * 1e6), int(args.max_unpacked_mb * 1e6), args.timeout))
         finally:  # also when a DataError ends the command: its line follows these
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)

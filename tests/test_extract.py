@@ -1,6 +1,7 @@
 """extract_features.py on real H.264 clips, lying headers, short clips, shards, kills, broken files; infer --video."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -337,3 +338,49 @@ def test_a_run_on_random_features_of_an_older_s2vt_refuses_raw_video(tiny_video_
     assert infer.main([str(root / "testing_id.txt"), str(tmp_path / "out.txt"), "--checkpoint", str(run),
                        "--feat-dir", str(root / "testing_data" / "feat")]) == 0
     assert len((tmp_path / "out.txt").read_text().splitlines()) == 8
+
+
+def with_header_frame_count(path, count):
+    """Rewrite an MJPG AVI's frame count in its headers (avih.dwTotalFrames, strh.dwLength) to `count`."""
+    data = bytearray(path.read_bytes())
+    avih, strh = data.index(b"avih"), data.index(b"strh")
+    data[avih + 24:avih + 28] = count.to_bytes(4, "little")
+    data[strh + 40:strh + 44] = count.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("limits, refusal", [
+    (extract_features.ClipLimits(frames=10), "more than 10 frames (the limit)"),
+    (extract_features.ClipLimits(seconds=1.5), "longer than 1.5 s (the limit)"),  # 20 frames at 10 fps
+    (extract_features.ClipLimits(pixels=48 * 40 - 1), "48x40 frames are over the limit of 1919 pixels"),
+])
+def test_a_clip_over_a_limit_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch, limits, refusal):
+    path = tmp_path / "clip.avi"
+    write_clip(path, range(0, 200, 10))
+    assert extract_features.read_frames(path, 5, 16, extract_features.ClipLimits(seconds=2, frames=20,
+                                                                                 pixels=48 * 40)).shape[0] == 5
+    monkeypatch.setattr(extract_features, "_decode_frames", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(extract_features.ClipOverLimit, match=f"^{path}: {re.escape(refusal)}$"):
+        extract_features.read_clip(path, extract_features.FeatureSettings(frames=5, image_size=16), limits)
+
+
+def test_a_header_that_under_counts_is_caught_while_decoding(tmp_path):
+    path = tmp_path / "liar.avi"
+    write_clip(path, range(0, 200, 10))
+    with_header_frame_count(path, 5)
+    capture = cv2.VideoCapture(str(path))
+    assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 5  # the header says 5 frames; there are 20
+    capture.release()
+    with pytest.raises(extract_features.ClipOverLimit, match="more than 10 frames"):
+        extract_features.read_frames(path, 5, 16, extract_features.ClipLimits(frames=10))
+    assert extract_features.read_frames(path, 5, 16).shape == (5, 16, 16, 3)  # no limits: read as before
+
+
+def test_stop_ends_decoding(tmp_path):
+    path = tmp_path / "clip.avi"
+    write_clip(path, range(0, 200, 10))
+    asked = []
+    with pytest.raises(extract_features.DecodingStopped):
+        extract_features.read_frames(path, 5, 16, stop=lambda: asked.append(1) or len(asked) > 3)
+    assert len(asked) == 4  # asked between frames; the fourth answer stopped it

@@ -1,9 +1,12 @@
 """tools.release: export a tiny trained run, serve it from a local HTTP server, fetch it back (or refuse it)."""
+import fcntl
 import hashlib
 import io
 import json
+import os
 import tarfile
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -15,7 +18,8 @@ import infer
 import train
 from conftest import write_tiny_mlds
 from model import S2VT, ModelConfig
-from tools.release import checkpoint_location, export_release, fetch_release, main, sha256_of
+from tools.release import checkpoint_location, export_release, fetch_release, main, remove_stale_partials, \
+    sha256_of
 from util.checkpoints import latest_checkpoint, resolve_checkpoint
 from util.errors import DataError
 
@@ -27,13 +31,16 @@ class Server:
     """A local HTTP server on 127.0.0.1 serving bytes by path, counting the requests for each path."""
 
     def __init__(self):
-        self.files, self.short = {}, set()
+        self.files, self.short, self.custom = {}, set(), {}
         self.requests = Counter()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests[self.path] += 1
+                if self.path in server.custom:  # a misbehaving server: custom(handler) writes the answer
+                    server.custom[self.path](self)
+                    return
                 if self.path not in server.files:
                     self.send_error(404)
                     return
@@ -49,6 +56,10 @@ class Server:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def serve_custom(self, path, answer):
+        self.custom[path] = answer
+        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
 
     def serve(self, path, data, short=False):
         self.files[path] = data
@@ -195,7 +206,7 @@ def test_wrong_sha256_is_refused_and_deleted(release, server, tmp_path, capsys):
 @pytest.mark.parametrize("served, with_hash, message", [
     ("cut", True, "sha256 mismatch"),
     ("cut", False, "truncated or corrupt"),
-    ("dropped", False, "retrieval incomplete"),
+    ("dropped", False, "download cut off after"),
     ("garbage", False, "truncated or corrupt"),
 ])
 def test_truncated_or_corrupt_download_is_refused(release, server, tmp_path, served, with_hash, message):
@@ -203,13 +214,13 @@ def test_truncated_or_corrupt_download_is_refused(release, server, tmp_path, ser
     body = {"cut": data[:len(data) // 2], "dropped": data, "garbage": b"not an archive" * 100}[served]
     url = server.serve(f"/{served}/{with_hash}/tiny.tar.gz", body, short=served == "dropped")
     with pytest.raises(DataError, match=message):
-        fetch_release(url, tmp_path, release.sha256 if with_hash else None)
+        fetch_release(url, tmp_path, release.sha256 if with_hash else None, insecure_no_hash=not with_hash)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_404_is_refused(server, tmp_path, capsys):
     url = server.serve("/present.tar.gz", b"")
-    assert main(["download", url.replace("present", "missing"), "--dir", str(tmp_path)]) == 2
+    assert main(["download", url.replace("present", "missing"), "--dir", str(tmp_path), "--insecure-no-hash"]) == 2
     err = the_error(capsys)
     assert "404" in err and "download failed" in err
     assert list(tmp_path.iterdir()) == []
@@ -263,11 +274,15 @@ def test_bundle_whose_vocab_does_not_fit_its_weights_is_refused(release, server,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_url_without_hash_warns_and_records_it(release, server, tmp_path, capsys):
+def test_url_without_hash_is_refused_unless_insecure_no_hash(release, server, tmp_path, capsys):
     url = server.serve("/nohash/tiny-nohash.tgz", release.bundle.read_bytes())
-    assert main(["download", url, "--dir", str(tmp_path)]) == 0
+    assert main(["download", url, "--dir", str(tmp_path)]) == 2
+    assert "no sha256 given" in the_error(capsys) and server.requests["/nohash/tiny-nohash.tgz"] == 0
+    assert list(tmp_path.iterdir()) == []
+    assert fetch_release(f"{url}#sha256={release.sha256}", tmp_path / "pinned") == tmp_path / "pinned" / "tiny-nohash"
+    assert main(["download", url, "--dir", str(tmp_path), "--insecure-no-hash"]) == 0
     err = capsys.readouterr().err
-    assert "warning:" in err and "no sha256 given" in err and f"--sha256 {release.sha256}" in err
+    assert "warning:" in err and "not verified" in err and f"--sha256 {release.sha256}" in err
     source = json.loads((tmp_path / "tiny-nohash" / "SOURCE.json").read_text())
     assert source["url"] == url and source["sha256"] == release.sha256 and source["sha256_given"] is False
 
@@ -301,3 +316,84 @@ def test_registry_url_without_scheme_is_the_file_beside_the_registry(release, tm
     err = the_error(capsys)
     assert "sha256 mismatch" in err and (shipped / "bundles" / "spoiled.tar.gz").as_uri() in err
     assert sorted(p.name for p in target.iterdir()) == ["tiny-local"]
+
+
+def stall(handler):
+    """Accept the request and answer nothing."""
+    time.sleep(3)
+
+
+def announce_too_much(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(10 ** 12))
+    handler.end_headers()
+
+
+def stream_without_length(handler):
+    """No Content-Length: the body ends when the connection closes; it goes on past any cap."""
+    handler.send_response(200)
+    handler.end_headers()
+    handler.close_connection = True
+    try:
+        for _ in range(30):
+            handler.wfile.write(b"x" * 100_000)
+    except OSError:
+        pass
+
+
+def announce_little_send_much(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    try:
+        handler.wfile.write(b"x" * 2_000_000)
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("answer, limits, refusal", [
+    (stall, dict(timeout=0.5), "no answer within 0.5 s"),
+    (announce_too_much, {}, f"announces {10 ** 12} bytes, over the limit of 1000000"),
+    (stream_without_length, {}, "over the limit of 1000000 bytes"),
+    (announce_little_send_much, {}, "truncated or corrupt"),  # only the 1000 bytes announced are read
+])
+def test_misbehaving_server_is_refused_in_bounded_time(server, tmp_path, answer, limits, refusal):
+    url = server.serve_custom(f"/misbehaving/{answer.__name__}/x.tar.gz", answer)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=refusal):
+        fetch_release(url, tmp_path, insecure_no_hash=True, max_download_bytes=1_000_000, **limits)
+    assert time.monotonic() - started < 2.5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gzip_bomb_is_refused_before_unpacking(server, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        member = tarfile.TarInfo("best/zeros.bin")
+        member.size = 50_000_000
+        tar.addfile(member, io.BytesIO(bytes(member.size)))
+    bomb = buffer.getvalue()
+    assert len(bomb) < 100_000
+    url = server.serve("/bomb/x.tar.gz", bomb)
+    with pytest.raises(DataError, match="unpacks to more than 10000000 bytes"):
+        fetch_release(url, tmp_path, hashlib.sha256(bomb).hexdigest(), max_unpacked_bytes=10_000_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_partial_folders_of_killed_fetches_are_removed_and_live_ones_kept(release, server, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    killed, live, starting = (checkpoints / f".tiny.{tag}.partial" for tag in ("killed", "live", "starting"))
+    for folder in (killed, live, starting):
+        (folder / "run").mkdir(parents=True)
+    (killed / ".lock").touch()  # its process died, and with it the lock
+    (live / ".lock").touch()
+    with open(live / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a fetch still running holds it
+        url = server.serve("/partials/tiny.tar.gz", release.bundle.read_bytes())
+        assert fetch_release(url, checkpoints, release.sha256) == checkpoints / "tiny"
+        assert sorted(p.name for p in checkpoints.iterdir()) == sorted([live.name, starting.name, "tiny"])
+        os.utime(starting, (time.time() - 3600,) * 2)  # made an hour ago and never locked: left by a kill
+        remove_stale_partials(checkpoints)
+        assert sorted(p.name for p in checkpoints.iterdir()) == sorted([live.name, "tiny"])
+    remove_stale_partials(checkpoints)  # its fetch has ended without removing it: now it is stale
+    assert [p.name for p in checkpoints.iterdir()] == ["tiny"]

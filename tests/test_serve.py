@@ -402,7 +402,9 @@ def test_full_queue_gets_503_and_a_stalled_upload_408(strict_server, real_clip):
     head, _, answer = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408") and "time limit of 3 s" in one_json_error(answer)
     no_temp_files_left(strict_server, wait=5)
-    still_serves(strict_server, real_clip)
+    # the place in the queue is free again (a first caption, compiling the model, may not fit in 3 s)
+    status, reply = strict_server.caption("notes.avi", b"not a video\n" * 100)
+    assert status == 422 and "not a video" in one_json_error(reply)
 
 
 def test_checkpoint_that_cannot_read_clips_is_refused_at_start(video_run, tmp_path, capsys):
@@ -416,3 +418,30 @@ def test_checkpoint_that_cannot_read_clips_is_refused_at_start(video_run, tmp_pa
     assert serve.main(["--checkpoint", str(run), "--port", str(free_port())]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "records no feature extractor" in error and str(tmp_path) not in error
+
+
+def test_short_load_of_valid_and_hostile_requests(server, real_clip):
+    """tools.loadtest's run, small: 3 clients for 4 s; every answer the one its kind expects, nothing left in the
+    temporary folder, RSS steady and the server still captioning."""
+    from tools.loadtest import run_load
+
+    clips = sorted(real_clip.parent.glob("*.avi"))[:3]
+    figures, failed = run_load(server.port, server.process.pid, server.tmp, clips, clients=3, seconds=4, warmup=3)
+    assert not failed, (failed, figures)
+    assert figures["valid_ok"] >= 3 and figures["unexpected"] == 0 and figures["still_captions"]
+    hostile = {key.split()[0] for key in figures["by_kind_and_status"]} - {"valid"}
+    assert hostile == {"oversized", "overlong", "cut-short", "not-video", "wrong-host"}
+
+
+def test_decoder_cache_keeps_the_most_recently_used(video_run):
+    """A client choosing a new length_penalty each time compiles a decoder each time, but only DECODER_CACHE stay."""
+    import captioner as captioner_module
+
+    captioner = Captioner.load(video_run)
+    features = np.random.default_rng(0).normal(size=(captioner.frames, captioner.feature_dim)).astype(np.float32)
+    first = captioner.caption_features(features, beam_size=2, length_penalty=0.0)
+    for penalty in (0.5, 1.0, 1.5, 0.0, 2.0):  # 0.0 used again: kept, the oldest other goes
+        captioner.caption_features(features, beam_size=2, length_penalty=penalty)
+    assert captioner_module.DECODER_CACHE == 4
+    assert [key[1] for key in captioner._decoders] == [1.0, 1.5, 0.0, 2.0]
+    assert captioner.caption_features(features, beam_size=2, length_penalty=0.0) == first

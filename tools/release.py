@@ -311,6 +311,8 @@ def _download(url, sha256, folder, max_bytes, timeout):
                     out.write(chunk)
                     digest.update(chunk)
                     progress.update(len(chunk))
+            if announced is not None and received < announced:  # http.client ends such a read quietly
+                raise DataError(f"{url}: download cut off after {received} of {announced} bytes")
     except urllib.error.HTTPError as error:
         raise DataError(f"{url}: download failed (HTTP {error.code} {error.reason})") from None
     except urllib.error.URLError as error:

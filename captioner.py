@@ -148,8 +148,8 @@ class Captioner:
                 progress=None):
         """Caption one video or several, batched together.
 
-        videos: a clip path; a SampledClip (read_clip); decoded RGB frames (frames, H, W, 3) uint8; features (frames, dim) float; or a list
-        of those, or a (videos, frames, H, W, 3) / (videos, frames, dim) array.
+        videos: a clip path; a SampledClip (read_clip); decoded RGB frames (frames, H, W, 3) uint8; features
+        (frames, dim) float; or a list of those, or a (videos, frames, H, W, 3) / (videos, frames, dim) array.
         Returns a string per video, or a Caption when n_best > 1 or attention=True ask for more; a single
         video gives a single result. An unreadable clip raises VideoError (errors="raise") or, with
         errors="return", stands as its VideoError in the results. progress(stage, done, total), if given, is

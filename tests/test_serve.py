@@ -332,8 +332,8 @@ def request(server, method, path, headers, body=b""):
 
 def test_other_host_names_are_refused(server, real_clip):
     """A page that rebinds its own domain to 127.0.0.1 still sends its name in Host."""
-    for method, path, body, content_type in (("GET", "/api/info", b"", "text/plain"),
-                                             ("POST", "/api/caption", *multipart(real_clip.name, real_clip.read_bytes()))):
+    upload = multipart(real_clip.name, real_clip.read_bytes())
+    for method, path, body, content_type in (("GET", "/api/info", b"", "text/plain"), ("POST", "/api/caption", *upload)):
         status, reply = request(server, method, path, {"Host": "evil.example", "Content-Type": content_type}, body)
         assert status == 400 and "'evil.example' is not served here" in one_json_error(reply)
     assert request(server, "GET", "/api/info", {"Host": f"localhost:{server.port}"})[0] == 200

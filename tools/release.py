@@ -2,7 +2,7 @@
 
     python -m tools.release export RUN_DIR OUT.tar.gz [--which best|last]
     python -m tools.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
-                                     [--insecure-no-hash] [--max-download-mb 2000] [--max-unpacked-mb 4000] [--timeout 30]
+                            [--insecure-no-hash] [--max-download-mb 2000] [--max-unpacked-mb 4000] [--timeout 30]
 
 A bundle holds, at its top level:
 

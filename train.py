@@ -676,10 +676,16 @@ def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed,
     return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
 
 
-def scst_loss(rewards, samples, baseline):
+def mean_of_others(rewards):
+    """Each sample's baseline: the mean reward of its video's other samples, rewards (videos, samples)."""
+    samples = ops.shape(rewards)[1]
+    return (ops.sum(rewards, 1, keepdims=True) - rewards) / (samples - 1)
+
+
+def scst_loss(rewards, samples, baseline, draw=sample_word):
     """The self-critical loss on one replica's videos, as replica_loss: video_numbers (batch, >=1) holds each row's
     video number + 1 (0: a padding row). For each video, `samples` captions are drawn and rewarded by
-    rewards(words, videos) (CiderD); the loss is -(reward - baseline) * the sampled words' summed log-probability
+    rewards(words, videos) (CiderD), each word picked by draw(seed) (decoding.sample_word); the loss is -(reward - baseline) * the sampled words' summed log-probability
     (<EOS> included, nothing after it), averaged over the samples, summed, divided by the global batch. Equal
     rewards give zero advantage: no gradient."""
     def score(words, videos):
@@ -690,10 +696,10 @@ def scst_loss(rewards, samples, baseline):
 
     def loss(model, frame_features, video_numbers, teacher_forcing_prob, seed, global_batch):
         videos = ops.cast(video_numbers[:, 0], "int32") - 1
-        words, log_probs = model.sample(frame_features, samples, sample_word(seed))
+        words, log_probs = model.sample(frame_features, samples, draw(seed))
         sampled = ops.reshape(backend.host_scores(score, words, ops.repeat(videos, samples)), (-1, samples))
-        if baseline == "mean":  # of the video's other samples (Luo, 2020)
-            base = (ops.sum(sampled, 1, keepdims=True) - sampled) / (samples - 1)
+        if baseline == "mean":  # Luo, 2020
+            base = mean_of_others(sampled)
         else:
             greedy, _ = model.sample(frame_features, 1, greedy_word)
             base = backend.host_scores(score, greedy, videos)[:, None]

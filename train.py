@@ -115,6 +115,8 @@ class TrainConfig:
     scst_baseline: str = setting("mean", "the reward each sample's is measured against (scst): the mean of the "
                                          "video's other samples', or its greedy caption's", trains=True,
                                  choices=SCST_BASELINES)
+    scst_xe_weight: float = setting(0.0, "scst: add this times the cross-entropy of one of each video's captions "
+                                         "(a mixed objective)", trains=True)
     patience: int = setting(0, "stop when --select-metric has not improved for this many epochs (0: never)")
     log_every: int = setting(10, "show the loss every N batches (reading it waits for the device)", type=positive_int)
     features: Optional[str] = setting(
@@ -557,7 +559,7 @@ class Training:
             args, data, model, optimizer, state, run
         self.distribution, self.chief, self.agree = distribution, distribution.chief, agree
         loss = replica_loss if args.objective == "xe" else scst_loss(data.rewards, args.scst_samples,
-                                                                      args.scst_baseline)
+                                                                      args.scst_baseline, args.scst_xe_weight)
         self.train_step = backend.make_train_step(model, optimizer, distribution, loss)
         self.padding = distribution.padding(args.batch_size)
         self.validate = (Validator(model, data.vocab, data.validation, args.max_caption_len, args.batch_size,
@@ -589,9 +591,10 @@ class Training:
         """Train the epoch's batches (from the resumed batch on); its history row, or None when stopped within."""
         args, data, distribution = self.args, self.data, self.distribution
         p = float(self.probs[epoch])
-        if args.objective == "scst":  # every video once; its row holds its number + 1 for the reward (0: padding)
-            epoch_videos, epoch_captions = epoch_pairs(data.video_index, data.video_index[:, None] + 1, "sample",
-                                                       args.seed, epoch)
+        if args.objective == "scst":  # every video once: its number + 1 for the reward (0: padding), a caption
+            epoch_videos, epoch_captions = epoch_pairs(
+                data.video_index, np.concatenate([data.video_index[:, None] + 1, data.caption_ids], 1), "sample",
+                args.seed, epoch)
         else:
             epoch_videos, epoch_captions = epoch_pairs(data.video_index, data.caption_ids, args.pairs, args.seed,
                                                        epoch)
@@ -682,20 +685,20 @@ def mean_of_others(rewards):
     return (ops.sum(rewards, 1, keepdims=True) - rewards) / (samples - 1)
 
 
-def scst_loss(rewards, samples, baseline, draw=sample_word):
-    """The self-critical loss on one replica's videos, as replica_loss: video_numbers (batch, >=1) holds each row's
-    video number + 1 (0: a padding row). For each video, `samples` captions are drawn and rewarded by
+def scst_loss(rewards, samples, baseline, xe_weight=0.0, draw=sample_word):
+    """The self-critical loss on one replica's videos, as replica_loss: rows (batch, 1 + length) hold each video's
+    number + 1 (0: a padding row), then one of its captions. For each video, `samples` captions are drawn and rewarded by
     rewards(words, videos) (CiderD), each word picked by draw(seed) (decoding.sample_word); the loss is -(reward - baseline) * the sampled words' summed log-probability
     (<EOS> included, nothing after it), averaged over the samples, summed, divided by the global batch. Equal
-    rewards give zero advantage: no gradient."""
+    rewards give zero advantage: no gradient. xe_weight > 0 adds that times replica_loss on the captions."""
     def score(words, videos):
         real = videos >= 0
         scores = np.zeros(len(videos))
         scores[real] = rewards(words[real], videos[real])
         return scores
 
-    def loss(model, frame_features, video_numbers, teacher_forcing_prob, seed, global_batch):
-        videos = ops.cast(video_numbers[:, 0], "int32") - 1
+    def loss(model, frame_features, rows, teacher_forcing_prob, seed, global_batch):
+        videos = ops.cast(rows[:, 0], "int32") - 1
         words, log_probs = model.sample(frame_features, samples, draw(seed))
         sampled = ops.reshape(backend.host_scores(score, words, ops.repeat(videos, samples)), (-1, samples))
         if baseline == "mean":  # Luo, 2020
@@ -705,7 +708,11 @@ def scst_loss(rewards, samples, baseline, draw=sample_word):
             base = backend.host_scores(score, greedy, videos)[:, None]
         advantage = ops.stop_gradient(sampled - base) * ops.cast(videos >= 0, "float32")[:, None]
         caption_log_probs = ops.reshape(ops.sum(log_probs, 1), (-1, samples))
-        return -ops.sum(advantage * caption_log_probs) / (samples * ops.cast(global_batch, "float32"))
+        scst = -ops.sum(advantage * caption_log_probs) / (samples * ops.cast(global_batch, "float32"))
+        if not xe_weight:
+            return scst
+        return scst + xe_weight * replica_loss(model, frame_features, rows[:, 1:], teacher_forcing_prob, seed,
+                                               global_batch)
 
     return loss
 

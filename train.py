@@ -694,7 +694,8 @@ def scst_loss(rewards, samples, baseline, xe_weight=0.0, draw=sample_word):
     def score(words, videos):
         real = videos >= 0
         scores = np.zeros(len(videos))
-        scores[real] = rewards(words[real], videos[real])
+        if real.any():  # a replica's part may be padding only
+            scores[real] = rewards(words[real], videos[real])
         return scores
 
     def loss(model, frame_features, rows, teacher_forcing_prob, seed, global_batch):

@@ -111,7 +111,7 @@ class CiderD:
 def pad_rows(captions):
     """Captions as a <PAD>-padded int64 array (rows, length): an array as it is, a list of id lists padded."""
     if isinstance(captions, np.ndarray):
-        return captions.astype(np.int64).reshape(len(captions), -1)
+        return captions.astype(np.int64)
     width = max((len(c) for c in captions), default=0)
     out = np.full((len(captions), max(width, 1)), PAD, np.int64)
     for i, caption in enumerate(captions):

@@ -11,7 +11,8 @@ included). Training uses the model's real training step (scheduled sampling at p
 caption lengths drawn like MSVD's (about 7 words on average, at most 50 tokens), padded as train.py pads them on
 that backend; with --objective scst, the self-critical step too (--scst-samples 5 captions sampled per video,
 rewarded by CIDEr-D against 40 synthetic references of each of 1200 videos, MSVD's order of magnitude), with the
-share of its time the rewards take on the host; peak_rss_mib is the process's peak resident memory, peak_gpu_memory_mib the device's.
+share of its time the rewards take on the host; peak_rss_mib is the process's peak resident memory,
+peak_gpu_memory_mib the device's.
 startup-memory writes a synthetic corpus of --videos videos of 80 x 4096 float32 features (MSVD has 1450) and
 reports the peak resident memory of train.py over one short epoch of a small model on it: loading the features,
 standardising them, validating, saving. feature-files trains on --videos videos (MSR-VTT's 6513) of float16
@@ -125,7 +126,8 @@ def bench_scst(args, model, optimizer, distribution, xe_steps_per_s):
         reward_seconds.append(time.perf_counter() - start)
         return scores
 
-    train_step = backend.make_train_step(model, optimizer, distribution, scst_loss(rewards, args.scst_samples, "mean"))
+    loss = scst_loss(rewards, args.scst_samples, "mean")
+    train_step = backend.make_train_step(model, optimizer, distribution, loss)
     rows, width_multiple = distribution.padding(args.batch_size)
     batch = train_step.prepare([batch_arrays(features(rng, args.batch_size, args.config), np.arange(args.batch_size),
                                              np.arange(1, args.batch_size + 1)[:, None], rows, width_multiple)])

@@ -3,7 +3,7 @@
     python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--val-fraction 0.05]
                     [--select-metric bleu1] [--patience N] [--strategy auto] [--resume | --overwrite]
                     [--model s2vt|meanpool] [--encoder unidirectional|bidirectional] [--init-from RUN]
-                    [--objective xe|scst] [--scst-samples 5] [--scst-baseline mean|greedy]
+                    [--objective xe|scst] [--scst-samples 5] [--scst-baseline mean|greedy] [--scst-xe-weight 0]
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
 of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/validation_data/feat is the
@@ -48,15 +48,15 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
-from extract_features import manifest_differences
 from decoding import greedy_word, sample_word
+from extract_features import manifest_differences
 from model import ModelConfig, build_model, caption_losses, load_model
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
 from util.atomic import atomic_path, write_text_atomic
-from util.cider import CiderD
 from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, read_state,
                               restore, save_checkpoint, write_run_files)
+from util.cider import CiderD
 from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels, open_feature_file,
                        read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
 from util.errors import DataError, command
@@ -687,10 +687,11 @@ def mean_of_others(rewards):
 
 def scst_loss(rewards, samples, baseline, xe_weight=0.0, draw=sample_word):
     """The self-critical loss on one replica's videos, as replica_loss: rows (batch, 1 + length) hold each video's
-    number + 1 (0: a padding row), then one of its captions. For each video, `samples` captions are drawn and rewarded by
-    rewards(words, videos) (CiderD), each word picked by draw(seed) (decoding.sample_word); the loss is -(reward - baseline) * the sampled words' summed log-probability
-    (<EOS> included, nothing after it), averaged over the samples, summed, divided by the global batch. Equal
-    rewards give zero advantage: no gradient. xe_weight > 0 adds that times replica_loss on the captions."""
+    number + 1 (0: a padding row), then one of its captions. For each video, `samples` captions are drawn, each word
+    picked by draw(seed) (decoding.sample_word), and rewarded by rewards(words, videos) (CiderD); the loss is
+    -(reward - baseline) * the sampled words' summed log-probability (<EOS> included, nothing after it), averaged
+    over the samples, summed, divided by the global batch. Equal rewards give zero advantage: no gradient.
+    xe_weight > 0 adds that times replica_loss on the captions (a mixed objective)."""
     def score(words, videos):
         real = videos >= 0
         scores = np.zeros(len(videos))

@@ -3,7 +3,6 @@ reward and baseline, an all-equal batch, a resumed run against an uninterrupted 
 backends."""
 import json
 import math
-import sys
 from contextlib import contextmanager
 
 import numpy as np

@@ -1,7 +1,7 @@
 """Benchmark training, inference and feature extraction on synthetic inputs; prints one JSON object.
 
     python bench.py [--what train|infer|extract] [--config reference|demo] [--batch-size 50] [--beam-size 5]
-                    [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5]
+                    [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5] [--objective xe|scst]
     python bench.py --what startup-memory [--videos 1450]
     python bench.py --what feature-files [--videos 6513] [--batch-size 50] [--data-dir DIR]
 
@@ -9,7 +9,10 @@ Runs on the Keras backend of KERAS_BACKEND (tensorflow, the default, or jax). Ea
 timed runs after --warmup untimed ones; the first warm-up call is reported apart (first_*_s: compilation
 included). Training uses the model's real training step (scheduled sampling at p=0.5, dropout, feature noise) with
 caption lengths drawn like MSVD's (about 7 words on average, at most 50 tokens), padded as train.py pads them on
-that backend; peak_rss_mib is the process's peak resident memory, peak_gpu_memory_mib the device's.
+that backend; with --objective scst, the self-critical step too (--scst-samples 5 captions sampled per video,
+rewarded by CIDEr-D against 40 synthetic references of each of 1200 videos, MSVD's order of magnitude), with the
+share of its time the rewards take on the host; peak_rss_mib is the process's peak resident memory,
+peak_gpu_memory_mib the device's.
 startup-memory writes a synthetic corpus of --videos videos of 80 x 4096 float32 features (MSVD has 1450) and
 reports the peak resident memory of train.py over one short epoch of a small model on it: loading the features,
 standardising them, validating, saving. feature-files trains on --videos videos (MSR-VTT's 6513) of float16
@@ -99,7 +102,45 @@ def bench_train(args):
         float(train_step(batches[state["i"] % 2], 0.5, backend.seed_tensor(0, state["i"])))
 
     seconds, first = timed(step, args.runs, args.warmup)
-    return {"samples_per_s": args.batch_size / seconds, "step_s": seconds, "first_step_s": first}
+    result = {"samples_per_s": args.batch_size / seconds, "step_s": seconds, "first_step_s": first}
+    if args.objective == "scst":
+        result.update(bench_scst(args, model, optimizer, distribution, 1 / seconds))
+    return result
+
+
+def bench_scst(args, model, optimizer, distribution, xe_steps_per_s):
+    """SCST steps/s beside cross-entropy's, and the rewards' (CIDEr-D on the host) share of a step's time."""
+    from train import scst_loss
+    from util import backend
+    from util.cider import CiderD
+    from util.data import batch_arrays
+
+    rng = np.random.default_rng(1)
+    vocab_size = CONFIGS[args.config]["vocab_size"]
+    cider = CiderD([caption_batch(rng, 40, vocab_size) for _ in range(max(1200, args.batch_size))])
+    reward_seconds = []
+
+    def rewards(words, videos):
+        start = time.perf_counter()
+        scores = cider(words, videos)
+        reward_seconds.append(time.perf_counter() - start)
+        return scores
+
+    loss = scst_loss(rewards, args.scst_samples, "mean")
+    train_step = backend.make_train_step(model, optimizer, distribution, loss)
+    rows, width_multiple = distribution.padding(args.batch_size)
+    batch = train_step.prepare([batch_arrays(features(rng, args.batch_size, args.config), np.arange(args.batch_size),
+                                             np.arange(1, args.batch_size + 1)[:, None], rows, width_multiple)])
+    state = {"i": 0}
+
+    def step():
+        state["i"] += 1
+        float(train_step(batch, 1.0, backend.seed_tensor(0, state["i"])))
+
+    seconds, first = timed(step, args.runs, args.warmup)
+    reward = statistics.median(reward_seconds[-args.runs:])
+    return {"xe_steps_per_s": xe_steps_per_s, "scst_steps_per_s": 1 / seconds, "scst_first_step_s": first,
+            "scst_reward_s": reward, "scst_reward_share": reward / seconds, "scst_samples": args.scst_samples}
 
 
 def bench_infer(args):
@@ -235,6 +276,9 @@ def main(argv=None):
                         "(default 1450, MSVD's, and 6513, MSR-VTT's)")
     parser.add_argument("--data-dir", help="feature-files: where the synthetic corpora are written, or kept from an "
                         "earlier run (default: a new temporary folder)")
+    parser.add_argument("--objective", choices=("xe", "scst"), default="xe",
+                        help="train: scst times the self-critical step beside the cross-entropy one")
+    parser.add_argument("--scst-samples", type=int, default=5)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
-"""Decoding: greedy and beam search, of one model or of several fused (late fusion: an RGB and a flow run, say).
+"""Decoding: greedy and beam search, of one model or of several fused (late fusion: an RGB and a flow run, say), and
+sampling with the words' log-probabilities (self-critical training).
 
 Each decodes any model with the contract model.decoder(features, beam) -> (state, step): state a dict of tensors
 whose "rows" (batch*beam, ...) follow the hypotheses, step(state, word_ids) -> (state, logits (batch*beam, vocab),
@@ -51,6 +52,40 @@ def greedy(members, max_len):
     _, (words, attention), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[-1]))
     attention = ops.where((words == PAD)[:, :, None], 0.0, attention)  # zero after each caption's end, as beam's
     return ops.transpose(words), ops.transpose(attention, (1, 0, 2))
+
+
+def sample(model, frame_features, count, max_len, choose):
+    """count captions per video, rows video-major (row = video*count + k) as in beam search, each word picked by
+    choose(log_probs (rows, vocab), step) -> ids (rows,) (sample_word, greedy_word) from the model's probabilities,
+    the never-written tokens excluded. A fixed max_len steps (a scan, differentiable). Returns word ids (rows,
+    max_len), <PAD> after <EOS>, and each word's log-probability (rows, max_len), 0 after the end."""
+    start, step_fn = model.decoder(frame_features, count)
+    rows = ops.shape(frame_features)[0] * count
+
+    def step(state, inputs):
+        decoder_state, word, finished = state
+        decoder_state, logits, _ = step_fn(decoder_state, word)
+        log_probs = ops.log_softmax(fused_scores([logits], [1.0], log_probs=False), axis=-1)
+        word = ops.where(finished, PAD, ops.cast(ops.stop_gradient(choose(log_probs, inputs[0])), "int32"))
+        word_log_prob = ops.where(finished, 0.0, ops.take_along_axis(log_probs, word[:, None], axis=1)[:, 0])
+        return (decoder_state, word, ops.logical_or(finished, word == EOS)), (word, word_log_prob)
+
+    _, (words, log_probs) = backend.scan(step, (start, ops.full((rows,), BOS, "int32"), ops.zeros((rows,), "bool")),
+                                         (ops.arange(max_len, dtype="int32"),))
+    return ops.transpose(words), ops.transpose(log_probs)
+
+
+def greedy_word(log_probs, step):
+    return ops.argmax(log_probs, -1)
+
+
+def sample_word(seed):
+    """A choose for sample(): each word drawn from the model's distribution by the Gumbel-max trick, the draws of
+    step t from the seed folded with t, so a seed decides every draw."""
+    def choose(log_probs, step):
+        uniform = backend.uniform(ops.shape(log_probs), backend.fold_in(seed, step), 1e-20, 1.0)
+        return ops.argmax(log_probs - ops.log(-ops.log(uniform)), -1)
+    return choose
 
 
 def beam_search(members, beam_size, length_penalty, max_len, n_best=1):

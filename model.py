@@ -258,6 +258,9 @@ class CaptionModel(keras.Model):
     def greedy(self, frame_features, max_len=None):
         return decoding.greedy([(self, frame_features, 1.0)], max_len or self.config.max_caption_len)
 
+    def sample(self, frame_features, count, choose, max_len=None):
+        return decoding.sample(self, frame_features, count, max_len or self.config.max_caption_len, choose)
+
     def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
         return decoding.beam_search([(self, frame_features, 1.0)], beam_size, length_penalty,
                                     max_len or self.config.max_caption_len, n_best)

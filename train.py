@@ -3,6 +3,7 @@
     python train.py --data-dir PATH [--attention bahdanau] [--epochs 100] [--batch-size 250] [--val-fraction 0.05]
                     [--select-metric bleu1] [--patience N] [--strategy auto] [--resume | --overwrite]
                     [--model s2vt|meanpool] [--encoder unidirectional|bidirectional] [--init-from RUN]
+                    [--objective xe|scst] [--scst-samples 5] [--scst-baseline mean|greedy] [--scst-xe-weight 0]
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
 of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/validation_data/feat is the
@@ -19,6 +20,10 @@ standardisation is computed afresh from this data, and the frame count may diffe
 Runs on TensorFlow (the default) or JAX: KERAS_BACKEND=jax python train.py ... With --strategy mirrored (several
 GPUs) each global batch is split over the devices with the same result as one device; on TensorFlow, multiworker
 spreads it over machines named in TF_CONFIG, and the chief alone validates and writes the run folder.
+--objective scst continues a cross-entropy run (--init-from RUN, a new run folder) by self-critical sequence
+training (Rennie et al., 2017): each epoch reads every training video once, samples --scst-samples captions per
+video and rewards each by its CIDEr-D against the video's training captions (util/cider.py) minus a baseline, the
+mean reward of the video's other samples or its greedy caption's; validation picks checkpoints by CIDEr.
 
 The flags are the fields of two dataclasses: model.ModelConfig's (those with help text) and TrainConfig's below.
 """
@@ -43,6 +48,7 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
+from decoding import greedy_word, sample_word
 from extract_features import manifest_differences
 from model import ModelConfig, build_model, caption_losses, load_model
 from sampling import SCHEDULES, teacher_forcing_schedule
@@ -50,6 +56,7 @@ from util import backend
 from util.atomic import atomic_path, write_text_atomic
 from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, read_state,
                               restore, save_checkpoint, write_run_files)
+from util.cider import CiderD
 from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels, open_feature_file,
                        read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
 from util.errors import DataError, command
@@ -58,6 +65,8 @@ from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import Vocabulary
 
 SELECT_METRICS = ("bleu1", "bleu4", "cider")
+OBJECTIVES = ("xe", "scst")
+SCST_BASELINES = ("mean", "greedy")
 DEFAULT_VAL_FRACTION = 0.05
 RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
 
@@ -97,8 +106,17 @@ class TrainConfig:
         None, f"share of the training videos held out for validation, drawn with --seed (default "
               f"{DEFAULT_VAL_FRACTION}, unless the data folder has its own validation_label.json)", trains=True)
     val_ids: Optional[str] = setting(None, "validate on these training videos (one id per line) instead", trains=True)
-    select_metric: str = setting("bleu1", "validation metric that picks the best checkpoint (bleu1 = the MLDS course "
-                                          "BLEU@1)", trains=True, choices=SELECT_METRICS)
+    select_metric: Optional[str] = setting(None, "validation metric that picks the best checkpoint (bleu1 = the MLDS "
+                                                 "course BLEU@1; default cider with --objective scst, else bleu1)",
+                                           trains=True, choices=SELECT_METRICS)
+    objective: str = setting("xe", "xe: cross-entropy; scst: self-critical training with a CIDEr-D reward, from the "
+                                   "cross-entropy run --init-from names", trains=True, choices=OBJECTIVES)
+    scst_samples: int = setting(5, "captions sampled per video (scst)", trains=True, type=positive_int)
+    scst_baseline: str = setting("mean", "the reward each sample's is measured against (scst): the mean of the "
+                                         "video's other samples', or its greedy caption's", trains=True,
+                                 choices=SCST_BASELINES)
+    scst_xe_weight: float = setting(0.0, "scst: add this times the cross-entropy of one of each video's captions "
+                                         "(a mixed objective)", trains=True)
     patience: int = setting(0, "stop when --select-metric has not improved for this many epochs (0: never)")
     log_every: int = setting(10, "show the loss every N batches (reading it waits for the device)", type=positive_int)
     features: Optional[str] = setting(
@@ -176,6 +194,11 @@ def parse_args(argv=None):
     if args.model == "meanpool" and args.encoder != "unidirectional":
         parser.error(f"--encoder {args.encoder}: the meanpool model has no frame encoder")
     args.attention = args.attention or ("bahdanau" if args.model == "s2vt" else "none")
+    if args.objective == "scst" and not args.init_from:
+        parser.error("--objective scst continues a cross-entropy run: name it with --init-from RUN")
+    if args.objective == "scst" and args.scst_baseline == "mean" and args.scst_samples < 2:
+        parser.error("--scst-baseline mean needs --scst-samples 2 or more (the mean of the other samples)")
+    args.select_metric = args.select_metric or ("cider" if args.objective == "scst" else "bleu1")
     if args.resume and not args.ckpt_dir:
         args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
     args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
@@ -190,6 +213,8 @@ def check_resumable(run_dir, args, validation_ids):
     saved = dict(config.get("train", {}))
     for f in model_settings():
         saved.setdefault(f.name, (config.get("model") or {}).get(f.name, f.default))
+    for f in fields(TrainConfig):  # a run older than the setting was trained as its default
+        saved.setdefault(f.name, "bleu1" if f.name == "select_metric" else f.default)
     changed = [f"--{name.replace('_', '-')}: {saved.get(name)} saved, {getattr(args, name)} asked"
                for name in trained_settings() if saved.get(name) != getattr(args, name)]
     saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
@@ -265,8 +290,11 @@ def load_data(args, run_dir):
     else:
         print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
               f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
+    rewards = None
+    if args.objective == "scst":  # CIDEr-D against each video's training captions, their n-grams counted once
+        rewards = CiderD(np.split(caption_ids, np.flatnonzero(np.diff(video_index)) + 1))
     return SimpleNamespace(train=train_split, validation=val_split, validation_ids=validation_ids, manifest=manifest,
-                           vocab=vocab, video_index=video_index, caption_ids=caption_ids)
+                           vocab=vocab, video_index=video_index, caption_ids=caption_ids, rewards=rewards)
 
 
 # ---- the model: new, from another run's weights, or resumed ----
@@ -530,7 +558,9 @@ class Training:
         self.args, self.data, self.model, self.optimizer, self.state, self.run = \
             args, data, model, optimizer, state, run
         self.distribution, self.chief, self.agree = distribution, distribution.chief, agree
-        self.train_step = backend.make_train_step(model, optimizer, distribution, replica_loss)
+        loss = replica_loss if args.objective == "xe" else scst_loss(data.rewards, args.scst_samples,
+                                                                      args.scst_baseline, args.scst_xe_weight)
+        self.train_step = backend.make_train_step(model, optimizer, distribution, loss)
         self.padding = distribution.padding(args.batch_size)
         self.validate = (Validator(model, data.vocab, data.validation, args.max_caption_len, args.batch_size,
                                    self.padding) if data.validation is not None and self.chief else None)
@@ -561,7 +591,13 @@ class Training:
         """Train the epoch's batches (from the resumed batch on); its history row, or None when stopped within."""
         args, data, distribution = self.args, self.data, self.distribution
         p = float(self.probs[epoch])
-        epoch_videos, epoch_captions = epoch_pairs(data.video_index, data.caption_ids, args.pairs, args.seed, epoch)
+        if args.objective == "scst":  # every video once: its number + 1 for the reward (0: padding), a caption
+            epoch_videos, epoch_captions = epoch_pairs(
+                data.video_index, np.concatenate([data.video_index[:, None] + 1, data.caption_ids], 1), "sample",
+                args.seed, epoch)
+        else:
+            epoch_videos, epoch_captions = epoch_pairs(data.video_index, data.caption_ids, args.pairs, args.seed,
+                                                       epoch)
         batches_per_epoch = -(-len(epoch_videos) // args.batch_size)
         skip = self.state["batch_in_epoch"]
         epoch_batches = batches(data.train.features, epoch_videos, epoch_captions, args.batch_size, skip,
@@ -641,6 +677,46 @@ def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed,
     logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
                          training=True)
     return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
+
+
+def mean_of_others(rewards):
+    """Each sample's baseline: the mean reward of its video's other samples, rewards (videos, samples)."""
+    samples = ops.shape(rewards)[1]
+    return (ops.sum(rewards, 1, keepdims=True) - rewards) / (samples - 1)
+
+
+def scst_loss(rewards, samples, baseline, xe_weight=0.0, draw=sample_word):
+    """The self-critical loss on one replica's videos, as replica_loss: rows (batch, 1 + length) hold each video's
+    number + 1 (0: a padding row), then one of its captions. For each video, `samples` captions are drawn, each word
+    picked by draw(seed) (decoding.sample_word), and rewarded by rewards(words, videos) (CiderD); the loss is
+    -(reward - baseline) * the sampled words' summed log-probability (<EOS> included, nothing after it), averaged
+    over the samples, summed, divided by the global batch. Equal rewards give zero advantage: no gradient.
+    xe_weight > 0 adds that times replica_loss on the captions (a mixed objective)."""
+    def score(words, videos):
+        real = videos >= 0
+        scores = np.zeros(len(videos))
+        if real.any():  # a replica's part may be padding only
+            scores[real] = rewards(words[real], videos[real])
+        return scores
+
+    def loss(model, frame_features, rows, teacher_forcing_prob, seed, global_batch):
+        videos = ops.cast(rows[:, 0], "int32") - 1
+        words, log_probs = model.sample(frame_features, samples, draw(seed))
+        sampled = ops.reshape(backend.host_scores(score, words, ops.repeat(videos, samples)), (-1, samples))
+        if baseline == "mean":  # Luo, 2020
+            base = mean_of_others(sampled)
+        else:
+            greedy, _ = model.sample(frame_features, 1, greedy_word)
+            base = backend.host_scores(score, greedy, videos)[:, None]
+        advantage = ops.stop_gradient(sampled - base) * ops.cast(videos >= 0, "float32")[:, None]
+        caption_log_probs = ops.reshape(ops.sum(log_probs, 1), (-1, samples))
+        scst = -ops.sum(advantage * caption_log_probs) / (samples * ops.cast(global_batch, "float32"))
+        if not xe_weight:
+            return scst
+        return scst + xe_weight * replica_loss(model, frame_features, rows[:, 1:], teacher_forcing_prob, seed,
+                                               global_batch)
+
+    return loss
 
 
 # ---- the command ----

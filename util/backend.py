@@ -161,6 +161,17 @@ def xla_compiled(function):
     return tf.function(function, jit_compile=True)
 
 
+def host_scores(function, *arrays):
+    """function(*numpy arrays) -> one score per row of the first, run on the host from inside a compiled step
+    (tf.numpy_function / jax.pure_callback): the CIDEr-D rewards of self-critical training. (rows,) float32."""
+    def run(*values):  # as numpy arrays: JAX may hand its own, and JAX work inside a callback can deadlock
+        return np.asarray(function(*[np.asarray(v) for v in values]), np.float32)
+
+    if BACKEND == "jax":
+        return jax.pure_callback(run, jax.ShapeDtypeStruct((arrays[0].shape[0],), jnp.float32), *arrays)
+    return tf.reshape(tf.numpy_function(run, list(arrays), tf.float32, stateful=False), [-1])
+
+
 # ---- running the model ----
 
 def loss_and_gradients(model, loss_fn, *args):

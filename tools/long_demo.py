@@ -1,6 +1,7 @@
 """A long demo video: demo scenes (tools/demo_data.py's shapes and backgrounds, 4-8 s each) joined with hard cuts.
 
     python -m tools.long_demo OUT.avi [--scenes 6 | --minutes M] [--seed S]
+    python -m tools.long_demo OUT.avi --check CUES.json     # infer.py --segments --json's cues against the scenes
 
 Writes OUT.avi (XVID, FPS frames a second, FRAME_SIZE pixels square) and OUT.avi.json: each scene's start and end in
 seconds, colour, shape, direction, size and reference captions. Scenes show only the (colour, shape, direction)
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from tools.demo_data import FPS, SIZES, captions_for, clip_frames, split_combinations, write_clip
+from tools.demo_data import FPS, SIZES, captions_for, clip_frames, parse_caption, split_combinations, write_clip
 from util.atomic import atomic_path, write_text_atomic
 from util.errors import DataError, command
 
@@ -59,6 +60,23 @@ def make_long_video(path, scenes=None, minutes=None, seed=0):
     return plan
 
 
+def check_cues(plan, cues, tolerance=0.5):
+    """How cues [{start, end, caption}] match the planned scenes: {cues, scenes, cuts_found (a cue boundary within
+    `tolerance` s of each planned cut), attributes_right (scenes whose covering cue, at their middle, names their
+    colour, shape and direction)}."""
+    boundaries = [cue["start"] for cue in cues[1:]]
+    cuts = [scene["start"] for scene in plan[1:]]
+    found = sum(any(abs(b - cut) <= tolerance for b in boundaries) for cut in cuts)
+    right = 0
+    for scene in plan:
+        middle = (scene["start"] + scene["end"]) / 2
+        cue = next((c for c in cues if c["start"] <= middle < c["end"]), None)
+        right += cue is not None and parse_caption(cue["caption"]) == (scene["colour"], scene["shape"],
+                                                                       scene["direction"])
+    return {"cues": len(cues), "scenes": len(plan), "cuts_found": f"{found}/{len(cuts)}",
+            "attributes_right": f"{right}/{len(plan)}"}
+
+
 @command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -66,7 +84,17 @@ def main(argv=None):
     parser.add_argument("--scenes", type=int, help="this many scenes")
     parser.add_argument("--minutes", type=float, help="instead: scenes filling this many minutes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--check", metavar="CUES_JSON", help="instead: compare infer.py --segments --json's cues with "
+                        "OUT.avi.json's scenes")
     args = parser.parse_args(argv)
+    if args.check:
+        try:
+            plan = json.loads(Path(f"{args.out}.json").read_text())
+            cues = json.loads(Path(args.check).read_text())["cues"]
+        except (OSError, ValueError, KeyError) as error:
+            raise DataError(f"{args.out}.json or {args.check}: cannot be read ({error})") from None
+        print(", ".join(f"{k} {v}" for k, v in check_cues(plan, cues).items()))
+        return 0
     if (args.scenes is None) == (args.minutes is None):
         parser.error("give --scenes N or --minutes M")
     plan = make_long_video(args.out, args.scenes, args.minutes, args.seed)

@@ -43,7 +43,7 @@ def test_six_scenes_give_one_cue_each_at_the_cuts_with_the_right_attributes(six_
         assert (b.start_time.in_milliseconds(), b.end_time.in_milliseconds()) == (
             round(a.start.total_seconds() * 1000), round(a.end.total_seconds() * 1000)) == (
             round(c["start"] * 1000), round(c["end"] * 1000))
-        assert a.content == b.text == c["caption"] and c["score"] < 0  # beam search's log-probability per word
+        assert a.content == b.text == c["caption"] and c["score"] < 0  # beam search's score, a log-probability
         right += parse_caption(c["caption"]) == (scene["colour"], scene["shape"], scene["direction"])
     assert right >= 5
     printed = capsys.readouterr().out.splitlines()

@@ -1,5 +1,7 @@
 """A long video captioned scene by scene: cuts, bounded samples, merged cues, SRT/WebVTT/JSON read back, bad files."""
 import json
+import threading
+import time
 import wave
 
 import numpy as np
@@ -11,7 +13,7 @@ import infer
 from tools.demo_data import FPS, clip_frames, parse_caption, write_clip
 from tools.long_demo import make_long_video
 from util.errors import DataError
-from util.scenes import EvenSample, SceneReader
+from util.scenes import EvenSample, OverLimit, ReadingStopped, SceneReader
 from util.subtitles import Cue, merge_repeats, to_srt, to_vtt
 
 
@@ -121,3 +123,21 @@ def test_bad_segment_settings_are_refused(six_scenes):
     for settings in ({"segments": "soon"}, {"segments": "-3"}, {"min_scene": 5, "max_scene": 5}):
         with pytest.raises(DataError, match="segments|min_scene"):
             SceneReader(six_scenes[0], size=32, keep=4, **settings)
+
+
+def test_caps_and_stop_end_the_reading(six_scenes):
+    path, plan = six_scenes
+    with pytest.raises(OverLimit, match="longer than 30 s"):
+        SceneReader(path, size=32, keep=4, max_seconds=30)
+    with pytest.raises(OverLimit, match="96x96 frames are over the limit of 9000 pixels"):
+        SceneReader(path, size=32, keep=4, max_pixels=9000)
+    from captioner import Captioner
+
+    asked, threads = [], threading.active_count()
+    with pytest.raises(ReadingStopped):
+        Captioner.load("s2vt-demo").caption_segments(path, stop=lambda: asked.append(1) or len(asked) > 100)
+    for _ in range(50):  # the reading thread ends too
+        if threading.active_count() == threads:
+            break
+        time.sleep(0.1)
+    assert threading.active_count() == threads and len(asked) < sum(s["frames"] for s in plan)

@@ -31,6 +31,14 @@ MAX_SCENE = 10.0  # seconds: a longer scene is captioned every MAX_SCENE seconds
 STOPPED_EARLY = 0.95  # decoding that ends before this share of the header's duration (and a second short) failed
 
 
+class OverLimit(DataError):
+    """A video longer, or with larger frames, than its reader's caps."""
+
+
+class ReadingStopped(Exception):
+    """Reading given up because the reader's stop() said so."""
+
+
 @dataclass(frozen=True)
 class Scene:
     """A stretch of video: start and end in seconds (end: the next scene's first frame, or the video's end), the
@@ -76,8 +84,12 @@ def parse_segments(text):
 class SceneReader:
     """The scenes of one video file, read once, in order (see the module's docstring)."""
 
-    def __init__(self, path, size, keep, segments="auto", min_scene=MIN_SCENE, max_scene=MAX_SCENE):
+    def __init__(self, path, size, keep, segments="auto", min_scene=MIN_SCENE, max_scene=MAX_SCENE,
+                 max_seconds=None, max_pixels=None, stop=None):
+        """max_seconds, max_pixels (width * height): caps checked from the header and again while decoding
+        (OverLimit); stop(), if given, is asked at every frame and True ends reading with ReadingStopped."""
         self.path, self.size, self.keep = Path(path), int(size), int(keep)
+        self.max_seconds, self.stop = max_seconds, stop
         self.segments = parse_segments(segments)
         if not 0 <= min_scene < max_scene:
             raise DataError(f"need 0 <= min_scene < max_scene, not min_scene={min_scene}, max_scene={max_scene}")
@@ -90,11 +102,19 @@ class SceneReader:
         try:
             self.fps = capture.get(cv2.CAP_PROP_FPS)
             frame_count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+            width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
         finally:
             capture.release()
         if not self.fps > 0:
             raise DataError(f"{self.path}: no video stream (no frame rate)")
         self.duration: Optional[float] = frame_count / self.fps if frame_count > 0 else None
+        if max_pixels is not None and width * height > max_pixels:
+            raise OverLimit(f"{self.path}: {width:.0f}x{height:.0f} frames are over the limit of {max_pixels} pixels")
+        self._check_length(self.duration or 0)
+
+    def _check_length(self, seconds):
+        if self.max_seconds is not None and seconds > self.max_seconds:
+            raise OverLimit(f"{self.path}: longer than {self.max_seconds:g} s (the limit)")
 
     def _open(self):
         capture = cv2.VideoCapture(str(self.path))
@@ -137,6 +157,9 @@ class SceneReader:
                 ms = capture.get(cv2.CAP_PROP_POS_MSEC)
                 ms = ms if last_ms is None else max(ms, last_ms + 1e-3)  # a decoder's repeated timestamp
                 last_ms, decoded = ms, decoded + 1
+                if self.stop is not None and self.stop():
+                    raise ReadingStopped(f"{self.path}: reading stopped")
+                self._check_length(ms / 1000)
                 if detector is None:
                     yield from place(ms, None, capture)
                     continue

@@ -112,11 +112,11 @@ def clip_frames(colour, shape, direction, size, rng, frames=FRAMES_PER_CLIP):
     return clip
 
 
-def write_clip(path, frames_bgr):
-    """Write BGR frames to `path` as XVID in AVI at FPS."""
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"XVID"), FPS, (FRAME_SIZE, FRAME_SIZE))
+def write_clip(path, frames_bgr, fourcc="XVID"):
+    """Write BGR frames to `path` at FPS: XVID (in AVI), or e.g. VP80 (in WebM, which browsers play)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), FPS, (FRAME_SIZE, FRAME_SIZE))
     if not writer.isOpened():
-        raise RuntimeError(f"{path}: OpenCV cannot write XVID video here")
+        raise RuntimeError(f"{path}: OpenCV cannot write {fourcc} video here")
     for frame in frames_bgr:
         writer.write(frame)
     writer.release()

@@ -3,10 +3,11 @@
     python -m tools.long_demo OUT.avi [--scenes 6 | --minutes M] [--seed S]
     python -m tools.long_demo OUT.avi --check CUES.json     # infer.py --segments --json's cues against the scenes
 
-Writes OUT.avi (XVID, FPS frames a second, FRAME_SIZE pixels square) and OUT.avi.json: each scene's start and end in
-seconds, colour, shape, direction, size and reference captions. Scenes show only the (colour, shape, direction)
-combinations the demo's training split holds (split_combinations), so the shipped s2vt-demo release knows them all,
-and no two adjacent scenes share a colour. Everything is a function of the seed.
+Writes OUT.avi (XVID, FPS frames a second, FRAME_SIZE pixels square; OUT.webm: VP8, which browsers play) and
+OUT.avi.json: each scene's start and end in seconds, colour, shape, direction, size and reference captions. Scenes
+show only the (colour, shape, direction) combinations the demo's training split holds (split_combinations), so the
+shipped s2vt-demo release knows them all, and no two adjacent scenes share a colour. Everything is a function of the
+seed.
 """
 import argparse
 import itertools
@@ -52,7 +53,7 @@ def make_long_video(path, scenes=None, minutes=None, seed=0):
     with atomic_path(path) as tmp:
         staged = tmp.with_name(tmp.stem + Path(path).suffix)  # the writer picks the container by the suffix
         try:
-            write_clip(staged, itertools.chain.from_iterable(clips))
+            write_clip(staged, itertools.chain.from_iterable(clips), "VP80" if staged.suffix == ".webm" else "XVID")
             staged.replace(tmp)
         finally:
             staged.unlink(missing_ok=True)

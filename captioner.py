@@ -181,7 +181,8 @@ class Captioner:
                             attention)
 
     def caption_segments(self, path, segments="auto", min_scene=None, max_scene=None, beam_size=5,
-                         length_penalty=0.0, scene_memory_mb=64, max_seconds=None, max_pixels=None, stop=None):
+                         length_penalty=0.0, scene_memory_mb=64, max_seconds=None, max_pixels=None, stop=None,
+                         progress=None):
         """Caption a long video scene by scene: [Cue(start, end, caption, score)] in order, seconds, adjacent
         scenes with the same caption merged (util.subtitles.merge_repeats).
 
@@ -192,7 +193,8 @@ class Captioner:
         scenes are captioned in batches of at most scene_memory_mb of sampled frames, so memory does not grow with
         the video. A tqdm bar runs over the video's duration. A file that cannot be read raises DataError, one
         longer than max_seconds or with frames over max_pixels util.scenes.OverLimit (a DataError); stop(), if
-        given, is asked at every frame and True ends the work with util.scenes.ReadingStopped."""
+        given, is asked at every frame and True ends the work with util.scenes.ReadingStopped. progress(seconds
+        read, seconds in all or None), if given, is called after each scene is read."""
         import threading
 
         from util.data import prefetched
@@ -234,6 +236,8 @@ class Captioner:
                         caption_waiting()
                     bar.update(min(scene.end, total or scene.end) - bar.n)
                     bar.set_postfix(scenes=len(cues) + len(waiting))
+                    if progress is not None:
+                        progress(bar.n, total)
                 if waiting:
                     caption_waiting()
         finally:

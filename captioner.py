@@ -189,6 +189,75 @@ class Captioner:
         return self.caption(features if features.ndim == 2 else list(features), beam_size, length_penalty, n_best,
                             attention)
 
+    def caption_segments(self, path, segments="auto", min_scene=None, max_scene=None, beam_size=5,
+                         length_penalty=0.0, scene_memory_mb=64, max_seconds=None, max_pixels=None, stop=None,
+                         progress=None):
+        """Caption a long video scene by scene: [Cue(start, end, caption, score)] in order, seconds, adjacent
+        scenes with the same caption merged (util.subtitles.merge_repeats).
+
+        segments: "auto" cuts where the shots change (util.scenes: PySceneDetect's AdaptiveDetector), at least
+        min_scene seconds apart, and splits a scene longer than max_scene seconds every max_scene seconds; a number
+        cuts fixed windows of that many seconds. A video shorter than one scene gets one cue. The file is decoded
+        once; each scene is sampled and run through the extractor as a clip of its own, every fused run's too, and
+        scenes are captioned in batches of at most scene_memory_mb of sampled frames, so memory does not grow with
+        the video. A tqdm bar runs over the video's duration. A file that cannot be read raises DataError, one
+        longer than max_seconds or with frames over max_pixels util.scenes.OverLimit (a DataError); stop(), if
+        given, is asked at every frame and True ends the work with util.scenes.ReadingStopped. progress(seconds
+        read, seconds in all or None), if given, is called after each scene is read."""
+        import threading
+
+        from util.data import prefetched
+        from util.scenes import MAX_SCENE, MIN_SCENE, ReadingStopped, SceneReader
+        from util.subtitles import Cue, merge_repeats
+
+        runs = [self, *(member for member, _ in self.fused)]
+        settings = [run._extractor_settings() for run in runs]
+        flow = [run.source for run, s in zip(runs, settings) if s.stream != "rgb"]
+        if flow:
+            raise DataError(f"{', '.join(map(str, flow))}: reads optical flow; scenes are captioned by RGB-stream "
+                            f"runs only (a scene keeps spaced frames, not the pairs of neighbours flow needs)")
+        keep, size = max(s.frames for s in settings), max(s.image_size for s in settings)
+        ended = threading.Event()  # set when this call ends, so that the reading thread ends too
+        reader = SceneReader(path, size, keep, segments, MIN_SCENE if min_scene is None else min_scene,
+                             MAX_SCENE if max_scene is None else max_scene, max_seconds, max_pixels,
+                             stop=lambda: ended.is_set() or (stop is not None and stop()))
+        batch = max(1, min(self.batch_size, scene_memory_mb * 2 ** 20 // (keep * size * size * 3)))
+        cues, waiting = [], []
+
+        def caption_waiting():
+            if stop is not None and stop():
+                raise ReadingStopped(f"{path}: captioning stopped")
+            # each scene's sample, cut to the `keep` frames the runs sample from, is a clip of decoded frames
+            clips = [s.frames[extract_features.frame_indices(len(s.frames), keep)] for s in waiting]
+            results = self.caption(clips, beam_size, length_penalty, attention=True)
+            cues.extend(Cue(s.start, s.end, r.caption, r.n_best[0].score if r.n_best else None)
+                        for s, r in zip(waiting, results))
+            waiting.clear()
+
+        total = round(reader.duration, 1) if reader.duration else None
+        scenes = prefetched(iter(reader), depth=2)
+        try:
+            with tqdm(total=total, desc=f"captioning {Path(path).name}", unit="s", leave=False,
+                      bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s of video [{elapsed}<{remaining}]") as bar:
+                for scene in scenes:
+                    waiting.append(scene)
+                    if len(waiting) == batch:
+                        caption_waiting()
+                    bar.update(min(scene.end, total or scene.end) - bar.n)
+                    bar.set_postfix(scenes=len(cues) + len(waiting))
+                    if progress is not None:
+                        progress(bar.n, total)
+                if waiting:
+                    caption_waiting()
+        finally:
+            ended.set()
+            try:  # a reading thread still going stops at its next frame: take what it had queued
+                for _ in scenes:
+                    pass
+            except Exception:  # the reading thread's own error, if any, comes second to this call's
+                pass
+        return merge_repeats(cues)
+
     def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None, fused_features=()):
         """Captions for (videos, frames, dim) features, batch by batch, greedy (beam_size 1) or by beam search:
         a Caption per video (without frames), its attention that of this run. A fused Captioner also takes the

@@ -3,6 +3,8 @@
     python infer.py IDS_FILE OUT_FILE [--checkpoint DIR|NAME|URL] [--feat-dir DIR] [--batch-size N] [--beam-size K]
     python infer.py --video CLIP.avi [CLIP2.mp4 ...] [--checkpoint DIR|NAME|URL]
     python infer.py IDS_FILE OUT_FILE --checkpoint RGB_RUN --fuse FLOW_RUN[:WEIGHT] [--fuse-feat-dir DIR]
+    python infer.py --video LONG.mp4 --segments auto|SECONDS [--min-scene S] [--max-scene S]
+                    [--srt OUT.srt] [--vtt OUT.vtt] [--json OUT.json]
 
 Writes one `video_id,caption` line per id, in the order of IDS_FILE. Features are read from --feat-dir, or found
 through the MLDS layout beside the ids file (<dir>/feat/ or <dir>/testing_data/feat/). With --video, raw clips
@@ -14,6 +16,10 @@ The checkpoint defaults to the best one of the newest run under checkpoints/.
 reads its own features: --fuse-feat-dir, else the features folder itself when both runs' streams are the same, else
 the folder beside it named for the fused run's stream (testing_data/feat -> testing_data/feat_flow); with --video
 each run extracts its own from the clips.
+
+--segments captions one long video scene by scene (Captioner.caption_segments: cuts detected with PySceneDetect, or
+fixed windows of SECONDS), prints `start --> end caption` lines and writes the cues as SRT, WebVTT and JSON (start,
+end, caption, score), each file whole or not at all; beam search of 5 unless --beam-size says otherwise.
 """
 import argparse
 import json
@@ -33,10 +39,13 @@ from extract_features import FeatureSettings, manifest_differences
 from model import MATMUL_DTYPES
 from util.atomic import write_text_atomic
 from util.evaluate import evaluate, format_table
+from util.scenes import MAX_SCENE, MIN_SCENE, parse_segments
+from util.subtitles import write_subtitles
 from util.data import find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids, warnings_as_lines
 from util.errors import DataError, command
 
 DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
+SEGMENTS_BEAM = 5  # a video's few scene captions are worth beam search, as on the web page
 
 
 def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
@@ -112,6 +121,28 @@ def read_run_features(feat_dir, video_ids, captioner, what):
                          for v in bar])
 
 
+def caption_long_video(args, fuse, started):
+    """--segments: the cues of one video printed and written; nothing is written unless the whole video was read."""
+    segments = parse_segments(args.segments)
+    outputs = [Path(p) for p in (args.srt, args.vtt, args.json) if p]
+    for out in outputs:  # checked before the video is read, not after
+        if out.is_dir() or not out.resolve().parent.is_dir():
+            raise DataError(f"{out}: is a folder, or its folder does not exist")
+    captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
+    video = args.video[0]
+    cues = captioner.caption_segments(video, segments, args.min_scene, args.max_scene, args.beam_size,
+                                      args.length_penalty)
+    for cue in cues:
+        print(f"{cue.start:.3f} --> {cue.end:.3f} {cue.caption}")
+    write_subtitles(cues, args.srt, args.vtt, args.json, video=str(video), checkpoint=str(captioner.source),
+                    segments=segments, beam_size=args.beam_size)
+    seconds = time.perf_counter() - started
+    written = "; wrote " + ", ".join(map(str, outputs)) if outputs else ""
+    print(f"captioned {video}: {len(cues)} cues over {cues[-1].end:.1f} s of video in {seconds:.1f} s"
+          f"{written}", file=sys.stderr)
+    return 0
+
+
 @command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +159,8 @@ def main(argv=None):
                         "else the folder beside it named <feat dir>_<stream>, e.g. feat_flow)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--labels", help="labels JSON: score the captions (MLDS BLEU@1 and the COCO metrics)")
-    parser.add_argument("--beam-size", type=int, default=1, help="1 (default) decodes greedily")
+    parser.add_argument("--beam-size", type=int, help=f"1 decodes greedily (the default, but {SEGMENTS_BEAM} with "
+                                                       "--segments)")
     parser.add_argument("--length-penalty", type=float, default=0.0, help="beam score = log-prob / length^A")
     parser.add_argument("--n-best", type=int, default=1, help="write the N best captions with scores to "
                         "OUT_FILE.nbest.json (needs --beam-size >= N)")
@@ -138,8 +170,29 @@ def main(argv=None):
     parser.add_argument("--attention-dir", help="write a PNG of attention over frames per video here")
     parser.add_argument("--video-dir", help="raw clips for the attention plots' thumbnails "
                         "(default: the video/ folder beside the features)")
+    parser.add_argument("--segments", metavar="auto|SECONDS", help="with one --video: caption it scene by scene, "
+                        "cutting where the shots change (auto) or every SECONDS")
+    parser.add_argument("--min-scene", type=float, default=MIN_SCENE,
+                        help=f"with --segments auto: seconds at least between cuts (default {MIN_SCENE:g})")
+    parser.add_argument("--max-scene", type=float, default=MAX_SCENE,
+                        help=f"with --segments auto: split longer scenes every this many seconds (default "
+                             f"{MAX_SCENE:g})")
+    parser.add_argument("--srt", help="with --segments: write the cues as SubRip subtitles here")
+    parser.add_argument("--vtt", help="with --segments: write the cues as WebVTT subtitles here")
+    parser.add_argument("--json", help="with --segments: write the cues (start, end, caption, score) as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.beam_size is None:
+        args.beam_size = SEGMENTS_BEAM if args.segments else 1
+    if args.segments is not None:
+        if not args.video or len(args.video) != 1 or args.ids_file:
+            parser.error("--segments captions one video: give --video LONG.mp4 and no IDS_FILE")
+        if args.attention_dir or args.n_best != 1:
+            parser.error("--segments writes one caption per scene: no --attention-dir or --n-best")
+        if not 0 <= args.min_scene < args.max_scene:
+            parser.error("need 0 <= --min-scene < --max-scene")
+    elif args.srt or args.vtt or args.json:
+        parser.error("--srt, --vtt and --json need --segments")
     if args.batch_size <= 0:
         parser.error("--batch-size must be positive")
     if not args.video and not (args.ids_file and args.out_file):
@@ -151,6 +204,8 @@ def main(argv=None):
     decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best)
     started = time.perf_counter()
     fuse = [parse_fuse(args.fuse)] if args.fuse else []
+    if args.segments is not None:
+        return caption_long_video(args, fuse, started)
     if args.video:
         captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
         results = captioner.caption([Path(p) for p in args.video], attention=True, errors="return", **decoding)

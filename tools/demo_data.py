@@ -92,8 +92,9 @@ def _draw(frame, shape, centre, half, colour):
         cv2.rectangle(frame, (x - half, y - stroke), (x + half, y + stroke), colour, -1, cv2.LINE_AA)
 
 
-def render_clip(path, colour, shape, direction, size, rng):
-    """Write one clip to `path` (XVID in AVI); the object crosses 30-50% of the frame."""
+def clip_frames(colour, shape, direction, size, rng, frames=FRAMES_PER_CLIP):
+    """One clip's BGR frames (frames, FRAME_SIZE, FRAME_SIZE, 3) uint8: the object crosses 30-50% of the frame,
+    whatever the number of frames (more frames: slower)."""
     half = int(rng.integers(*SIZES[size], endpoint=True))
     travel = rng.uniform(0.30, 0.50) * FRAME_SIZE
     dx, dy = DIRECTIONS[direction]
@@ -103,15 +104,27 @@ def render_clip(path, colour, shape, direction, size, rng):
         lo, hi = (margin + travel, FRAME_SIZE - margin) if step < 0 else (margin, FRAME_SIZE - margin - travel * abs(step))
         start[axis] = rng.uniform(lo, hi)
     background = _background(rng)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"XVID"), FPS, (FRAME_SIZE, FRAME_SIZE))
+    clip = np.empty((frames, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+    for t in range(frames):
+        centre = start + np.array([dx, dy]) * travel * t / (frames - 1)
+        clip[t] = background
+        _draw(clip[t], shape, centre, half, COLOURS[colour])
+    return clip
+
+
+def write_clip(path, frames_bgr, fourcc="XVID"):
+    """Write BGR frames to `path` at FPS: XVID (in AVI), or e.g. VP80 (in WebM, which browsers play)."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), FPS, (FRAME_SIZE, FRAME_SIZE))
     if not writer.isOpened():
-        raise RuntimeError(f"{path}: OpenCV cannot write XVID video here")
-    for t in range(FRAMES_PER_CLIP):
-        centre = start + np.array([dx, dy]) * travel * t / (FRAMES_PER_CLIP - 1)
-        frame = background.copy()
-        _draw(frame, shape, centre, half, COLOURS[colour])
+        raise RuntimeError(f"{path}: OpenCV cannot write {fourcc} video here")
+    for frame in frames_bgr:
         writer.write(frame)
     writer.release()
+
+
+def render_clip(path, colour, shape, direction, size, rng):
+    """Write one demo clip to `path` (XVID in AVI, FRAMES_PER_CLIP frames)."""
+    write_clip(path, clip_frames(colour, shape, direction, size, rng))
 
 
 def split_combinations(seed, held_out=8):

@@ -3,12 +3,16 @@
     python serve.py [--checkpoint NAME|RUN_DIR|CKPT|URL] [--host 127.0.0.1] [--port 8000] [--max-upload-mb 200]
                     [--allowed-host NAME ...] [--max-clip-seconds 60] [--max-clip-frames 3000]
                     [--max-clip-pixels 8300000] [--time-limit 60] [--max-queue 8] [--decode-workers 2]
+                    [--max-video-seconds 1800] [--scenes-time-limit 600]
 
     GET  /                   the page: choose or drop a clip; see its caption, the n-best list and the attention
     GET  /api/info           the checkpoint, its frames and the upload limit
     POST /api/caption        multipart/form-data with one `file` part; query: beam_size (default 5), n_best
                              (default 3), length_penalty (0), plot (1: the attention as a PNG data URL), job (an id
                              of the caller's choosing for /api/progress) -> JSON caption, n_best, attention, timings
+    POST /api/scenes         the same upload, a long video captioned scene by scene (Captioner.caption_segments);
+                             query: segments (auto or SECONDS), beam_size (5), job -> JSON cues [{start, end,
+                             caption, score}], srt and vtt (the cues as subtitle files), timings
     GET  /api/progress/JOB   {stage, done, total} of the request in flight with that job id
 
 An upload goes to a temporary folder that is removed when its request ends, failures included; the body is
@@ -16,7 +20,8 @@ counted as it streams in and refused (413) past --max-upload-mb. Work is bounded
 are uploading, waiting or working at once (more get 503 with Retry-After); a clip over --max-clip-seconds,
 -frames or -pixels is refused (413) from its header before decoding and again while decoding; a request past
 --time-limit seconds gets 408 (or 503 if it is still waiting for the model); a client that goes away has its
-decoding stopped and never reaches the model. Clips are decoded in a pool of --decode-workers threads, apart from
+decoding stopped and never reaches the model. A video captioned scene by scene has caps of its own: at most
+--max-video-seconds long (the frame-size cap is --max-clip-pixels) and --scenes-time-limit seconds of work. Clips are decoded in a pool of --decode-workers threads, apart from
 the model, which one request uses at a time. Only requests for 127.0.0.1, localhost and --allowed-host names are
 answered (400 otherwise), and a POST from a page of another origin gets 403, so other sites open in the same
 browser cannot use the server. Every error is a 4xx/5xx status with a one-line JSON body {"error": "..."} naming
@@ -50,12 +55,16 @@ from starlette.routing import Route
 from captioner import Captioner, VideoError
 from extract_features import VIDEO_SUFFIXES, ClipLimits, ClipOverLimit, DecodingStopped
 from util.errors import DataError, command
+from util.scenes import OverLimit, ReadingStopped, SceneReader, parse_segments
+from util.subtitles import to_srt, to_vtt
 
 PAGE = Path(__file__).resolve().parent / "util" / "serve_page.html"
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_BEAM = 20
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
 DEFAULT_LIMITS = ClipLimits(seconds=60.0, frames=3000, pixels=3840 * 2160)
+MAX_VIDEO_SECONDS = 1800.0  # scene by scene: half an hour of the demo's video takes about 80 s on 2 CPU cores
+SCENES_TIME_LIMIT = 600.0
 
 
 class RequestError(Exception):
@@ -236,13 +245,25 @@ def decoding_options(query):
     return dict(beam_size=beam_size, n_best=n_best, length_penalty=length_penalty), query.get("plot") == "1"
 
 
+def segment_options(query):
+    """segments and beam_size of a scene-by-scene request, checked."""
+    try:
+        segments = parse_segments(query.get("segments", "auto"))
+        beam_size = int(query.get("beam_size", 5))
+    except (DataError, ValueError) as error:
+        raise RequestError(400, f"bad option ({error})") from None
+    if not 1 <= beam_size <= MAX_BEAM:
+        raise RequestError(400, f"need 1 <= beam_size <= {MAX_BEAM}")
+    return segments, beam_size
+
+
 def checkpoint_label(source):
     """The checkpoint as shown to clients: its run folder's name and the checkpoint's, no absolute path."""
     return "/".join(Path(str(source)).parts[-3:])
 
 
 def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60.0, max_queue=8, decode_workers=2,
-               allowed_hosts=()):
+               allowed_hosts=(), max_video_seconds=MAX_VIDEO_SECONDS, scenes_time_limit=SCENES_TIME_LIMIT):
     """The Starlette app around one Captioner. A Captioner that cannot read clips is refused (DataError)."""
     if captioner.feature_settings is None:
         raise DataError(f"{checkpoint_label(captioner.source)}: the checkpoint records no feature extractor (its "
@@ -260,7 +281,8 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
         return JSONResponse({"checkpoint": label, "frames": captioner.frames, "max_upload_bytes": max_upload_bytes,
                              "max_beam_size": MAX_BEAM, "max_clip_seconds": limits.seconds,
                              "max_clip_frames": limits.frames, "max_clip_pixels": limits.pixels,
-                             "time_limit_s": time_limit, "max_queue": max_queue})
+                             "time_limit_s": time_limit, "max_queue": max_queue,
+                             "max_video_seconds": max_video_seconds, "scenes_time_limit_s": scenes_time_limit})
 
     async def progress(request):
         job = jobs.get(request.path_params["job"])
@@ -268,15 +290,19 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
             return error_response(404, f"no request in flight with job id {request.path_params['job']!r}")
         return JSONResponse(job)
 
-    async def caption(request):
+    async def take_upload(request, limit, options_of, work):
+        """What every upload request shares: a place in the queue, the job id, the options (options_of(query)),
+        the upload into a temporary folder removed at the end, the time limit and the client's leaving; then
+        await work(options, path, name, folder, job, stop, report, deadline, times) -> the JSON body. Every failure
+        is the API's JSON."""
         if admitted["count"] >= max_queue:
             return error_response(503, f"busy: {max_queue} requests are in flight; try again shortly",
                                   {"Retry-After": str(max(1, math.ceil(time_limit / 4)))})
         admitted["count"] += 1
         job_id, job = request.query_params.get("job"), {"stage": "uploading", "done": 0, "total": 0}
         folder = Path(tempfile.mkdtemp(prefix="s2vt-serve-"))
-        started = time.perf_counter()
-        deadline = time.monotonic() + time_limit
+        times = {"started": time.perf_counter()}
+        deadline = time.monotonic() + limit
         gone = asyncio.Event()
         watcher = None
         try:
@@ -286,13 +312,13 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
                 if job_id in jobs:
                     raise RequestError(409, f"job id {job_id!r} is already in flight")
                 jobs[job_id] = job
-            decoding, plot = decoding_options(request.query_params)
+            options = options_of(request.query_params)
             try:
-                async with asyncio.timeout_at(asyncio.get_running_loop().time() + time_limit):
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + limit):
                     path, name = await receive_upload(request, folder, max_upload_bytes)
             except TimeoutError:
-                raise RequestError(408, f"the upload took longer than the time limit of {time_limit:g} s") from None
-            uploaded = time.perf_counter()
+                raise RequestError(408, f"the upload took longer than the time limit of {limit:g} s") from None
+            times["uploaded"] = time.perf_counter()
             watcher = asyncio.create_task(watch_disconnect(request, gone))
 
             def stop():  # asked by the decoding and captioning threads between frames and batches
@@ -303,44 +329,11 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
                     raise DecodingStopped("stopped")
                 job.update(stage=stage, done=done, total=total)
 
-            job.update(stage="decoding")
-            try:
-                clip = await asyncio.get_running_loop().run_in_executor(
-                    decoders, lambda: captioner.read_clip(path, limits, stop))
-            except VideoError as error:
-                raise RequestError(413 if isinstance(error, ClipOverLimit) else 422,
-                                   str(error).replace(str(path), name)) from None
-            decoded = time.perf_counter()
-            job.update(stage="queued")
-            try:
-                await asyncio.wait_for(model_lock.acquire(), max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                raise RequestError(503, f"busy: no turn at the model within the time limit of {time_limit:g} s") \
-                    from None
-            try:
-                if stop():  # the client left or the time is up while waiting: the next in line goes first
-                    raise DecodingStopped("stopped")
-                locked = time.perf_counter()
-                result = await run_in_threadpool(captioner.caption, clip, attention=True, progress=report, **decoding)
-            finally:
-                model_lock.release()
-            captioned = time.perf_counter()
-            body = {"file": name, "checkpoint": label, "decoding": decoding, **result.to_dict(),
-                    "frames": captioner.frames}
-            if plot:
-                job.update(stage="plotting", done=0, total=0)
-                png = folder / "attention.png"
-                await run_in_threadpool(result.plot_attention, png, f"{name}: {result.caption}")
-                body["attention_png"] = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
-            finished = time.perf_counter()
-            body["timings"] = {"upload_s": round(uploaded - started, 3), "decode_s": round(decoded - uploaded, 3),
-                               "queued_s": round(locked - decoded, 3), "caption_s": round(captioned - locked, 3),
-                               "plot_s": round(finished - captioned, 3), "total_s": round(finished - started, 3)}
-            return JSONResponse(body)
-        except DecodingStopped:
+            return JSONResponse(await work(options, path, name, folder, job, stop, report, deadline, times))
+        except (DecodingStopped, ReadingStopped):
             if gone.is_set():  # nobody reads this answer
                 return error_response(499, "the client went away")
-            return error_response(408, f"the request took longer than the time limit of {time_limit:g} s")
+            return error_response(408, f"the request took longer than the time limit of {limit:g} s")
         except RequestError as error:
             return error_response(error.status, error)
         except Exception as error:  # the server goes on serving; the traceback goes to its log
@@ -354,10 +347,93 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
                 del jobs[job_id]
             shutil.rmtree(folder, ignore_errors=True)
 
+    async def model_turn(deadline, limit):
+        """Wait for the model until the deadline: 503 past it."""
+        try:
+            await asyncio.wait_for(model_lock.acquire(), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise RequestError(503, f"busy: no turn at the model within the time limit of {limit:g} s") from None
+
+    async def caption_clip(options, path, name, folder, job, stop, report, deadline, times):
+        decoding, plot = options
+        job.update(stage="decoding")
+        try:
+            clip = await asyncio.get_running_loop().run_in_executor(
+                decoders, lambda: captioner.read_clip(path, limits, stop))
+        except VideoError as error:
+            raise RequestError(413 if isinstance(error, ClipOverLimit) else 422,
+                               str(error).replace(str(path), name)) from None
+        decoded = time.perf_counter()
+        job.update(stage="queued")
+        await model_turn(deadline, time_limit)
+        try:
+            if stop():  # the client left or the time is up while waiting: the next in line goes first
+                raise DecodingStopped("stopped")
+            locked = time.perf_counter()
+            result = await run_in_threadpool(captioner.caption, clip, attention=True, progress=report, **decoding)
+        finally:
+            model_lock.release()
+        captioned = time.perf_counter()
+        body = {"file": name, "checkpoint": label, "decoding": decoding, **result.to_dict(),
+                "frames": captioner.frames}
+        if plot:
+            job.update(stage="plotting", done=0, total=0)
+            png = folder / "attention.png"
+            await run_in_threadpool(result.plot_attention, png, f"{name}: {result.caption}")
+            body["attention_png"] = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode()
+        finished = time.perf_counter()
+        body["timings"] = {"upload_s": round(times["uploaded"] - times["started"], 3),
+                           "decode_s": round(decoded - times["uploaded"], 3), "queued_s": round(locked - decoded, 3),
+                           "caption_s": round(captioned - locked, 3), "plot_s": round(finished - captioned, 3),
+                           "total_s": round(finished - times["started"], 3)}
+        return body
+
+    async def caption_scenes(options, path, name, folder, job, stop, report, deadline, times):
+        segments, beam_size = options
+        job.update(stage="checking")
+        try:  # the header's caps, before waiting for the model
+            reader = await asyncio.get_running_loop().run_in_executor(
+                decoders, lambda: SceneReader(path, 1, 1, segments, max_seconds=max_video_seconds,
+                                              max_pixels=limits.pixels))
+        except DataError as error:
+            raise RequestError(413 if isinstance(error, OverLimit) else 422,
+                               str(error).replace(str(path), name)) from None
+        job.update(stage="queued", done=0, total=round(reader.duration or 0, 1))
+        await model_turn(deadline, scenes_time_limit)
+        try:
+            if stop():
+                raise DecodingStopped("stopped")
+            locked = time.perf_counter()
+            cues = await run_in_threadpool(
+                captioner.caption_segments, path, segments, beam_size=beam_size, max_seconds=max_video_seconds,
+                max_pixels=limits.pixels, stop=stop,
+                progress=lambda done, total: report("scenes", round(done, 1), round(total or 0, 1)))
+        except DataError as error:
+            raise RequestError(413 if isinstance(error, OverLimit) else 422,
+                               str(error).replace(str(path), name)) from None
+        finally:
+            model_lock.release()
+        finished = time.perf_counter()
+        return {"file": name, "checkpoint": label, "segments": segments, "beam_size": beam_size,
+                "duration_s": round(cues[-1].end, 3),
+                "cues": [{"start": round(c.start, 3), "end": round(c.end, 3), "caption": c.caption,
+                          "score": None if c.score is None else round(c.score, 4)} for c in cues],
+                "srt": to_srt(cues), "vtt": to_vtt(cues),
+                "timings": {"upload_s": round(times["uploaded"] - times["started"], 3),
+                            "queued_s": round(locked - times["uploaded"], 3), "caption_s": round(finished - locked, 3),
+                            "total_s": round(finished - times["started"], 3)}}
+
+    async def caption(request):
+        return await take_upload(request, time_limit, decoding_options, caption_clip)
+
+    async def scenes(request):
+        return await take_upload(request, scenes_time_limit, segment_options, caption_scenes)
+
     middleware = [Middleware(TrustedHosts, allowed_hosts=[*LOCAL_HOSTS, *allowed_hosts]),
                   Middleware(SameOriginPosts)]
     return Starlette(routes=[Route("/", page), Route("/api/info", info),
                              Route("/api/caption", caption, methods=["POST"]),
+                             Route("/api/scenes", scenes, methods=["POST"]),
                              Route("/api/progress/{job}", progress)],
                      middleware=middleware, exception_handlers={HTTPException: http_error, Exception: server_error})
 
@@ -389,10 +465,14 @@ def main(argv=None):
     parser.add_argument("--max-queue", type=int, default=8,
                         help="requests uploading, waiting or working at once; more get 503 with Retry-After")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding clips")
+    parser.add_argument("--max-video-seconds", type=float, default=MAX_VIDEO_SECONDS,
+                        help="videos captioned scene by scene (/api/scenes) may be this long (413 past it)")
+    parser.add_argument("--scenes-time-limit", type=float, default=SCENES_TIME_LIMIT,
+                        help="seconds a scene-by-scene request may take (408)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     for flag in ("max_upload_mb", "max_clip_seconds", "max_clip_frames", "max_clip_pixels", "time_limit",
-                 "max_queue", "decode_workers"):
+                 "max_queue", "decode_workers", "max_video_seconds", "scenes_time_limit"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     import uvicorn
@@ -400,7 +480,7 @@ def main(argv=None):
     captioner = Captioner.load(args.checkpoint)
     limits = ClipLimits(args.max_clip_seconds, args.max_clip_frames, args.max_clip_pixels)
     app = create_app(captioner, int(args.max_upload_mb * 1e6), limits, args.time_limit, args.max_queue,
-                     args.decode_workers, args.allowed_host)
+                     args.decode_workers, args.allowed_host, args.max_video_seconds, args.scenes_time_limit)
     print(f"captioning with {captioner.source}: open http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     # uvicorn's own cap on open requests (GETs included) backs up --max-queue's
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=4 * args.max_queue + 16)

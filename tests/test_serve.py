@@ -38,9 +38,9 @@ class Server:
         response = connection.getresponse()
         return response.status, response.read()
 
-    def post(self, body, content_type, query=""):
+    def post(self, body, content_type, query="", path="/api/caption"):
         connection = self.connection()
-        connection.request("POST", f"/api/caption{query}", body=body, headers={"Content-Type": content_type})
+        connection.request("POST", f"{path}{query}", body=body, headers={"Content-Type": content_type})
         response = connection.getresponse()
         return response.status, response.read()
 
@@ -272,23 +272,28 @@ def test_progress_of_a_request_in_flight(server, real_clip):
     assert status == 404 and json.loads(missing)["error"] == f"no request in flight with job id {job!r}"
 
 
-@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-                    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-def test_page_in_headless_chromium(server, video_run, real_clip, tmp_path):
-    """Choose a clip on the page, with beam size 3, and read its caption, n-best list and attention picture; then
-    a bad file."""
+def headless_chromium(tmp_path, height=1000):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1000"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", f"--window-size=1000,{height}"):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+                    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+def test_page_in_headless_chromium(server, video_run, real_clip, tmp_path):
+    """Choose a clip on the page, with beam size 3, and read its caption, n-best list and attention picture; then
+    a bad file."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = headless_chromium(tmp_path)
     try:
         driver.get(f"http://127.0.0.1:{server.port}/")
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "frames").text == "6")
@@ -445,3 +450,91 @@ def test_decoder_cache_keeps_the_most_recently_used(video_run):
     assert captioner_module.DECODER_CACHE == 4
     assert [key[1] for key in captioner._decoders] == [1.0, 1.5, 0.0, 2.0]
     assert captioner.caption_features(features, beam_size=2, length_penalty=0.0) == first
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory):
+    """Six demo scenes joined with hard cuts (37.8 s), as WebM, which Chromium plays, and their plan."""
+    from tools.long_demo import make_long_video
+
+    path = tmp_path_factory.mktemp("long") / "six.webm"
+    return path, make_long_video(path, scenes=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    """serve.py with the shipped s2vt-demo release, videos captioned scene by scene capped at 40 s."""
+    yield from start_server("s2vt-demo", tmp_path_factory.mktemp("serve_demo"), "--max-video-seconds", "40")
+
+
+def test_long_video_scene_by_scene_over_the_api(demo_server, long_video, tmp_path):
+    import srt
+    import webvtt
+
+    from tools.demo_data import parse_caption
+    from tools.long_demo import check_cues, make_long_video
+
+    path, plan = long_video
+    status, body = demo_server.post(*multipart(path.name, path.read_bytes()), path="/api/scenes")
+    assert status == 200, body
+    reply = json.loads(body)
+    cues = reply["cues"]
+    assert check_cues(plan, cues)["attributes_right"] in ("5/6", "6/6") and reply["duration_s"] == pytest.approx(
+        plan[-1]["end"], abs=0.01)
+    assert [c["caption"] for c in cues] == [s.content for s in srt.parse(reply["srt"])] == \
+           [c.text for c in webvtt.from_string(reply["vtt"]).captions]
+    assert parse_caption(cues[0]["caption"]) == (plan[0]["colour"], plan[0]["shape"], plan[0]["direction"])
+    longer = make_long_video(tmp_path / "longer.avi", minutes=0.75)  # over the server's 40 s
+    status, body = demo_server.post(*multipart("longer.avi", (tmp_path / "longer.avi").read_bytes()),
+                                    path="/api/scenes")
+    assert status == 413 and one_json_error(body) == "longer.avi: longer than 40 s (the limit)" and longer
+    status, body = demo_server.post(*multipart(path.name, path.read_bytes()), path="/api/scenes", query="?segments=0")
+    assert status == 400 and "segments" in one_json_error(body)
+    no_temp_files_left(demo_server)
+
+
+@pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+                    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
+def test_long_video_page_plays_with_captions_in_headless_chromium(demo_server, long_video, tmp_path):
+    """Caption the six-scene video scene by scene on the page: the video plays with its cues as a track, the scene
+    list seeks, SRT and WebVTT download; a screenshot (S2VT_SCREENSHOT=PATH keeps it there)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    path, plan = long_video
+    driver = headless_chromium(tmp_path, height=1100)
+    player = "document.getElementById('player')"
+    try:
+        driver.get(f"http://127.0.0.1:{demo_server.port}/")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "video-limit").text == "0.7")
+        driver.find_element(By.ID, "scene-mode").click()
+        driver.find_element(By.ID, "file").send_keys(str(path))
+        WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "scenes-result").is_displayed()
+                                        or d.find_element(By.ID, "error").is_displayed())
+        assert not driver.find_element(By.ID, "error").is_displayed()
+        rows = [row.find_elements(By.TAG_NAME, "td") for row in
+                driver.find_elements(By.CSS_SELECTOR, "#scene-list tbody tr")]
+        assert len(rows) >= len(plan) and rows[0][0].text == "0:00.0" and rows[-1][1].text == "0:37.8"
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script(
+            f"return {player}.readyState >= 1 && {player}.textTracks[0].cues && {player}.textTracks[0].cues.length"))
+        track = driver.execute_script(f"const t = {player}.textTracks[0]; return [t.kind, t.mode, "
+                                      f"Array.from(t.cues, c => [c.startTime, c.endTime, c.text])]")
+        assert track[:2] == ["captions", "showing"] and [c[2] for c in track[2]] == [row[2].text for row in rows]
+        assert driver.execute_script(f"return {player}.duration") == pytest.approx(plan[-1]["end"], abs=0.1)
+        rows[2][2].click()  # seeks to the third scene; its middle shows its cue
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script(f"return !{player}.seeking"))
+        assert driver.execute_script(f"return {player}.currentTime") == pytest.approx(track[2][2][0], abs=0.01)
+        middle = (track[2][2][0] + track[2][2][1]) / 2
+        driver.execute_script(f"{player}.currentTime = {middle}")
+        WebDriverWait(driver, 10).until(lambda d: d.execute_script(
+            f"return !{player}.seeking && {player}.readyState >= 2 && {player}.textTracks[0].activeCues.length"))
+        assert driver.execute_script(f"return {player}.textTracks[0].activeCues[0].text") == rows[2][2].text
+        for kind in ("srt", "vtt"):
+            link = driver.find_element(By.ID, f"download-{kind}")
+            text = driver.execute_script("return fetch(arguments[0].href).then(r => r.text())", link)
+            assert link.get_attribute("download") == f"six.{kind}" and rows[2][2].text in text
+        shot = Path(os.environ.get("S2VT_SCREENSHOT") or tmp_path / "scenes.png")
+        assert driver.save_screenshot(str(shot)) and cv2.imread(str(shot)).shape[1] >= 900
+    finally:
+        driver.quit()
+    no_temp_files_left(demo_server)

@@ -56,7 +56,7 @@ from captioner import Captioner, VideoError
 from extract_features import VIDEO_SUFFIXES, ClipLimits, ClipOverLimit, DecodingStopped
 from util.errors import DataError, command
 from util.scenes import OverLimit, ReadingStopped, SceneReader, parse_segments
-from util.subtitles import to_srt, to_vtt
+from util.subtitles import cue_rows, to_srt, to_vtt
 
 PAGE = Path(__file__).resolve().parent / "util" / "serve_page.html"
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -416,8 +416,7 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
         finished = time.perf_counter()
         return {"file": name, "checkpoint": label, "segments": segments, "beam_size": beam_size,
                 "duration_s": round(cues[-1].end, 3),
-                "cues": [{"start": round(c.start, 3), "end": round(c.end, 3), "caption": c.caption,
-                          "score": None if c.score is None else round(c.score, 4)} for c in cues],
+                "cues": cue_rows(cues),
                 "srt": to_srt(cues), "vtt": to_vtt(cues),
                 "timings": {"upload_s": round(times["uploaded"] - times["started"], 3),
                             "queued_s": round(locked - times["uploaded"], 3), "caption_s": round(finished - locked, 3),

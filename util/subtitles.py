@@ -53,11 +53,15 @@ def to_vtt(cues):
                                    for c in cues]).content
 
 
-def to_json(cues, **about):
-    """{**about, "cues": [{start, end, caption, score}]}, times in seconds rounded to the millisecond."""
-    rows = [{**asdict(c), "start": round(c.start, 3), "end": round(c.end, 3),
+def cue_rows(cues):
+    """[{start, end, caption, score}] of the cues, times in seconds rounded to the millisecond: the JSON form."""
+    return [{**asdict(c), "start": round(c.start, 3), "end": round(c.end, 3),
              "score": None if c.score is None else round(c.score, 4)} for c in cues]
-    return json.dumps({**about, "cues": rows}, indent=1)
+
+
+def to_json(cues, **about):
+    """{**about, "cues": cue_rows(cues)}."""
+    return json.dumps({**about, "cues": cue_rows(cues)}, indent=1)
 
 
 def write_subtitles(cues, srt_path=None, vtt_path=None, json_path=None, **about):

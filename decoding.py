@@ -6,6 +6,8 @@ whose "rows" (batch*beam, ...) follow the hypotheses, step(state, word_ids) -> (
 attention weights (batch*beam, frames)). Decoding stops once every caption (every video's pool of beams) has ended,
 its outputs padded to max_len so that shapes are fixed (util.backend.scan_until).
 """
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 from keras import ops
@@ -15,6 +17,70 @@ from util.vocab import BOS, EOS, PAD, UNK
 
 NEVER_WRITTEN = (PAD, BOS, UNK)  # tokens that decoding never writes
 NEG_INF = float("-inf")
+NO_REPEAT_NGRAM = 2  # the default: measured with tools.language_bench (docs/captions.md)
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a caption may not hold, whatever the model prefers.
+
+    no_repeat_ngram  N > 0: no n-gram of N words written twice in a caption, and no word written twice in a row
+                     (the training captions hold "is is" in 0.05% of captions, a repeated bigram in 0.8%); 0: off
+    cannot_end       word ids after which <EOS> may not come (util.vocab.cannot_end: words the training captions
+                     use often but almost never last, "a", "the", "is", "on"); when given, an empty caption is
+                     refused too. Empty: any word may end a caption.
+    The default, Constraints(), constrains nothing: decoding is the model's alone."""
+    no_repeat_ngram: int = 0
+    cannot_end: tuple = ()
+
+    def __post_init__(self):
+        if not (isinstance(self.no_repeat_ngram, int) and self.no_repeat_ngram >= 0):
+            raise ValueError(f"no_repeat_ngram must be a whole number >= 0, not {self.no_repeat_ngram!r}")
+
+    def apply(self, scores, history, t):
+        """scores (rows, vocab) with -inf for the words these constraints forbid at step t, history (rows, max_len)
+        holding each row's words written before t (<PAD> after)."""
+        if not self.no_repeat_ngram and not self.cannot_end:
+            return scores
+        vocab = ops.shape(scores)[-1]
+        words = ops.arange(vocab, dtype="int32")[None]  # (1, vocab)
+        previous = ops.where(t > 0, _column(history, ops.maximum(t - 1, 0)), BOS)  # (rows,)
+        banned = ops.zeros(ops.shape(scores), "bool")
+        if self.no_repeat_ngram:
+            banned = ops.logical_or(banned, words == previous[:, None])
+            if self.no_repeat_ngram > 1:
+                banned = ops.logical_or(banned, repeated_ngram_ends(history, t, vocab, self.no_repeat_ngram))
+        if self.cannot_end:
+            no_end = np.isin(np.arange(vocab), (BOS,) + tuple(self.cannot_end))  # a constant: BOS is the empty caption
+            banned = ops.logical_or(banned, ops.logical_and(words == EOS, ops.take(no_end, previous)[:, None]))
+        return ops.where(banned, NEG_INF, scores)
+
+
+def _column(history, t):
+    """history[:, t] for a tensor t: (rows,)."""
+    rows = ops.shape(history)[0]
+    return ops.take_along_axis(history, ops.full((rows, 1), t, "int32"), axis=1)[:, 0]
+
+
+def repeated_ngram_ends(history, t, vocab, n):
+    """(rows, vocab) bool: the words w such that the last n-1 words written, then w, is an n-gram the row wrote
+    before step t already."""
+    length = history.shape[1]
+    starts = ops.arange(length - n + 1, dtype="int32")  # where each earlier n-gram begins
+    match = (starts + n - 1 < t)[None]  # its last word was written before t
+    for k in range(n - 1):
+        last = _column(history, ops.maximum(t - (n - 1) + k, 0))  # the k-th of the last n-1 words
+        match = ops.logical_and(match, history[:, k:k + length - n + 1] == last[:, None])
+    rows = ops.shape(history)[0]
+    row_ids = ops.broadcast_to(ops.arange(rows, dtype="int32")[:, None], ops.shape(match))
+    indices = ops.stack([ops.reshape(row_ids, (-1,)), ops.reshape(history[:, n - 1:], (-1,))], 1)
+    counts = ops.scatter(indices, ops.reshape(ops.cast(match, "float32"), (-1,)), (rows, vocab))
+    return counts > 0
+
+
+def written(history, t, words):
+    """history (rows, max_len) with column t set to words (rows,)."""
+    return ops.where((ops.arange(history.shape[1]) == t)[None], words[:, None], history)
 
 
 def fused_scores(logits, weights, log_probs):
@@ -30,26 +96,28 @@ def fused_scores(logits, weights, log_probs):
     return ops.where(never, NEG_INF, scores)
 
 
-def greedy(members, max_len):
+def greedy(members, max_len, constraints=Constraints()):
     """Greedy decoding of one model, or of several fused: members [(model, frame_features, weight), ...], each
     model reading its own features (an RGB and a flow model, say), all with one vocabulary; each step takes the
-    word of highest weighted log-probability. Each caption stops at its <EOS>.
+    word of highest weighted log-probability that the constraints allow. Each caption stops at its <EOS>.
     Returns word ids (batch, max_len), <PAD> after <EOS>, and the first model's attention weights (batch, max_len,
     frames), zero after the end."""
     decoders = [model.decoder(features) for model, features, _ in members]
     weights = [weight for _, _, weight in members]
     batch = ops.shape(members[0][1])[0]
 
-    def step(state, _):
-        states, word, finished = state
+    def step(state, t):
+        states, word, finished, history = state
         stepped = [step_fn(member_state, word) for (_, step_fn), member_state in zip(decoders, states)]
-        scores = fused_scores([logits for _, logits, _ in stepped], weights, log_probs=False)
+        scores = constraints.apply(fused_scores([logits for _, logits, _ in stepped], weights, log_probs=False),
+                                   history, t)
         word = ops.where(finished, PAD, ops.cast(ops.argmax(scores, -1), "int32"))
-        return ([s for s, _, _ in stepped], word, ops.logical_or(finished, word == EOS)), (word, stepped[0][2])
+        return ([s for s, _, _ in stepped], word, ops.logical_or(finished, word == EOS),
+                written(history, t, word)), (word, stepped[0][2])
 
     start = ([member_state for member_state, _ in decoders], ops.full((batch,), BOS, "int32"),
-             ops.zeros((batch,), "bool"))
-    _, (words, attention), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[-1]))
+             ops.zeros((batch,), "bool"), ops.full((batch, max_len), PAD, "int32"))
+    _, (words, attention), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[2]))
     attention = ops.where((words == PAD)[:, :, None], 0.0, attention)  # zero after each caption's end, as beam's
     return ops.transpose(words), ops.transpose(attention, (1, 0, 2))
 
@@ -88,16 +156,17 @@ def sample_word(seed):
     return choose
 
 
-def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
+def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constraints=Constraints()):
     """Beam search of one model or of several fused (members as for greedy), all videos and all their beams
-    decoded together; beam_size=1 gives exactly greedy().
+    decoded together, each hypothesis extended only by the words the constraints allow; beam_size=1 gives exactly
+    greedy().
 
     A hypothesis's log-probability is the sum of its words' (<EOS> included; fused, the weighted sum of the
     models'), and it is ranked by log_prob / length**length_penalty, the length counting <EOS>. Each step extends
     every live hypothesis by every word; of each video's 2*beam_size best extensions, those among the first
     beam_size that end in <EOS> join the video's finished pool (its beam_size best by rank), and the beam_size best
-    that do not end stay live. A video stops when its pool is full, the search when every video has stopped or
-    max_len words were written. A video with fewer than n_best finished captions is topped up with its best
+    that do not end stay live. A video stops when its pool is full and none of its live hypotheses can still
+    rank above the pool's worst, the search when every video has stopped or max_len words were written. A video with fewer than n_best finished captions is topped up with its best
     unfinished ones, ranked after the finished.
 
     Returns:
@@ -119,14 +188,18 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
     def rank(log_probs, length):
         return log_probs / ops.power(ops.cast(length, "float32"), length_penalty)
 
-    def is_full(pool):
-        return ops.all(pool["rank"] > NEG_INF, axis=1)  # (batch,)
+    def is_done(pool, live_scores):
+        """(batch,): the pool is full and no live hypothesis can still rank above its worst. Words only lower a
+        log-probability, and a length penalty divides it by at most max_len**length_penalty."""
+        full = ops.all(pool["rank"] > NEG_INF, axis=1)
+        best_possible = ops.max(live_scores, axis=1) / float(max_len) ** max(length_penalty, 0.0)
+        return full & (best_possible <= ops.min(pool["rank"], axis=1))
 
     def step(state, t):
-        states, words, live_scores, pool = state
+        states, words, live_scores, pool, history = state
         stepped = [step_fn(member_state, words) for (_, step_fn), member_state in zip(decoders, states)]
-        log_probs = ops.reshape(fused_scores([logits for _, logits, _ in stepped], weights, log_probs=True),
-                                (batch, beam, vocab))
+        log_probs = ops.reshape(constraints.apply(fused_scores([logits for _, logits, _ in stepped], weights,
+                                                               log_probs=True), history, t), (batch, beam, vocab))
         totals = ops.reshape(live_scores[:, :, None] + log_probs, (batch, beam * vocab))
         # 2*beam extensions hold at least beam that do not end: each beam contributes one <EOS> at most.
         candidate_scores, candidate_ids = ops.top_k(totals, 2 * beam)  # (batch, 2*beam), best first
@@ -134,7 +207,7 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
         candidate_parents, candidate_words = candidate_ids // vocab, candidate_ids % vocab
         ends = candidate_words == EOS
 
-        finishing = ends & first_ones & (candidate_scores > NEG_INF) & ~is_full(pool)[:, None]
+        finishing = ends & first_ones & (candidate_scores > NEG_INF) & ~is_done(pool, live_scores)[:, None]
         arrivals = {"rank": ops.where(finishing, rank(candidate_scores, t + 1), NEG_INF),
                     "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_ids), t, "int32"),
                     "parent": candidate_parents}
@@ -148,18 +221,20 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1):
         states = [dict(s, rows=keras.tree.map_structure(lambda x: ops.take(x, rows, axis=0), s["rows"]))
                   for s, _, _ in stepped]
         attention = ops.reshape(stepped[0][2], (batch, beam, frames))
-        return (states, ops.reshape(new_words, (-1,)), live_scores, pool), (new_words, parents, attention)
+        new_words = ops.reshape(new_words, (-1,))
+        return ((states, new_words, live_scores, pool, written(ops.take(history, rows, axis=0), t, new_words)),
+                (ops.reshape(new_words, (batch, beam)), parents, attention))
 
     # At step 0 only beam 0 is live, so a video's beams do not all grow the same hypotheses.
     live_scores = ops.tile(ops.concatenate([ops.zeros((1,)), ops.full((beam - 1,), NEG_INF)], 0)[None], (batch, 1))
     empty_pool = {"rank": ops.full((batch, beam), NEG_INF), "log_prob": ops.full((batch, beam), NEG_INF),
                   "end": ops.zeros((batch, beam), "int32"), "parent": ops.zeros((batch, beam), "int32")}
     start = ([member_state for member_state, _ in decoders], ops.full((batch * beam,), BOS, "int32"), live_scores,
-             empty_pool)
+             empty_pool, ops.full((batch * beam, max_len), PAD, "int32"))
     end_state, (tokens, parents, attention), steps = backend.scan_until(
-        step, start, max_len, lambda state: ops.all(is_full(state[-1])))
+        step, start, max_len, lambda state: ops.all(is_done(state[3], state[2])))
     # tokens, parents (max_len, batch, beam); attention (max_len, batch, beam, frames), by the beam extended
-    live_scores, pool = end_state[-2], end_state[-1]
+    live_scores, pool = end_state[2], end_state[3]
 
     pool["word"] = ops.full((batch, beam), EOS, "int32")
     live = {"rank": rank(live_scores, steps), "log_prob": live_scores, "end": ops.full((batch, beam), steps - 1, "int32"),

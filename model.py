@@ -37,7 +37,7 @@ from util import backend
 from util.checkpoints import load_vocab, read_run_config, resolve_checkpoint, restore
 from util.data import feature_moments
 from util.errors import DataError
-from util.vocab import BOS, PAD
+from util.vocab import BOS, PAD, UNK
 
 MODELS = ("s2vt", "meanpool")
 ENCODERS = ("unidirectional", "bidirectional")
@@ -255,15 +255,16 @@ class CaptionModel(keras.Model):
         predicted = ops.argmax(self.word_logits(ops.stop_gradient(h2_out), kernels), -1)
         return ops.where(use_truth, truth, ops.cast(predicted, "int32"))
 
-    def greedy(self, frame_features, max_len=None):
-        return decoding.greedy([(self, frame_features, 1.0)], max_len or self.config.max_caption_len)
+    def greedy(self, frame_features, max_len=None, constraints=decoding.Constraints()):
+        return decoding.greedy([(self, frame_features, 1.0)], max_len or self.config.max_caption_len, constraints)
 
     def sample(self, frame_features, count, choose, max_len=None):
         return decoding.sample(self, frame_features, count, max_len or self.config.max_caption_len, choose)
 
-    def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1):
+    def beam_search(self, frame_features, beam_size, length_penalty=0.0, max_len=None, n_best=1,
+                    constraints=decoding.Constraints()):
         return decoding.beam_search([(self, frame_features, 1.0)], beam_size, length_penalty,
-                                    max_len or self.config.max_caption_len, n_best)
+                                    max_len or self.config.max_caption_len, n_best, constraints)
 
 
 class S2VT(CaptionModel):
@@ -497,11 +498,13 @@ def load_model(path=None, matmul_dtype=None):
     return model, vocab, config, checkpoint
 
 
-def caption_losses(logits, caption_ids):
+def caption_losses(logits, caption_ids, learn_unk=False):
     """Each caption's masked cross-entropy summed over its words, divided by its length: (batch,). An all-<PAD> row
-    (padding of a batch) counts 0."""
+    (padding of a batch) counts 0. <UNK> targets are left out unless learn_unk: one token standing for every rare
+    word would outweigh each real word, and decoding never writes it (the model still reads <UNK> as an input)."""
     caption_ids = ops.cast(caption_ids, "int32")
-    mask = ops.cast(caption_ids != PAD, "float32")
+    mask = caption_ids != PAD if learn_unk else ops.logical_and(caption_ids != PAD, caption_ids != UNK)
+    mask = ops.cast(mask, "float32")
     token_loss = ops.sparse_categorical_crossentropy(caption_ids, logits, from_logits=True)
     return ops.sum(token_loss * mask, 1) / ops.maximum(ops.sum(mask, 1), 1.0)
 

@@ -36,6 +36,7 @@ import time
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -48,7 +49,7 @@ import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
-from decoding import greedy_word, sample_word
+from decoding import NO_REPEAT_NGRAM, Constraints, greedy_word, sample_word
 from extract_features import manifest_differences
 from model import ModelConfig, build_model, caption_losses, load_model
 from sampling import SCHEDULES, teacher_forcing_schedule
@@ -62,12 +63,16 @@ from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_vi
 from util.errors import DataError, command
 from util.evaluate import evaluate
 from util.plots import VALIDATION_METRICS, plot_training_curves
-from util.vocab import Vocabulary
+from util.vocab import EOS, PAD, UNK, Vocabulary
 
-SELECT_METRICS = ("bleu1", "bleu4", "cider")
+SELECT_METRICS = ("bleu1", "bleu4", "cider", "loss")
+# fewer validation videos than this: a metric of their greedy captions jumps from epoch to epoch, and the
+# teacher-forced loss over all their captions chooses better (docs/captions.md)
+MIN_VALIDATION_VIDEOS = 50
 OBJECTIVES = ("xe", "scst")
 SCST_BASELINES = ("mean", "greedy")
 DEFAULT_VAL_FRACTION = 0.05
+OLDER_RUNS = {"select_metric": "bleu1", "unk_targets": "learn"}  # how a run older than the setting was trained
 RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
 
 
@@ -97,7 +102,10 @@ class TrainConfig:
     teacher_forcing_end: float = setting(0.0, "linear schedule", trains=True)
     epochs: int = setting(100, trains=True, type=positive_int)
     batch_size: int = setting(250, "the global batch (all replicas)", trains=True, type=positive_int)
-    min_word_count: int = setting(3, trains=True, type=positive_int)
+    min_word_count: int = setting(3, "words seen fewer times in the training captions are <UNK>", trains=True,
+                                  type=positive_int)
+    unk_targets: str = setting("skip", "skip: <UNK> targets are left out of the loss; learn: trained like a word "
+                                       "(as before this option existed)", trains=True, choices=("skip", "learn"))
     learning_rate: float = setting(1e-4, trains=True)
     clip_norm: float = setting(5.0, "global gradient-norm clip", trains=True)
     pairs: str = setting("all", "an epoch is every (video, caption) pair, or one random caption per video",
@@ -107,7 +115,9 @@ class TrainConfig:
               f"{DEFAULT_VAL_FRACTION}, unless the data folder has its own validation_label.json)", trains=True)
     val_ids: Optional[str] = setting(None, "validate on these training videos (one id per line) instead", trains=True)
     select_metric: Optional[str] = setting(None, "validation metric that picks the best checkpoint (bleu1 = the MLDS "
-                                                 "course BLEU@1; default cider with --objective scst, else bleu1)",
+                                                 "course BLEU@1; loss = the lowest teacher-forced validation loss; "
+                                                 "default cider with --objective scst, else bleu1, or loss when "
+                                                 f"there are fewer than {MIN_VALIDATION_VIDEOS} validation videos)",
                                            trains=True, choices=SELECT_METRICS)
     objective: str = setting("xe", "xe: cross-entropy; scst: self-critical training with a CIDEr-D reward, from the "
                                    "cross-entropy run --init-from names", trains=True, choices=OBJECTIVES)
@@ -118,6 +128,7 @@ class TrainConfig:
     scst_xe_weight: float = setting(0.0, "scst: add this times the cross-entropy of one of each video's captions "
                                          "(a mixed objective)", trains=True)
     patience: int = setting(0, "stop when --select-metric has not improved for this many epochs (0: never)")
+    keep_last: int = setting(3, "checkpoints kept in last/, the newest", type=positive_int)
     log_every: int = setting(10, "show the loss every N batches (reading it waits for the device)", type=positive_int)
     features: Optional[str] = setting(
         None, "memory: every video's features in memory (float16); files: read from their .npy files a batch at a "
@@ -198,7 +209,6 @@ def parse_args(argv=None):
         parser.error("--objective scst continues a cross-entropy run: name it with --init-from RUN")
     if args.objective == "scst" and args.scst_baseline == "mean" and args.scst_samples < 2:
         parser.error("--scst-baseline mean needs --scst-samples 2 or more (the mean of the other samples)")
-    args.select_metric = args.select_metric or ("cider" if args.objective == "scst" else "bleu1")
     if args.resume and not args.ckpt_dir:
         args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
     args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
@@ -214,7 +224,7 @@ def check_resumable(run_dir, args, validation_ids):
     for f in model_settings():
         saved.setdefault(f.name, (config.get("model") or {}).get(f.name, f.default))
     for f in fields(TrainConfig):  # a run older than the setting was trained as its default
-        saved.setdefault(f.name, "bleu1" if f.name == "select_metric" else f.default)
+        saved.setdefault(f.name, OLDER_RUNS.get(f.name, f.default))
     changed = [f"--{name.replace('_', '-')}: {saved.get(name)} saved, {getattr(args, name)} asked"
                for name in trained_settings() if saved.get(name) != getattr(args, name)]
     saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
@@ -274,6 +284,7 @@ def load_data(args, run_dir):
     captions encoded with it."""
     train_split, val_split, val_source = load_splits(args)
     validation_ids = val_split.video_ids if val_split else []
+    args.select_metric = select_metric(args.select_metric, args.objective, len(validation_ids))
     manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
     if args.resume:
         check_resumable(run_dir, args, validation_ids)
@@ -281,9 +292,13 @@ def load_data(args, run_dir):
             raise DataError(f"{Path(args.data_dir) / 'training_data' / 'feat'}: features differ from those the run "
                             "was trained on")
         vocab = load_vocab(run_dir)
+        cannot_end = (read_run_config(run_dir).get("decoding") or {}).get("cannot_end", [])
     else:
-        vocab = Vocabulary.build((c for _, caps in train_split.labels for c in caps), args.min_word_count)
+        captions = [c for _, caps in train_split.labels for c in caps]
+        vocab = Vocabulary.build(captions, args.min_word_count)
+        cannot_end = vocab.cannot_end(captions)
     video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
+    report_unknown_words(vocab, caption_ids, args.min_word_count, args.unk_targets)
     if val_split is None:
         print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
               "loss", file=sys.stderr)
@@ -294,7 +309,33 @@ def load_data(args, run_dir):
     if args.objective == "scst":  # CIDEr-D against each video's training captions, their n-grams counted once
         rewards = CiderD(np.split(caption_ids, np.flatnonzero(np.diff(video_index)) + 1))
     return SimpleNamespace(train=train_split, validation=val_split, validation_ids=validation_ids, manifest=manifest,
-                           vocab=vocab, video_index=video_index, caption_ids=caption_ids, rewards=rewards)
+                           vocab=vocab, cannot_end=cannot_end, video_index=video_index, caption_ids=caption_ids,
+                           rewards=rewards)
+
+
+def select_metric(asked, objective, validation_videos):
+    """The validation metric that picks the best checkpoint: the one asked for, else CIDEr for scst, the
+    teacher-forced loss when there are fewer than MIN_VALIDATION_VIDEOS validation videos, else the MLDS BLEU@1.
+    Too few videos to choose by a caption metric is said in one line."""
+    chosen = asked or ("cider" if objective == "scst" else "loss" if validation_videos < MIN_VALIDATION_VIDEOS
+                       else "bleu1")
+    if 0 < validation_videos < MIN_VALIDATION_VIDEOS and chosen != "loss":
+        print(f"warning: {validation_videos} validation videos are too few to choose a checkpoint by "
+              f"{VALIDATION_METRICS['val_' + chosen]} (it jumps from epoch to epoch below {MIN_VALIDATION_VIDEOS}); "
+              "--select-metric loss chooses by the teacher-forced loss over all their captions", file=sys.stderr)
+    elif 0 < validation_videos < MIN_VALIDATION_VIDEOS and not asked:
+        print(f"validation: {validation_videos} videos are too few to choose a checkpoint by a caption metric "
+              f"(fewer than {MIN_VALIDATION_VIDEOS}): choosing by the validation loss", file=sys.stderr)
+    return chosen
+
+
+def report_unknown_words(vocab, caption_ids, min_word_count, unk_targets):
+    """One line: the vocabulary's size, and the share of the training target words that are <UNK>."""
+    targets = caption_ids[(caption_ids != PAD) & (caption_ids != EOS)]
+    unknown = int(np.sum(targets == UNK))
+    print(f"vocabulary: {len(vocab) - 4} words seen at least {min_word_count} times; {unknown} of the "
+          f"{len(targets)} training words ({100 * unknown / max(len(targets), 1):.1f}%) are <UNK>, "
+          + ("left out of the loss" if unk_targets == "skip" else "learnt as a word (--unk-targets learn)"))
 
 
 # ---- the model: new, from another run's weights, or resumed ----
@@ -370,7 +411,7 @@ def build_or_resume_model(args, data, distribution, run):
               f"step {int(optimizer.iterations.numpy())}")
         run.reconcile_best(state)
     else:
-        run.start(config, run_settings, data.vocab, data.manifest, data.validation_ids)
+        run.start(config, run_settings, data.vocab, data.manifest, data.validation_ids, data.cannot_end)
     return model, optimizer, state
 
 
@@ -411,18 +452,18 @@ class RunFolder:
     then best/ (when the epoch improved), then last/. The last/ checkpoint is the commit: a process killed before it
     is resumed from the previous one, and reconcile_best / read_history drop or adopt what went further."""
 
-    def __init__(self, path, chief, select_metric):
-        self.path, self.chief, self.select_metric = Path(path), chief, select_metric
+    def __init__(self, path, chief, select_metric, keep_last=3):
+        self.path, self.chief, self.select_metric, self.keep_last = Path(path), chief, select_metric, keep_last
         self.history_path = self.path / "history.csv"
         self.write_scalars = None
 
-    def start(self, config, run_settings, vocab, manifest, validation_ids):
+    def start(self, config, run_settings, vocab, manifest, validation_ids, cannot_end):
         """A new run: move a run there aside (--overwrite), then write the run's files."""
         if not self.chief:
             return
         if holds_run(self.path):  # refused earlier unless --overwrite
             print(f"--overwrite: moved the earlier run in {self.path} to {move_aside(self.path)}", flush=True)
-        write_run_files(self.path, config, run_settings, vocab, manifest)
+        write_run_files(self.path, config, run_settings, vocab, manifest, {"cannot_end": cannot_end})
         write_text_atomic(self.path / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
 
     def reconcile_best(self, state):
@@ -475,7 +516,7 @@ class RunFolder:
         return self.save_checkpoint("best", step, model, state, keep=1)
 
     def save_last(self, step, model, state, optimizer):
-        return self.save_checkpoint("last", step, model, state, optimizer, keep=3)
+        return self.save_checkpoint("last", step, model, state, optimizer, keep=self.keep_last)
 
 
 # ---- the loop ----
@@ -519,12 +560,13 @@ class Validator:
     """Scores the model on the validation videos: teacher-forced loss and greedy captions (MLDS BLEU@1, BLEU-4,
     CIDEr with the fallback tokenizer: no Java start-up every epoch)."""
 
-    def __init__(self, model, vocab, split, max_caption_len, batch_size, padding):
+    def __init__(self, model, vocab, split, max_caption_len, batch_size, padding, cannot_end, learn_unk):
         self.vocab, self.split, self.batch_size, self.padding = vocab, split, batch_size, padding
         self.videos, self.captions = encode_captions(split.labels, vocab, max_caption_len)
         self.summed_losses = backend.compile_function(
-            model, lambda f, c: ops.sum(caption_losses(model(f, c)[0], c)))
-        self.greedy = backend.compile_function(model, lambda f: model.greedy(f)[0])
+            model, lambda f, c: ops.sum(caption_losses(model(f, c)[0], c, learn_unk)))
+        constraints = Constraints(NO_REPEAT_NGRAM, vocab.ids(cannot_end))  # as infer.py decodes by default
+        self.greedy = backend.compile_function(model, lambda f: model.greedy(f, constraints=constraints)[0])
 
     def __call__(self):
         rows, width_multiple = self.padding
@@ -558,16 +600,18 @@ class Training:
         self.args, self.data, self.model, self.optimizer, self.state, self.run = \
             args, data, model, optimizer, state, run
         self.distribution, self.chief, self.agree = distribution, distribution.chief, agree
-        loss = replica_loss if args.objective == "xe" else scst_loss(data.rewards, args.scst_samples,
-                                                                      args.scst_baseline, args.scst_xe_weight)
+        learn_unk = args.unk_targets == "learn"
+        loss = partial(replica_loss, learn_unk=learn_unk) if args.objective == "xe" else \
+            scst_loss(data.rewards, args.scst_samples, args.scst_baseline, args.scst_xe_weight)
         self.train_step = backend.make_train_step(model, optimizer, distribution, loss)
         self.padding = distribution.padding(args.batch_size)
         self.validate = (Validator(model, data.vocab, data.validation, args.max_caption_len, args.batch_size,
-                                   self.padding) if data.validation is not None and self.chief else None)
+                                   self.padding, data.cannot_end, learn_unk)
+                         if data.validation is not None and self.chief else None)
         self.step = int(optimizer.iterations.numpy())  # counted here from now on: reading it waits for the device
         self.probs = teacher_forcing_schedule(args.epochs, args.schedule, args.teacher_forcing_start,
                                               args.teacher_forcing_end)
-        self.metric_name = VALIDATION_METRICS[f"val_{args.select_metric}"]
+        self.metric_name = {**VALIDATION_METRICS, "val_loss": "loss"}[f"val_{args.select_metric}"]
         self.history = run.read_history(state["epoch"]) if args.resume else []
         run.open_scalars()
 
@@ -625,8 +669,8 @@ class Training:
         """Record the finished epoch: history.csv, best/ when it improved, last/ (in that order: see RunFolder);
         print its line. Returns False to stop early."""
         args, state = self.args, self.state
-        score = row.get(f"val_{args.select_metric}") if self.data.validation is not None \
-            else -float(row["train_loss"] or 0)
+        score = (-row["val_loss"] if args.select_metric == "loss" else row.get(f"val_{args.select_metric}")) \
+            if self.data.validation is not None else -float(row["train_loss"] or 0)
         improved = self.agree(self.chief and (state["best_score"] is None or score > state["best_score"]))
         state.update(epoch=epoch + 1, batch_in_epoch=0)
         if improved:  # the chief's validation decides for every worker
@@ -664,19 +708,21 @@ class Training:
 
     def report(self, elapsed):
         state = self.state
-        best = (f"best validation {self.metric_name} {state['best_score']:.4f} at epoch {state['best_epoch']}"
+        shown = -state["best_score"] if self.args.select_metric == "loss" and state["best_score"] is not None \
+            else state["best_score"]  # the loss is kept negated, so that higher is better for every metric
+        best = (f"best validation {self.metric_name} {shown:.4f} at epoch {state['best_epoch']}"
                 if self.data.validation is not None and self.chief
                 else "no validation" if self.data.validation is None else "validated by the chief")
         print(f"trained {state['epoch']} epochs ({elapsed:.0f} s this session, {backend.BACKEND}); {best}; "
               f"run folder {self.run.path}")
 
 
-def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch):
+def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch, learn_unk=False):
     """A training step's loss on one replica's part of the batch: its captions' losses summed and divided by the
     global batch size, so that summed over the replicas it is the mean over the global batch."""
     logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
                          training=True)
-    return ops.sum(caption_losses(logits, caption_ids)) / ops.cast(global_batch, "float32")
+    return ops.sum(caption_losses(logits, caption_ids, learn_unk)) / ops.cast(global_batch, "float32")
 
 
 def mean_of_others(rewards):
@@ -729,8 +775,8 @@ def train(args):
     agree = distribution.agreement()
     if not args.resume:
         refuse_a_run_folder_in_use(run_dir, args.overwrite, distribution.chief, agree)
-    run = RunFolder(run_dir, distribution.chief, args.select_metric)
     data = load_data(args, run_dir)
+    run = RunFolder(run_dir, distribution.chief, args.select_metric, args.keep_last)
     model, optimizer, state = build_or_resume_model(args, data, distribution, run)
     return Training(args, data, model, optimizer, state, distribution, agree, run)()
 

@@ -100,7 +100,7 @@ def test_resume_refuses_changed_training_flags_naming_each_and_writes_nothing(ti
                "--epochs": ("1", "4"), "--schedule": ("inverse_sigmoid", "linear"),
                "--teacher-forcing-end": ("0.0", "0.2"), "--learning-rate": ("0.01", "0.02"),
                "--clip-norm": ("5.0", "1.0"), "--dropout": ("0.5", "0.1"), "--feature-noise": ("0.1", "0.0"),
-               "--val-fraction": ("None", "0.2"), "--select-metric": ("bleu1", "cider"),
+               "--val-fraction": ("None", "0.2"), "--select-metric": ("loss", "cider"),
                "--matmul-dtype": ("float32", "bfloat16"), "--model": ("s2vt", "meanpool"),
                "--encoder": ("unidirectional", "bidirectional"), "--init-from": ("None", "elsewhere")}
     for flag, (old, new) in changed.items():

@@ -70,6 +70,28 @@ def test_train_never_opens_the_test_split_and_validates_on_held_out_training_vid
     np.testing.assert_allclose(again["val_bleu1"], history["val_bleu1"])
 
 
+def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny_data, tmp_path, capsys):
+    # 6 validation videos: under train.MIN_VALIDATION_VIDEOS, the caption metrics are too noisy to choose by
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_data, run_dir, "--epochs", "3", "--val-fraction", "0.25", "--learning-rate", "0.05") == 0
+    err = capsys.readouterr().err
+    assert "validation: 6 videos are too few to choose a checkpoint by a caption metric (fewer than 50): choosing " \
+           "by the validation loss" in err
+    assert json.loads((run_dir / "config.json").read_text())["train"]["select_metric"] == "loss"
+    history = pd.read_csv(run_dir / "history.csv")
+    best = train.latest_checkpoint(run_dir / "best")
+    assert train.read_state(best)["best_epoch"] == history["epoch"][history["val_loss"].idxmin()]
+    assert train.read_state(best)["best_score"] == pytest.approx(-history["val_loss"].min())
+
+    # a caption metric asked for by name is used, with a warning
+    assert run_train(tiny_data, tmp_path / "cider", "--epochs", "1", "--val-fraction", "0.25", "--select-metric",
+                     "cider") == 0
+    assert "warning: 6 validation videos are too few to choose a checkpoint by CIDEr" in capsys.readouterr().err
+    # enough validation videos: the MLDS BLEU@1, as before
+    assert train.select_metric(None, "xe", train.MIN_VALIDATION_VIDEOS) == "bleu1"
+    assert train.select_metric(None, "scst", 4) == "cider"
+
+
 def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp_path, capsys):
     ids = tmp_path / "val.txt"
     ids.write_text("training_003.avi\ntraining_010.avi\n")
@@ -99,7 +121,8 @@ def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp
 def test_patience_stops_when_the_validation_metric_stalls(tiny_data, tmp_path, capsys):
     run_dir = tmp_path / "run"
     # a learning rate of 0 never changes the captions, so the metric never improves after epoch 1
-    assert run_train(tiny_data, run_dir, "--epochs", "6", "--learning-rate", "0", "--patience", "2") == 0
+    assert run_train(tiny_data, run_dir, "--epochs", "6", "--learning-rate", "0", "--patience", "2",
+                     "--select-metric", "bleu1") == 0
     out = capsys.readouterr().out
     assert "early stop: validation BLEU@1 (MLDS) has not improved for 2 epochs since epoch 1" in out
     assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3]

@@ -140,8 +140,9 @@ def run_metrics(run_dir, checkpoint, which, select_metric="bleu1"):
             rows = [{key: _number(value) for key, value in row.items()} for row in csv.DictReader(file)]
     column = f"val_{select_metric}"
     scores = [row[column] for row in rows if isinstance(row.get(column), float)]
+    best = min if select_metric == "loss" else max
     return {"last": rows[-1] if rows else None, "select_metric": select_metric, "split": "validation",
-            f"best_{column}": max(scores, default=None), "checkpoint": which,
+            f"best_{column}": best(scores, default=None), "checkpoint": which,
             "epoch": read_state(checkpoint).get("epoch")}
 
 

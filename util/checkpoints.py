@@ -28,13 +28,16 @@ MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.weights.h5", "optimizer.h5", "st
 _STEP = re.compile(r"step-(\d+)")
 
 
-def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest):
+def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest, decoding=None):
+    """config.json (the model, the training flags, the features' manifest and, for decoding, the words that cannot
+    end a caption) and vocab.json."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"{run_dir}: cannot create the run folder ({error.strerror})") from None
-    config = {"model": model_config.to_dict(), "train": train_args, "features": feature_manifest}
+    config = {"model": model_config.to_dict(), "train": train_args, "features": feature_manifest,
+              **({"decoding": decoding} if decoding is not None else {})}
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1, default=str))
     vocab.save(run_dir / "vocab.json")
 

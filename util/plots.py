@@ -45,7 +45,7 @@ def read_history(history_csv):
 
 def plot_training_curves(history_csv, out_png, select_metric="bleu1"):
     """Three panels over the epochs: train/val loss, validation metrics, teacher-forcing probability; a ring marks
-    the best epoch by select_metric (bleu1, bleu4 or cider), the one train.py keeps as the best checkpoint."""
+    the best epoch by select_metric (bleu1, bleu4, cider or loss), the one train.py keeps as the best checkpoint."""
     history = read_history(history_csv)
     epochs = history["epoch"].to_numpy()
     style = {"marker": "o", "markersize": 3} if len(epochs) <= 40 else {}
@@ -69,6 +69,11 @@ def plot_training_curves(history_csv, out_png, select_metric="bleu1"):
             ax.set_ylabel("CIDEr", color=color)
             ax.set_ylim(bottom=0)
     selected = f"val_{select_metric}"
+    if selected == "val_loss" and "val_loss" in history and history["val_loss"].notna().any():
+        best = int(history["val_loss"].idxmin())  # the epoch train.py keeps (the first of equal losses)
+        loss_ax.plot([epochs[best]], [history["val_loss"][best]], "o", markersize=9, color="black", fillstyle="none",
+                     label=f"lowest validation loss {history['val_loss'][best]:.3f}, epoch {epochs[best]}")
+        loss_ax.legend()
     if selected in present:  # the epoch train.py keeps as the best checkpoint (the first of equal scores)
         best = int(history[selected].idxmax())
         ax = top_ax if selected == "val_cider" else metric_ax

@@ -5,10 +5,13 @@
     captioner.caption("clip.mp4")                # 'a big red ring moves to the left'
     captioner.caption(["a.avi", "b.avi"], beam_size=5, n_best=3, attention=True)   # [Caption, Caption]
     captioner.caption_features(features)         # (frames, dim) or (videos, frames, dim)
+    captioner.caption("clip.mp4", no_repeat_ngram=0, end_rule=False)   # the model's own words, unconstrained
     fused = Captioner.load("checkpoints/demo", fuse=[("checkpoints/demo_flow", 0.5)])   # RGB + flow, late fusion
     fused.caption("clip.mp4")                    # each run extracts its own features (RGB frames, optical flow)
 
 Clips are read and run through the CNN recorded in the checkpoint (its feature manifest), built once per Captioner.
+Decoding never writes <UNK>, repeats no bigram (no_repeat_ngram, 2 by default) nor a word right after itself, and
+ends no caption on a word that the run's training captions never end on (end_rule; decoding.Constraints).
 Late fusion (S2VT's RGB + flow): at every decoding step, greedy or beam search, each word is scored by the weighted
 sum of the runs' log-probabilities, the fused runs weighing w each and this one 1 - (sum of the w).
 """
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 import decoding
 import extract_features
+from decoding import NO_REPEAT_NGRAM, Constraints
 from extract_features import VideoError
 from model import load_model
 from util import backend
@@ -106,7 +110,8 @@ class Captioner:
             raise ValueError(f"the fused runs' weights must sum to less than 1 (this run weighs the rest), not "
                              f"{sum(weight for _, weight in self.fused)}")
         self._run_cnn = None  # built on first use: a Captioner given only features never builds the CNN
-        self._decoders = OrderedDict()  # (beam_size, length_penalty, n_best) -> compiled decoder, LRU
+        self._decoders = OrderedDict()  # (beam_size, length_penalty, n_best, constraints) -> compiled decoder, LRU
+        self.cannot_end = vocab.ids((run_config.get("decoding") or {}).get("cannot_end", ()))
 
     @classmethod
     def load(cls, checkpoint=None, matmul_dtype=None, batch_size=100, fuse=()):
@@ -145,7 +150,7 @@ class Captioner:
     # ---- captions ----
 
     def caption(self, videos, beam_size=1, length_penalty=0.0, n_best=1, attention=False, errors="raise",
-                progress=None):
+                progress=None, no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
         """Caption one video or several, batched together.
 
         videos: a clip path; a SampledClip (read_clip); decoded RGB frames (frames, H, W, 3) uint8; features
@@ -154,7 +159,9 @@ class Captioner:
         video gives a single result. An unreadable clip raises VideoError (errors="raise") or, with
         errors="return", stands as its VideoError in the results. progress(stage, done, total), if given, is
         called as the work goes on: ("features", frames through the CNN, frames in all), then ("decoding", videos
-        captioned, videos).
+        captioned, videos). no_repeat_ngram and end_rule constrain decoding (decoding.Constraints): no n-gram of
+        that many words twice and no word right after itself (0: off); no caption that ends on a word the training
+        captions never end on (a run that records none: off).
         """
         if not (isinstance(beam_size, int) and beam_size >= 1 and isinstance(n_best, int)
                 and 1 <= n_best <= beam_size):
@@ -173,13 +180,15 @@ class Captioner:
             raise VideoError("; ".join(str(failures[i]) for i in sorted(failures)))
         good = sorted(i for i in features[0] if i not in failures)
         decoded = self.decode(np.stack([features[0][i] for i in good]), beam_size, length_penalty, n_best, report,
-                              [np.stack([f[i] for i in good]) for f in features[1:]]) if good else []
+                              [np.stack([f[i] for i in good]) for f in features[1:]], no_repeat_ngram,
+                              end_rule) if good else []
         results = [failures.get(i) for i in range(len(items))]
         for i, result in zip(good, decoded):
             results[i] = replace(result, frames=frames.get(i)) if attention or n_best > 1 else result.caption
         return results[0] if single else results
 
-    def caption_features(self, features, beam_size=1, length_penalty=0.0, n_best=1, attention=False):
+    def caption_features(self, features, beam_size=1, length_penalty=0.0, n_best=1, attention=False,
+                         no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
         """Caption features (frames, dim) of one video or (videos, frames, dim): a string or Caption per video,
         as caption() returns."""
         features = np.asarray(features)
@@ -187,11 +196,11 @@ class Captioner:
             raise ValueError(f"features must be (frames={self.frames}, dim={self.feature_dim}) or (videos, "
                              f"{self.frames}, {self.feature_dim}), not {features.shape}")
         return self.caption(features if features.ndim == 2 else list(features), beam_size, length_penalty, n_best,
-                            attention)
+                            attention, no_repeat_ngram=no_repeat_ngram, end_rule=end_rule)
 
     def caption_segments(self, path, segments="auto", min_scene=None, max_scene=None, beam_size=5,
                          length_penalty=0.0, scene_memory_mb=64, max_seconds=None, max_pixels=None, stop=None,
-                         progress=None):
+                         progress=None, no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
         """Caption a long video scene by scene: [Cue(start, end, caption, score)] in order, seconds, adjacent
         scenes with the same caption merged (util.subtitles.merge_repeats).
 
@@ -229,7 +238,8 @@ class Captioner:
                 raise ReadingStopped(f"{path}: captioning stopped")
             # each scene's sample, cut to the `keep` frames the runs sample from, is a clip of decoded frames
             clips = [s.frames[extract_features.frame_indices(len(s.frames), keep)] for s in waiting]
-            results = self.caption(clips, beam_size, length_penalty, attention=True)
+            results = self.caption(clips, beam_size, length_penalty, attention=True, no_repeat_ngram=no_repeat_ngram,
+                                   end_rule=end_rule)
             cues.extend(Cue(s.start, s.end, r.caption, r.n_best[0].score if r.n_best else None)
                         for s, r in zip(waiting, results))
             waiting.clear()
@@ -258,7 +268,8 @@ class Captioner:
                 pass
         return merge_repeats(cues)
 
-    def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None, fused_features=()):
+    def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None, fused_features=(),
+               no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
         """Captions for (videos, frames, dim) features, batch by batch, greedy (beam_size 1) or by beam search:
         a Caption per video (without frames), its attention that of this run. A fused Captioner also takes the
         fused runs' features of the same videos, one array per run in fusion order."""
@@ -266,7 +277,8 @@ class Captioner:
             raise ValueError(f"need features of the same {len(features)} videos for each of the {len(self.fused)} "
                              f"fused runs, not {[len(f) for f in fused_features]}")
         report = report or (lambda stage, done, total: None)
-        decode = self._decoder(beam_size, length_penalty, n_best)
+        constraints = Constraints(no_repeat_ngram, self.cannot_end if end_rule else ())
+        decode = self._decoder(beam_size, length_penalty, n_best, constraints)
         results = []
         report("decoding", 0, len(features))
         for start in tqdm(range(0, len(features), self.batch_size), desc="captioning", unit="batch", leave=False,
@@ -287,9 +299,9 @@ class Captioner:
             report("decoding", len(results), len(features))
         return results
 
-    def _decoder(self, beam_size, length_penalty, n_best):
+    def _decoder(self, beam_size, length_penalty, n_best, constraints):
         """The compiled decoding function of every run's features for these settings, made once per Captioner."""
-        key = (beam_size, length_penalty, n_best)
+        key = (beam_size, length_penalty, n_best, constraints)
         if key in self._decoders:
             self._decoders.move_to_end(key)
         else:
@@ -300,8 +312,8 @@ class Captioner:
             def decode(*features):
                 members = list(zip(models, features, weights))
                 if beam_size == 1:
-                    return decoding.greedy(members, max_len)
-                return decoding.beam_search(members, beam_size, length_penalty, max_len, n_best)
+                    return decoding.greedy(members, max_len, constraints)
+                return decoding.beam_search(members, beam_size, length_penalty, max_len, n_best, constraints)
 
             self._decoders[key] = backend.compile_function(models, decode)
             if len(self._decoders) > DECODER_CACHE:  # a client choosing a new length_penalty each time compiles anew

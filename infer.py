@@ -20,6 +20,9 @@ each run extracts its own from the clips.
 --segments captions one long video scene by scene (Captioner.caption_segments: cuts detected with PySceneDetect, or
 fixed windows of SECONDS), prints `start --> end caption` lines and writes the cues as SRT, WebVTT and JSON (start,
 end, caption, score), each file whole or not at all; beam search of 5 unless --beam-size says otherwise.
+
+Decoding never writes <UNK>, repeats no bigram nor a word right after itself (--no-repeat-ngram, 0 for off) and ends
+no caption on a word the run's training captions never end on (--no-end-rule to allow it): decoding.Constraints.
 """
 import argparse
 import json
@@ -35,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from captioner import Captioner
+from decoding import NO_REPEAT_NGRAM
 from extract_features import FeatureSettings, manifest_differences
 from model import MATMUL_DTYPES
 from util.atomic import write_text_atomic
@@ -131,7 +135,8 @@ def caption_long_video(args, fuse, started):
     captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
     video = args.video[0]
     cues = captioner.caption_segments(video, segments, args.min_scene, args.max_scene, args.beam_size,
-                                      args.length_penalty)
+                                      args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                                      end_rule=not args.no_end_rule)
     for cue in cues:
         print(f"{cue.start:.3f} --> {cue.end:.3f} {cue.caption}")
     write_subtitles(cues, args.srt, args.vtt, args.json, video=str(video), checkpoint=str(captioner.source),
@@ -164,6 +169,11 @@ def main(argv=None):
     parser.add_argument("--length-penalty", type=float, default=0.0, help="beam score = log-prob / length^A")
     parser.add_argument("--n-best", type=int, default=1, help="write the N best captions with scores to "
                         "OUT_FILE.nbest.json (needs --beam-size >= N)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=NO_REPEAT_NGRAM, metavar="N",
+                        help=f"no n-gram of N words twice in a caption, and no word right after itself (0: off; "
+                             f"default {NO_REPEAT_NGRAM})")
+    parser.add_argument("--no-end-rule", action="store_true", help="let a caption end on any word (by default not "
+                        "on one that the run's training captions never end on: 'a', 'the', 'is', ...)")
     parser.add_argument("--matmul-dtype", choices=MATMUL_DTYPES,
                         help="precision of the large matmuls (default: as trained); bfloat16 is faster on CPUs with "
                              "AVX512-BF16 and on GPUs")
@@ -199,9 +209,12 @@ def main(argv=None):
         parser.error("give IDS_FILE OUT_FILE, or --video CLIP ...")
     if args.beam_size <= 0 or not 0 < args.n_best <= args.beam_size:
         parser.error("--beam-size must be positive and --n-best between 1 and --beam-size")
+    if args.no_repeat_ngram < 0:
+        parser.error("--no-repeat-ngram must be 0 (off) or positive")
     if args.fuse_feat_dir and not args.fuse:
         parser.error("--fuse-feat-dir needs --fuse")
-    decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best)
+    decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best,
+                    no_repeat_ngram=args.no_repeat_ngram, end_rule=not args.no_end_rule)
     started = time.perf_counter()
     fuse = [parse_fuse(args.fuse)] if args.fuse else []
     if args.segments is not None:

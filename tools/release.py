@@ -53,8 +53,8 @@ from tqdm import tqdm
 
 from model import load_model
 from util.atomic import atomic_path
-from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, read_run_config, \
-    read_state
+from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, checkpoint_name, latest_checkpoint, \
+    read_run_config, read_state
 from util.data import read_json
 from util.errors import DataError, command
 from util.plots import run_select_metric
@@ -93,7 +93,7 @@ def export_release(run_dir, out_path, which="best"):
     metrics = run_metrics(run_dir, checkpoint, which, run_select_metric(run_dir))
 
     # each bundle file comes from a Path (streamed: checkpoints can be large) or from bytes made here
-    sources = {f"best/{checkpoint.name}/{name}": checkpoint / name for name in (MODEL_FILE, STATE_FILE)}
+    sources = {f"best/{checkpoint_name(checkpoint)}/{name}": checkpoint / name for name in (MODEL_FILE, STATE_FILE)}
     sources["config.json"] = run_dir / "config.json"
     sources["vocab.json"] = run_dir / "vocab.json"
     sources["feature_manifest.json"] = json.dumps(config.get("features"), indent=1).encode()

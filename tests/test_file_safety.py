@@ -1,0 +1,125 @@
+"""Files a killed run leaves, and outputs that would replace inputs: checkpoints replaced by a process killed at
+every step of the swap, leftovers of killed runs cleaned at the next start (and only ours), infer.py refusing an
+output that is an input or another output."""
+import os
+import signal
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from model import S2VT, ModelConfig
+from util.checkpoints import latest_checkpoint, read_state, restore, save_checkpoint
+
+CONFIG = ModelConfig(vocab_size=40, feature_dim=8, frames=4, hidden=8)
+
+# Saves best/step-5 whole, then (in a fork per trial) a second checkpoint over it with keep=1, SIGKILLed just before
+# its k-th file-system change (os.mkdir, rename, replace, unlink, rmdir: rmtree's steps too), k = 1, 2, ... until a
+# trial finishes unkilled. The stand-in model's save_weights copies a weights file the test made with Keras, so
+# this process needs no Keras and forks cheaply. Prints the number of trials of each scenario.
+SWAP_KILLED_AT_EACH_STEP = """
+import os, shutil, signal, sys
+sys.path.insert(0, sys.argv[1])
+from util.checkpoints import save_checkpoint
+
+work, old_weights, new_weights = sys.argv[2:5]
+
+
+class StandIn:
+    def __init__(self, weights):
+        self.weights = weights
+
+    def save_weights(self, path):
+        shutil.copyfile(self.weights, path)
+
+
+def kill_before(count):
+    calls = [0]
+    for name in ("mkdir", "rename", "replace", "unlink", "rmdir"):
+        def wrapped(*args, real=getattr(os, name), **kwargs):
+            calls[0] += 1
+            if calls[0] == count:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        setattr(os, name, wrapped)
+
+
+for scenario, step in (("same", 5), ("next", 6)):
+    for k in range(1, 100):
+        folder = f"{work}/{scenario}-{k}/best"
+        pid = os.fork()
+        if pid == 0:
+            save_checkpoint(folder, 5, StandIn(old_weights), {"step": 5, "value": 1}, keep=1)
+            kill_before(k)
+            save_checkpoint(folder, step, StandIn(new_weights), {"step": step, "value": 2}, keep=1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            print(scenario, k)
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+"""
+
+
+def model_of(value):
+    model = S2VT(CONFIG)
+    for variable in model.weights:
+        variable.assign(keras.ops.full(variable.shape, value, variable.dtype))
+    return model
+
+
+def values_of(model):
+    found = {float(v) for w in model.weights for v in np.unique(keras.ops.convert_to_numpy(w))}
+    assert len(found) == 1, found  # never half old, half new
+    return found.pop()
+
+
+def test_kill_9_at_each_step_of_a_best_checkpoint_swap_leaves_one_that_loads_and_resumes(tmp_path):
+    for value in (1, 2):
+        model_of(value).save_weights(tmp_path / f"{value}.weights.h5")
+    result = subprocess.run([sys.executable, "-c", SWAP_KILLED_AT_EACH_STEP, str(ROOT), str(tmp_path),
+                             str(tmp_path / "1.weights.h5"), str(tmp_path / "2.weights.h5")],
+                            check=True, capture_output=True, text=True, timeout=120)
+    trials = dict((scenario, int(k)) for scenario, k in (line.split() for line in result.stdout.split("\n") if line))
+    assert trials.keys() == {"same", "next"} and min(trials.values()) >= 4, result.stdout
+    model = model_of(0)
+    for scenario, count in trials.items():
+        loaded = []
+        for k in range(1, count + 1):
+            best = tmp_path / f"{scenario}-{k}" / "best"
+            latest = latest_checkpoint(best)
+            assert latest is not None, f"{scenario}, killed before step {k}: {sorted(os.listdir(best))}"
+            state = restore(latest, model)  # a DataError if it cannot
+            assert values_of(model) == state["value"]
+            loaded.append(state["value"])
+            # the next save settles what the killed one left: one complete checkpoint, nothing else
+            resumed = save_checkpoint(best, 7, model_of(3), {"step": 7, "value": 3}, keep=1)
+            assert sorted(os.listdir(best)) == [resumed.name]
+            assert restore(latest_checkpoint(best), model)["value"] == 3 and values_of(model) == 3
+        # killed before the new one is in: the old one loads; after it: the new one; never none, never back
+        assert loaded == sorted(loaded) and loaded[0] == 1 and loaded[-1] == 2, (scenario, loaded)
+        print(f"{scenario} step: killed at {count - 1} points, each left a loadable checkpoint: {loaded}")
+
+
+def test_a_complete_partial_is_kept_while_no_checkpoint_is_there(tmp_path):
+    """The state the issue describes (an older s2vt deleted best/step-N, then was killed before renaming the new one
+    in): the next save must not delete the .partial, which holds the only copy, until its own is in place."""
+    best = tmp_path / "best"
+    saved = save_checkpoint(best, 5, model_of(1), {"step": 5}, keep=1)
+    partial = best / ".step-00000005.abc123.partial"
+    saved.rename(partial)
+    calls = []
+
+    class Watching:
+        def save_weights(self, path):
+            calls.append(partial.is_dir())
+            model_of(2).save_weights(path)
+
+    save_checkpoint(best, 6, Watching(), {"step": 6}, keep=1)
+    assert calls == [True] and partial.is_dir()
+    save_checkpoint(best, 7, model_of(3), {"step": 7}, keep=1)  # a complete checkpoint is there now
+    assert sorted(os.listdir(best)) == ["step-00000007"]

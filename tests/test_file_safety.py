@@ -123,3 +123,61 @@ def test_a_complete_partial_is_kept_while_no_checkpoint_is_there(tmp_path):
     assert calls == [True] and partial.is_dir()
     save_checkpoint(best, 7, model_of(3), {"step": 7}, keep=1)  # a complete checkpoint is there now
     assert sorted(os.listdir(best)) == ["step-00000007"]
+
+
+# ---- an output never replaces an input, nor another output ----
+
+def snapshot(folder):
+    return {p.name: (os.readlink(p) if p.is_symlink() else p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case, argv, named, what", [
+    ("output is the video", ["--video", "talk.mp4", "--segments", "5", "--json", "talk.mp4"], "talk.mp4",
+     "the --json output is the input --video talk.mp4"),
+    ("two outputs one file", ["--video", "talk.mp4", "--segments", "5", "--srt", "cues.txt", "--vtt", "cues.txt"],
+     "cues.txt", "given as both the --srt and the --vtt output"),
+    ("symlink to the video", ["--video", "talk.mp4", "--segments", "5", "--srt", "link.srt"], "link.srt",
+     "is the input --video talk.mp4"),
+    ("hard link to the video", ["--video", "talk.mp4", "--segments", "5", "--vtt", "hard.vtt"], "hard.vtt",
+     "is the input --video talk.mp4"),
+    ("through a linked folder", ["--video", "talk.mp4", "--segments", "5", "--json", "here/talk.mp4"],
+     "here/talk.mp4", "is the input --video talk.mp4"),
+    ("two outputs through a link", ["--video", "talk.mp4", "--segments", "5", "--srt", "new.srt", "--json",
+                                    "to-new.json"], "to-new.json", "given as both the --srt and the --json output"),
+    ("captions over the ids", ["ids.txt", "ids.txt"], "ids.txt", "the OUT_FILE output is the input IDS_FILE"),
+    ("n-best over the labels", ["ids.txt", "out.txt", "--labels", "out.txt.nbest.json", "--beam-size", "2",
+                                "--n-best", "2"], "out.txt.nbest.json", "the --n-best output is the input --labels"),
+])
+def test_an_output_that_is_an_input_or_another_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch,
+                                                                               case, argv, named, what):
+    from test_reliability import assert_one_error, run_cli
+
+    import infer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "talk.mp4").write_bytes(b"the only copy of the talk")
+    (tmp_path / "ids.txt").write_text("clip1\n")
+    (tmp_path / "out.txt.nbest.json").write_text("{}")
+    (tmp_path / "link.srt").symlink_to("talk.mp4")
+    os.link(tmp_path / "talk.mp4", tmp_path / "hard.vtt")
+    (tmp_path / "here").symlink_to(tmp_path)
+    (tmp_path / "to-new.json").symlink_to("new.srt")  # neither exists yet
+    before = snapshot(tmp_path)
+    # the checkpoint is not there: a check made after loading it would give another error
+    result = run_cli(infer.main, [*argv, "--checkpoint", tmp_path / "no-run"], capsys)
+    assert_one_error(result, named, what)
+    assert snapshot(tmp_path) == before
+
+
+def test_separate_outputs_pass_the_check(tmp_path, capsys, monkeypatch):
+    from test_reliability import run_cli
+
+    import infer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "talk.mp4").write_bytes(b"a talk")
+    code, _, err = run_cli(infer.main, ["--video", "talk.mp4", "--segments", "5", "--srt", "talk.srt", "--vtt",
+                                        "talk.vtt", "--json", "talk.json", "--checkpoint", tmp_path / "no-run"],
+                           capsys)
+    assert code == 2 and "not a local checkpoint" in err and "the --" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["talk.mp4"]

@@ -1,5 +1,6 @@
 """Write files so that a crash or a full disk never leaves a half-written one: temp name in the same folder, flushed
-to disk, then renamed over the target."""
+to disk, then renamed over the target. refuse_overwriting_inputs keeps a command's outputs off its inputs and off each
+other."""
 import os
 import uuid
 from contextlib import contextmanager
@@ -52,3 +53,28 @@ def atomic_path(path):
 def write_text_atomic(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def same_file(a, b):
+    """Whether two paths name one file: the same file when both exist (hard links too), else the same path once
+    symbolic links are resolved."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_overwriting_inputs(outputs, inputs):
+    """Refuse, before any work, an output file that is one of the inputs or another output: writing it would replace
+    that file. outputs and inputs are (what, path) pairs, e.g. ("--json", "talk.json"); a None path is skipped."""
+    outputs = [(what, path) for what, path in outputs if path]
+    inputs = [(what, path) for what, path in inputs if path]
+    for n, (what, path) in enumerate(outputs):
+        for other_what, other in inputs:
+            if same_file(path, other):
+                raise DataError(f"{path}: the {what} output is the input {other_what} {other}; writing it would "
+                                f"replace that file, so give the output another name")
+        for other_what, other in outputs[:n]:
+            if same_file(path, other):
+                raise DataError(f"{path}: given as both the {other_what} and the {what} output; give each its own "
+                                f"file")

@@ -181,3 +181,44 @@ def test_separate_outputs_pass_the_check(tmp_path, capsys, monkeypatch):
                            capsys)
     assert code == 2 and "not a local checkpoint" in err and "the --" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["talk.mp4"]
+
+
+# ---- leftovers of killed runs: ours removed at the next start, never anyone else's ----
+
+# writes OUT through util.atomic.atomic_path and stops inside it: SIGKILLed ("kill"), or waiting until its stdin
+# closes ("live")
+WRITE_AND_STOP = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from util.atomic import atomic_path
+
+with atomic_path(sys.argv[2]) as tmp:
+    tmp.write_text("half of it")
+    if sys.argv[3] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(tmp.name, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_temp_files_of_killed_writers_are_removed_at_the_next_write_and_no_others(tmp_path):
+    from util.atomic import HOST, write_text_atomic
+
+    out = tmp_path / "history.csv"
+    killed = subprocess.run([sys.executable, "-c", WRITE_AND_STOP, str(ROOT), str(out), "kill"])
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = [p.name for p in tmp_path.iterdir()]
+    assert left.startswith(".history.csv.s2vt-") and left.endswith(".tmp")
+    live = subprocess.Popen([sys.executable, "-c", WRITE_AND_STOP, str(ROOT), str(out), "live"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        writing = live.stdout.readline().strip()  # a temp file of a process still writing it
+        others = [".history.csv.0123456789ab.tmp",  # another program's (or an older s2vt's) temp file
+                  f".history.csv.s2vt-{'0' if HOST[0] != '0' else '1'}{HOST[1:]}-1.0123456789ab.tmp"]  # another host's
+        for name in others:
+            (tmp_path / name).write_text("someone else's")
+        write_text_atomic(tmp_path / "curves.txt", "next start")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["curves.txt", writing, *others])
+    finally:
+        live.communicate("")
+    assert live.returncode == 0 and out.read_text() == "half of it"

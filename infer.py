@@ -41,7 +41,7 @@ from captioner import Captioner
 from decoding import NO_REPEAT_NGRAM
 from extract_features import FeatureSettings, manifest_differences
 from model import MATMUL_DTYPES
-from util.atomic import write_text_atomic
+from util.atomic import refuse_overwriting_inputs, write_text_atomic
 from util.evaluate import evaluate, format_table
 from util.scenes import MAX_SCENE, MIN_SCENE, parse_segments
 from util.subtitles import write_subtitles
@@ -213,6 +213,12 @@ def main(argv=None):
         parser.error("--no-repeat-ngram must be 0 (off) or positive")
     if args.fuse_feat_dir and not args.fuse:
         parser.error("--fuse-feat-dir needs --fuse")
+    captions_file = None if args.video else args.out_file  # with --video the captions go to stdout
+    n_best_file = f"{captions_file}.nbest.json" if captions_file and args.n_best > 1 else None
+    refuse_overwriting_inputs([("OUT_FILE", captions_file), ("--n-best", n_best_file), ("--srt", args.srt),
+                               ("--vtt", args.vtt), ("--json", args.json)],
+                              [("IDS_FILE", args.ids_file), ("--labels", args.labels),
+                               *(("--video", clip) for clip in args.video or ())])
     decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best,
                     no_repeat_ngram=args.no_repeat_ngram, end_rule=not args.no_end_rule)
     started = time.perf_counter()

@@ -8,6 +8,9 @@ import json
 import os
 import random
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import pytest
 import extract_features
 import infer
 import train
-from conftest import write_tiny_mlds
+from conftest import ROOT, write_tiny_mlds
 from test_reliability import assert_one_error, run_cli, shown_lines
 from tools import datasets
 from tools.demo_data import captions_for, render_clip
@@ -345,6 +348,79 @@ def test_rerun_replaces_copied_clips_only_with_the_same_bytes(tmp_path, capsys):
     (other / "video3.mp4").write_bytes(b"video3.mp4")  # the same bytes elsewhere: nothing is lost, the run goes on
     assert prepare(capsys, "msrvtt", out, annotations, "--videos", other, "--copy")[0] == 0
     assert_copies_intact(out)
+
+
+# re-runs `prepare msrvtt OUT --annotations A --videos CLIPS --copy` and SIGKILLs itself at one point of placing the
+# training clips: "copying" after the first copy, "aside" when the earlier folder is moved aside and the new one not
+# yet in, "swapped" when the new one is in and the work folder not yet cleared
+PREPARE_KILLED = """
+import os, shutil, signal, sys
+sys.path.insert(0, sys.argv[1])
+from tools import datasets
+
+point = sys.argv[2]
+real_copy, real_replace, real_settle = shutil.copyfile, os.replace, datasets.settle
+
+
+def copyfile(source, target):
+    real_copy(source, target)
+    if point == "copying":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def replace(source, target):
+    moving_in = os.path.basename(source) == "video" and os.path.dirname(source).endswith(".work")
+    if point == "aside" and moving_in:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(source, target)
+
+
+def settle(work, video_dir):
+    if point == "swapped" and (video_dir / "video0.mp4").exists():
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_settle(work, video_dir)
+
+
+shutil.copyfile, os.replace, datasets.settle = copyfile, replace, settle
+datasets.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("point", ["copying", "aside", "swapped"])
+def test_a_killed_copy_run_is_settled_at_the_next_start_and_only_ours(tmp_path, capsys, point):
+    from util.atomic import HOST
+
+    annotations, out = write_msrvtt(tmp_path / "msrvtt"), tmp_path / "out"
+    clips = byte_clips(tmp_path / "clips", MSRVTT_CLIPS)
+    argv = ["prepare", "msrvtt", out, "--annotations", annotations, "--videos", clips, "--copy"]
+    assert prepare(capsys, "msrvtt", out, annotations, "--videos", clips, "--copy")[0] == 0
+    killed = subprocess.run([sys.executable, "-c", PREPARE_KILLED, str(ROOT), point, *map(str, argv)])
+    assert killed.returncode == -signal.SIGKILL
+    training = out / "training_data"
+    (work,) = training.glob(".video.s2vt-*.work")  # what the killed run left, gigabytes with --copy
+    assert (training / "video").exists() == (point != "aside")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    others = {".video.4242.tmp": None,  # another program's, or an older s2vt's (no marker)
+              f".video.s2vt-{HOST}-{ended.pid}.work": None,  # our name, but no marker: not known to be ours
+              f".video.s2vt-{HOST}-{live.pid}.work": datasets.WORK_MARK}  # a run still going
+    try:
+        for name, mark in others.items():
+            (training / name).mkdir()
+            (training / name / "clip.mp4").write_bytes(b"someone's clip")
+            if mark:
+                (training / name / datasets.WORK_MARKER).write_text(mark)
+        code, stdout, stderr = prepare(capsys, "msrvtt", out, annotations)  # the next start, without --videos
+        assert code == 0, stderr
+        assert "clips: kept the 5 an earlier run placed" in stdout
+        assert_copies_intact(out)  # the earlier clips are back where the killed run had moved them aside
+        assert sorted(p.name for p in training.iterdir()) == sorted([*others, "id.txt", "video"])
+        for name in others:
+            assert (training / name / "clip.mp4").read_bytes() == b"someone's clip"
+    finally:
+        live.kill()
+        live.wait()
 
 
 def corrupt_msvd_columns(root):

@@ -1,5 +1,6 @@
 """tools.release: export a tiny trained run, serve it from a local HTTP server, fetch it back (or refuse it)."""
 import fcntl
+import gzip
 import hashlib
 import io
 import json
@@ -7,6 +8,7 @@ import os
 import tarfile
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -18,8 +20,8 @@ import infer
 import train
 from conftest import write_tiny_mlds
 from model import S2VT, ModelConfig
-from tools.release import checkpoint_location, export_release, fetch_release, main, remove_stale_partials, \
-    sha256_of
+from tools.release import MARKER_FILE, MARKER_TEXT, PARTIAL_PREFIX, checkpoint_location, export_release, \
+    fetch_release, main, remove_stale_partials, sha256_of
 from util.checkpoints import latest_checkpoint, resolve_checkpoint
 from util.errors import DataError
 
@@ -245,7 +247,7 @@ def unsafe_members(kind, outside):
 @pytest.mark.parametrize("kind, refusal", [("dotdot", "points outside"), ("absolute", "points outside"),
                                            ("symlink", "link or special file"), ("hardlink", "link or special file")])
 def test_unsafe_archive_member_is_refused_and_nothing_written_outside(release, server, tmp_path, kind, refusal):
-    checkpoints = tmp_path / "a" / "checkpoints"  # unpacking happens in checkpoints/.<name>.*.partial/run/
+    checkpoints = tmp_path / "a" / "checkpoints"  # unpacking happens in checkpoints/.s2vt-fetch.<name>.*.partial/run/
     outside = tmp_path / "a" / "escaped.txt"
     archive = pack(bundle_files(release.bundle), unsafe_members(kind, outside))
     url = server.serve(f"/unsafe/{kind}/tiny.tar.gz", archive)
@@ -381,20 +383,104 @@ def test_gzip_bomb_is_refused_before_unpacking(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_partial_folders_of_killed_fetches_are_removed_and_live_ones_kept(release, server, tmp_path):
+def test_partial_folders_of_killed_fetches_are_removed_and_no_others(release, server, tmp_path):
     checkpoints = tmp_path / "checkpoints"
-    killed, live, starting = (checkpoints / f".tiny.{tag}.partial" for tag in ("killed", "live", "starting"))
-    for folder in (killed, live, starting):
+    ours = {tag: checkpoints / f"{PARTIAL_PREFIX}tiny.{tag}.partial" for tag in ("killed", "live", "starting")}
+    others = [checkpoints / ".x.partial",  # another program's, with our marker file even: not our name
+              checkpoints / ".tiny.old.partial"]  # an older s2vt's, or anyone's
+    for folder in [*ours.values(), *others]:
         (folder / "run").mkdir(parents=True)
-    (killed / ".lock").touch()  # its process died, and with it the lock
-    (live / ".lock").touch()
-    with open(live / ".lock") as held:
+        (folder / ".lock").touch()
+    for folder in (ours["killed"], ours["live"], *others):
+        (folder / MARKER_FILE).write_text(MARKER_TEXT)  # the killed one's process died, and with it the lock
+    os.utime(ours["starting"], (time.time() - 3600,) * 2)  # no marker, however old: not known to be ours
+    with open(ours["live"] / MARKER_FILE) as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a fetch still running holds it
         url = server.serve("/partials/tiny.tar.gz", release.bundle.read_bytes())
         assert fetch_release(url, checkpoints, release.sha256) == checkpoints / "tiny"
-        assert sorted(p.name for p in checkpoints.iterdir()) == sorted([live.name, starting.name, "tiny"])
-        os.utime(starting, (time.time() - 3600,) * 2)  # made an hour ago and never locked: left by a kill
-        remove_stale_partials(checkpoints)
-        assert sorted(p.name for p in checkpoints.iterdir()) == sorted([live.name, "tiny"])
+        kept = [ours["live"].name, ours["starting"].name, *(folder.name for folder in others), "tiny"]
+        assert sorted(p.name for p in checkpoints.iterdir()) == sorted(kept)
     remove_stale_partials(checkpoints)  # its fetch has ended without removing it: now it is stale
-    assert [p.name for p in checkpoints.iterdir()] == ["tiny"]
+    kept.remove(ours["live"].name)
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(kept)
+    for folder in others:
+        assert (folder / "run").is_dir() and (folder / MARKER_FILE).read_text() == MARKER_TEXT
+
+
+def trickle(handler, data):
+    """Send data a byte a second, until the client hangs up."""
+    try:
+        for byte in data:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(1)
+    except OSError:
+        pass
+
+
+def trickle_body(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    trickle(handler, b"x" * 20)
+
+
+def trickle_headers(handler):
+    trickle(handler, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+
+
+@pytest.mark.parametrize("answer, flags, refusal, seconds", [
+    (trickle_body, ["--timeout", "2", "--deadline", "2.5", "--min-rate-kb", "0"],
+     "not done within the deadline of 2.5 s (--deadline)", 2.5),
+    (trickle_body, ["--timeout", "1.5", "--min-rate-kb", "0.1"], "under the minimum of 0.1 kB/s (--min-rate-kb)", 2),
+    (trickle_headers, ["--timeout", "2", "--deadline", "2", "--min-rate-kb", "0"],
+     "not done within the deadline of 2 s (--deadline)", 2),
+])
+def test_a_server_trickling_a_byte_a_second_is_cut_off(server, tmp_path, capsys, answer, flags, refusal, seconds):
+    url = server.serve_custom(f"/trickle/{answer.__name__}/{seconds}/x.tar.gz", answer)
+    started = time.monotonic()
+    assert main(["download", url, "--dir", str(tmp_path), "--insecure-no-hash", *flags]) == 2
+    elapsed = time.monotonic() - started
+    assert refusal in the_error(capsys)
+    assert seconds - 0.1 < elapsed < seconds + 1.5, elapsed
+    assert list(tmp_path.iterdir()) == []
+
+
+def huge_header_archive(kind, size=150_000_000):
+    """A .tar.gz whose first header is a PAX header or GNU long name of `size` bytes (about 146 kB for 150 MB),
+    then a small file."""
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as archive:
+        header = tarfile.TarInfo("././@PaxHeader" if kind == "pax" else "././@LongLink")
+        header.type, header.size = (tarfile.XHDTYPE if kind == "pax" else tarfile.GNUTYPE_LONGNAME), size
+        archive.write(header.tobuf(tarfile.USTAR_FORMAT))
+        prefix = f"{size} comment=".encode() if kind == "pax" else b""
+        archive.write(prefix)
+        chunk, left = b"x" * (1 << 20), size - len(prefix) - 1
+        while left > 0:
+            archive.write(chunk[:left])
+            left -= len(chunk)
+        archive.write(b"\n" + bytes(-size % tarfile.BLOCKSIZE))
+        member = tarfile.TarInfo("config.json")
+        member.size = 2
+        archive.write(member.tobuf(tarfile.USTAR_FORMAT) + b"{}" + bytes(tarfile.BLOCKSIZE - 2 + 2 * tarfile.BLOCKSIZE))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["pax", "gnu-long-name"])
+def test_a_huge_extended_header_is_refused_before_it_is_read(server, tmp_path, kind):
+    archive = huge_header_archive(kind)
+    assert len(archive) < 200_000
+    url = server.serve(f"/huge-header/{kind}/x.tar.gz", archive)
+    started = time.monotonic()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"refused: extended \(PAX or GNU long-name\) headers of over 1048576 "
+                                            r"bytes \(one of 150000000 bytes\)"):
+            fetch_release(url, tmp_path, hashlib.sha256(archive).hexdigest())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"{kind}: refused in {time.monotonic() - started:.2f} s, {peak / 1e6:.1f} MB at most")
+    assert peak < 20_000_000 and time.monotonic() - started < 2
+    assert list(tmp_path.iterdir()) == []

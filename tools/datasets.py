@@ -23,7 +23,9 @@ them. A re-run replaces the links in <split>_data/video; a real file there (an e
 hand) it replaces only with the same bytes (same size and sha256, e.g. --copy again from the same clips) and
 otherwise refuses, naming the folder and the file: move it away, or prepare into another folder. A re-run without
 --videos keeps the video folders as they are and says how many clips they hold. A refusal is one error line;
-nothing is written or removed.
+nothing is written or removed. A run's clips are placed in a work folder beside <split>_data/video and swapped in;
+the work folder of a run that was killed (ours by name and by the marker inside, its process ended) is settled when
+the next run starts: the earlier clips go back if the new ones never arrived, and the rest is removed.
 """
 import argparse
 import hashlib
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from util.atomic import atomic_path
+from util.atomic import atomic_path, left_by_dead_process, owner_tag
 from util.data import read_json
 from util.errors import DataError, command
 
@@ -50,6 +52,10 @@ MADE_BY_NAMES = (MADE_BY, MADE_BY.replace("tools.", "util."))
 # what `prepare` writes besides RECORD: a folder holding any of these without RECORD was made by someone else
 OUTPUTS = tuple(name for split in SPLITS for name in (f"{split}_label.json", f"{split}_id.txt", f"{split}_data")) \
     + (MISSING,)
+
+# <split>_data/.video.<owner tag>.work/: a run's clips are placed in work/video, the earlier folder moved to work/old
+WORK_SUFFIX, WORK_MARKER, WORK_MARK = ".work", "made-by", f"{MADE_BY}: a run's clip folder, being swapped in\n"
+_WORK = re.compile(r"\.video\.(s2vt-[0-9a-f]{8}-\d+)\.work")
 
 MSVD_COLUMNS = ("VideoID", "Start", "End", "WorkerID", "Source", "AnnotationTime", "Language", "Description")
 MSVD_USED_COLUMNS = ("VideoID", "Start", "End", "Language", "Description")
@@ -337,10 +343,14 @@ def remove(path):
 
 
 def place_clips(video_dir, sources, copy, progress):
-    """Fill video_dir with links to (or copies of) the clips: built beside it, then swapped in whole."""
-    building = video_dir.with_name(f".video.{os.getpid()}.tmp")
-    old = video_dir.with_name(f".video.{os.getpid()}.old")
-    remove(building)
+    """Fill video_dir with links to (or copies of) the clips: built in this run's work folder beside it, then
+    swapped in whole."""
+    work = video_dir.with_name(f".video.{owner_tag()}{WORK_SUFFIX}")
+    if work.is_dir():  # a dead process's of this pid, or this process's earlier call's
+        settle(work, video_dir)
+    work.mkdir()
+    (work / WORK_MARKER).write_text(WORK_MARK)
+    building, old = work / "video", work / "old"
     building.mkdir()
     try:
         for clip, source in sources:
@@ -352,9 +362,45 @@ def place_clips(video_dir, sources, copy, progress):
         if video_dir.exists() or video_dir.is_symlink():
             os.replace(video_dir, old)
         os.replace(building, video_dir)
-        remove(old)
     finally:
-        remove(building)
+        settle(work, video_dir)
+
+
+def settle(work, video_dir):
+    """Finish a work folder's swap: the earlier video folder it moved aside goes back if nothing took its place;
+    then the work folder goes, its marker last, so that what a kill leaves is still known to be ours."""
+    old = work / "old"
+    if (old.exists() or old.is_symlink()) and not (video_dir.exists() or video_dir.is_symlink()):
+        os.replace(old, video_dir)
+    for item in work.iterdir():
+        if item.name != WORK_MARKER:
+            remove(item)
+    (work / WORK_MARKER).unlink(missing_ok=True)
+    work.rmdir()
+
+
+def settle_killed_runs(out_dir):
+    """Settle the work folders that killed `prepare` runs left in out_dir: ours by name and marker, of a process
+    that has ended. Another program's folders, and those of a run still going, are left alone."""
+    for split in SPLITS:
+        split_dir = out_dir / f"{split}_data"
+        if not split_dir.is_dir() or split_dir.is_symlink():
+            continue
+        for work in split_dir.iterdir():
+            match = _WORK.fullmatch(work.name)
+            if match and left_by_dead_process(match.group(1)) and not work.is_symlink() and _marked(work):
+                try:
+                    settle(work, split_dir / "video")
+                except OSError as error:
+                    raise DataError(f"{work}: cannot clear what a killed run left ({error.strerror or error})") \
+                        from None
+
+
+def _marked(work):
+    try:
+        return (work / WORK_MARKER).read_text() == WORK_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write(plan, out_dir, copy=False):
@@ -463,6 +509,7 @@ def prepare(dataset, out_dir, annotations_dir, video_dirs=None, copy=False):
     out_dir = Path(out_dir)
     check_out_dir(out_dir, dataset)
     check_videos_outside(out_dir, video_dirs)
+    settle_killed_runs(out_dir)  # before the clips there are checked: a killed run may have moved them aside
     checked = plan(dataset, annotations_dir, video_dirs, copy)
     checked.kept = check_placed_clips(out_dir, checked)
     if checked.kept:

@@ -3,6 +3,7 @@
     python -m tools.release export RUN_DIR OUT.tar.gz [--which best|last]
     python -m tools.release download NAME|URL [--sha256 HEX] [--dir checkpoints/] [--registry checkpoints/releases.json]
                             [--insecure-no-hash] [--max-download-mb 2000] [--max-unpacked-mb 4000] [--timeout 30]
+                            [--deadline 3600] [--min-rate-kb 10]
 
 A bundle holds, at its top level:
 
@@ -17,13 +18,15 @@ A bundle holds, at its top level:
 so the extracted folder is a run folder for model.load_model, on any backend. The registry
 (releases.json) is a JSON list of {name, url, sha256, size, trained_on, metrics, created}; a url without a scheme
 is a file beside the registry (a release shipped in the repository). A URL needs its sha256 (--sha256, or the URL
-ending in #sha256=HEX; --insecure-no-hash installs it unverified). A download has a connect and read timeout and a
-size cap, counted as it arrives whatever the server announces; it is checked against its sha256, unpacked member by
-member (plain files and folders only, nothing outside, their sizes checked against a cap before any is written),
-checked against MANIFEST.json and restored into the model once, in a hidden folder DIR/.<name>.*.partial, and only
-then renamed to DIR/<name>: a reader never sees a half-unpacked release. A partial folder left by a killed fetch is
-removed by the next fetch into DIR (one still being written is locked, and kept). DIR/<name>/SOURCE.json records
-where it came from; a second fetch of it makes no request.
+ending in #sha256=HEX; --insecure-no-hash installs it unverified). A download has a connect and read timeout, an
+overall deadline, a minimum rate (over every --timeout seconds) and a size cap, counted as it arrives whatever the
+server announces; it is checked against its sha256, unpacked member by member (plain files and folders only, nothing
+outside, their sizes checked against a cap before any is written, extended headers too before they are read),
+checked against MANIFEST.json and restored into the model once, in a hidden folder DIR/.s2vt-fetch.<name>.*.partial,
+and only then renamed to DIR/<name>: a reader never sees a half-unpacked release. A partial folder left by a killed
+fetch is removed by the next fetch into DIR: one of that name holding the marker file a fetch writes (and locks while
+it runs); any other folder, and one still locked, is kept. DIR/<name>/SOURCE.json records where it came from; a
+second fetch of it makes no request.
 """
 import argparse
 import csv
@@ -36,9 +39,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -53,8 +58,8 @@ from tqdm import tqdm
 
 from model import load_model
 from util.atomic import atomic_path
-from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, read_run_config, \
-    read_state
+from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, checkpoint_name, latest_checkpoint, \
+    read_run_config, read_state
 from util.data import read_json
 from util.errors import DataError, command
 from util.plots import run_select_metric
@@ -69,9 +74,12 @@ MAX_DOWNLOAD_BYTES = 2_000_000_000
 MAX_UNPACKED_BYTES = 4_000_000_000
 MAX_MEMBERS = 10_000  # files and folders in a release; a real one holds under 10
 TIMEOUT_S = 30.0  # to connect, and for each read
+DEADLINE_S = 3600.0  # for a whole download
+MIN_RATE = 10_000  # bytes a second at least, over every TIMEOUT_S
+MAX_HEADER_BYTES = 1 << 20  # PAX and GNU long-name headers in all; a release's hold a few hundred bytes
 CHUNK = 1 << 20
-LOCK_FILE = ".lock"  # held (flock) by the process unpacking into a partial folder
-UNLOCKED_AGE_S = 600  # a partial folder with no lock file yet is left alone this long after it was made
+PARTIAL_PREFIX = ".s2vt-fetch."  # DIR/.s2vt-fetch.<name>.<random>.partial: a fetch's work folder
+MARKER_FILE, MARKER_TEXT = ".s2vt-fetch", "tools.release: a fetch's work folder, locked while the fetch runs\n"
 
 
 def sha256_of(path):
@@ -93,7 +101,7 @@ def export_release(run_dir, out_path, which="best"):
     metrics = run_metrics(run_dir, checkpoint, which, run_select_metric(run_dir))
 
     # each bundle file comes from a Path (streamed: checkpoints can be large) or from bytes made here
-    sources = {f"best/{checkpoint.name}/{name}": checkpoint / name for name in (MODEL_FILE, STATE_FILE)}
+    sources = {f"best/{checkpoint_name(checkpoint)}/{name}": checkpoint / name for name in (MODEL_FILE, STATE_FILE)}
     sources["config.json"] = run_dir / "config.json"
     sources["vocab.json"] = run_dir / "vocab.json"
     sources["feature_manifest.json"] = json.dumps(config.get("features"), indent=1).encode()
@@ -190,7 +198,8 @@ def _check_sha256(digest, where):
 # ---- download ----
 
 def fetch_release(spec, directory=None, sha256=None, registry=None, insecure_no_hash=False,
-                  max_download_bytes=MAX_DOWNLOAD_BYTES, max_unpacked_bytes=MAX_UNPACKED_BYTES, timeout=TIMEOUT_S):
+                  max_download_bytes=MAX_DOWNLOAD_BYTES, max_unpacked_bytes=MAX_UNPACKED_BYTES, timeout=TIMEOUT_S,
+                  deadline=DEADLINE_S, min_rate=MIN_RATE):
     """The run folder DIR/<name> of a release given by registry name or URL, downloaded and checked if not there yet.
     A URL without a sha256 (sha256=, or #sha256=HEX on the URL) is refused unless insecure_no_hash."""
     directory = Path(directory) if directory else DEFAULT_ROOT
@@ -225,11 +234,14 @@ def fetch_release(spec, directory=None, sha256=None, registry=None, insecure_no_
     directory.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(directory)
     # download and unpack in a hidden folder beside the target, so the final rename is atomic
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=directory))
+    work = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{name}.", suffix=".partial", dir=directory))
     try:
-        with open(work / LOCK_FILE, "w") as lock:
+        with open(work / MARKER_FILE, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # remove_stale_partials in other processes keeps out while it is held
-            archive, digest = _download(url, sha256, work, max_download_bytes, timeout)
+            lock.write(MARKER_TEXT)
+            lock.flush()
+            pace = _Pace(url, timeout, deadline, min_rate)
+            archive, digest = _download(url, sha256, work, max_download_bytes, pace)
             run_dir = _unpack(archive, work / "run", url, max_unpacked_bytes)
             _verify_bundle(run_dir, url)
             (run_dir / SOURCE_FILE).write_text(json.dumps({"name": name, "url": url, "sha256": digest,
@@ -251,22 +263,18 @@ def fetch_release(spec, directory=None, sha256=None, registry=None, insecure_no_
 
 
 def remove_stale_partials(directory):
-    """Remove the DIR/.<name>.*.partial folders of fetches that were killed: those whose lock file no process
-    holds, and those never locked and older than UNLOCKED_AGE_S (a fetch just starting has not locked yet)."""
-    for folder in Path(directory).glob(".*.partial"):
+    """Remove the work folders of fetches into DIR that were killed: named DIR/.s2vt-fetch.*.partial and holding
+    the marker file a fetch writes, which no process holds locked. Nothing else is touched: not another program's
+    folder, nor one whose fetch is still running or has not written its marker yet."""
+    for folder in Path(directory).glob(f"{PARTIAL_PREFIX}*.partial"):
+        if folder.is_symlink():
+            continue
         try:
-            with open(folder / LOCK_FILE, "r") as lock:
+            with open(folder / MARKER_FILE, "r") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, ignore_errors=True)  # while locked, so no one else takes it meanwhile
-        except BlockingIOError:
-            continue  # a live fetch
-        except FileNotFoundError:
-            try:
-                if time.time() - folder.stat().st_mtime > UNLOCKED_AGE_S:
-                    shutil.rmtree(folder, ignore_errors=True)
-            except FileNotFoundError:
-                pass
-        except OSError:
+                if lock.read() == MARKER_TEXT:
+                    shutil.rmtree(folder, ignore_errors=True)  # while locked, so no one else takes it meanwhile
+        except (OSError, UnicodeDecodeError):  # BlockingIOError: a live fetch; FileNotFoundError: no marker
             continue
 
 
@@ -291,13 +299,120 @@ def _already_fetched(target, url, sha256):
     return target
 
 
-def _download(url, sha256, folder, max_bytes, timeout):
-    """Stream url into folder/release.tar.gz with a connect and read timeout, refusing it past max_bytes (announced
-    or counted) and, when a sha256 is given, unless it matches: (path, its sha256)."""
-    path = folder / "release.tar.gz"
-    digest, received = hashlib.sha256(), 0
+class _Pace:
+    """A download's overall deadline and minimum rate. The rate is checked as each piece arrives, over windows of
+    `timeout` seconds (a longer silence is the read timeout's); at the deadline a timer shuts the connection's
+    socket, so a server trickling its headers, before any piece arrives, is cut off too."""
+
+    def __init__(self, url, timeout, deadline, min_rate):
+        self.url, self.timeout, self.deadline, self.min_rate = url, timeout, deadline, min_rate
+        self.started = self.window_start = None
+        self.window_bytes = 0
+        self.sockets, self.lock, self.expired = [], threading.Lock(), False
+        self.timer = threading.Timer(deadline, self._expire)
+        self.timer.daemon = True
+
+    def __enter__(self):
+        self.started = self.window_start = time.monotonic()
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+    def _expire(self):
+        with self.lock:
+            self.expired = True
+            for sock in self.sockets:
+                _shut(sock)
+
+    def record(self, sock):
+        """A connection's socket, once connected: shut at the deadline (at once if that has passed)."""
+        with self.lock:
+            self.sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def opener(self):
+        return urllib.request.build_opener(_RecordingHTTP(self.record), _RecordingHTTPS(self.record))
+
+    def too_late(self):
+        return DataError(f"{self.url}: download refused: not done within the deadline of {self.deadline:g} s "
+                         f"(--deadline)")
+
+    def arrived(self, size):
+        now = time.monotonic()
+        if self.expired or now - self.started > self.deadline:
+            raise self.too_late()
+        self.window_bytes += size
+        if now - self.window_start >= self.timeout:
+            rate = self.window_bytes / (now - self.window_start)
+            if rate < self.min_rate:
+                raise DataError(f"{self.url}: download refused: {rate:.0f} bytes/s over the last "
+                                f"{now - self.window_start:.1f} s, under the minimum of {self.min_rate / 1e3:g} kB/s "
+                                f"(--min-rate-kb)")
+            self.window_start, self.window_bytes = now, 0
+
+
+def _shut(sock):
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
+        sock.shutdown(socket.SHUT_RDWR)  # a read blocked on it returns at once
+    except OSError:
+        pass
+
+
+class _Recording:
+    """A urllib handler that hands each connection's socket to record() once connected."""
+
+    def __init__(self, record, **kwargs):
+        super().__init__(**kwargs)
+        self.record = record
+
+    def do_open(self, http_class, req, **kwargs):
+        def connection(*args, **options):
+            made = http_class(*args, **options)
+            connect = made.connect
+
+            def connect_and_record():
+                connect()
+                self.record(made.sock)
+            made.connect = connect_and_record
+            return made
+        return super().do_open(connection, req, **kwargs)
+
+
+class _RecordingHTTP(_Recording, urllib.request.HTTPHandler):
+    pass
+
+
+class _RecordingHTTPS(_Recording, urllib.request.HTTPSHandler):
+    pass
+
+
+def _download(url, sha256, folder, max_bytes, pace):
+    """Stream url into folder/release.tar.gz within pace's timeout, deadline and minimum rate, refusing it past
+    max_bytes (announced or counted) and, when a sha256 is given, unless it matches: (path, its sha256)."""
+    path = folder / "release.tar.gz"
+    with pace:
+        try:
+            digest = _stream(url, path, max_bytes, pace)
+        except DataError:
+            if pace.expired:  # the timer shut the socket: whatever broke, the deadline did it
+                raise pace.too_late() from None
+            raise
+        if pace.expired:  # a body without Content-Length ends quietly when its socket is shut
+            raise pace.too_late()
+    if sha256 and digest.hexdigest() != sha256:
+        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
+                        f"the download was refused and deleted")
+    return path, digest.hexdigest()
+
+
+def _stream(url, path, max_bytes, pace):
+    """Copy url's body into path, each piece as it arrives: its sha256 object."""
+    digest, received, timeout = hashlib.sha256(), 0, pace.timeout
+    try:
+        with pace.opener().open(url, timeout=timeout) as response, open(path, "wb") as out:
             announced = response.headers.get("Content-Length")
             announced = int(announced) if announced and announced.isdigit() else None
             if announced is not None and announced > max_bytes:
@@ -305,10 +420,11 @@ def _download(url, sha256, folder, max_bytes, timeout):
                                 f"{max_bytes} (--max-download-mb)")
             with tqdm(total=announced, unit="B", unit_scale=True, desc="downloading", leave=False,
                       file=sys.stderr) as progress:  # stdout may carry captions
-                while chunk := response.read(CHUNK):
+                while chunk := response.read1(CHUNK):  # what has arrived, so the pace is checked between pieces
                     received += len(chunk)
                     if received > max_bytes:
                         raise DataError(f"{url}: refused: over the limit of {max_bytes} bytes (--max-download-mb)")
+                    pace.arrived(len(chunk))
                     out.write(chunk)
                     digest.update(chunk)
                     progress.update(len(chunk))
@@ -325,22 +441,46 @@ def _download(url, sha256, folder, max_bytes, timeout):
                         f"{received + len(error.partial) + (error.expected or 0)} bytes") from None
     except (OSError, http.client.HTTPException) as error:
         raise DataError(f"{url}: download failed ({type(error).__name__}: {error})") from None
-    if sha256 and digest.hexdigest() != sha256:
-        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
-                        f"the download was refused and deleted")
-    return path, digest.hexdigest()
+    return digest
 
 
 def _unpack(archive, out_dir, url, max_bytes=MAX_UNPACKED_BYTES):
     """Extract plain files and folders only, each checked to stay inside out_dir and within max_bytes in all
-    before it is written."""
+    before it is written, and their extended headers within MAX_HEADER_BYTES before they are read."""
     out_dir.mkdir()
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with tarfile.open(archive, "r:gz", tarinfo=_CappedTarInfo) as tar:
             tar.extractall(out_dir, members=_safe_members(tar, url, max_bytes), filter="data")
+    except _RefusedHeader as error:
+        raise DataError(f"{url}: refused: {error}") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
         raise DataError(f"{url}: not a complete .tar.gz archive, truncated or corrupt ({error})") from None
     return out_dir
+
+
+class _RefusedHeader(Exception):
+    """An archive header refused before tarfile reads what it announces."""
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile reads a PAX or GNU long-name header's whole announced size into memory, and a sparse member's map
+    however long, before the member is seen: the headers' sizes are counted first, and sparse members (never in a
+    release) refused before their maps are read."""
+    EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                tarfile.GNUTYPE_LONGLINK)
+
+    def _refuse_sparse(self, *args):
+        raise _RefusedHeader("the archive holds a sparse member, which a release never does")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+    def _proc_member(self, tar):
+        if self.type in self.EXTENDED:
+            tar.extended_header_bytes = getattr(tar, "extended_header_bytes", 0) + self.size
+            if tar.extended_header_bytes > MAX_HEADER_BYTES:
+                raise _RefusedHeader(f"extended (PAX or GNU long-name) headers of over {MAX_HEADER_BYTES} bytes "
+                                     f"(one of {self.size} bytes)")
+        return super()._proc_member(tar)
 
 
 def _safe_members(tar, url, max_bytes):
@@ -406,9 +546,16 @@ def main(argv=None):
                           help="archives unpacking to more are refused")
     download.add_argument("--timeout", type=float, default=TIMEOUT_S,
                           help="seconds to wait to connect, and for each read")
+    download.add_argument("--deadline", type=float, default=DEADLINE_S, metavar="SECONDS",
+                          help="downloads taking longer are cut off and refused")
+    download.add_argument("--min-rate-kb", type=float, default=MIN_RATE / 1e3, metavar="KB_PER_S",
+                          help="downloads slower than this many kilobytes a second, over any --timeout seconds, are "
+                               "cut off and refused (0: no minimum)")
     for command in (export, download):
         command.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    if args.command == "download" and not (args.timeout > 0 and args.deadline > 0 and args.min_rate_kb >= 0):
+        download.error("--timeout and --deadline must be positive, --min-rate-kb at least 0")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -418,7 +565,8 @@ def main(argv=None):
                       f"registry entry (fill in url):\n{json.dumps(entry, indent=1)}")
             else:
                 print(fetch_release(args.spec, args.dir, args.sha256, args.registry, args.insecure_no_hash,
-                                    int(args.max_download_mb * 1e6), int(args.max_unpacked_mb * 1e6), args.timeout))
+                                    int(args.max_download_mb * 1e6), int(args.max_unpacked_mb * 1e6), args.timeout,
+                                    args.deadline, args.min_rate_kb * 1e3))
         finally:  # also when a DataError ends the command: its line follows these
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)

@@ -7,12 +7,14 @@
 
 model.weights.h5 is Keras's weights file and optimizer.h5 the optimizer's variables (HDF5 arrays); state.json holds
 the epoch, the batch within it, the step and the best score. Loading reads arrays and JSON: it runs no code and
-unpickles nothing. A checkpoint is written into a hidden folder, flushed to disk and renamed into place whole, so a
-crash never leaves half of one. A run trained on TensorFlow loads on JAX and the other way round. model.load_model
-builds a run's model from its checkpoint; `python -m tools.convert_run` converts runs of the TensorFlow-only s2vt.
+unpickles nothing. A checkpoint is written into a hidden folder, flushed to disk and renamed into place whole, and
+one replaced or deleted is first renamed aside, so a crash never leaves half of one, nor a folder without one. A run
+trained on TensorFlow loads on JAX and the other way round. model.load_model builds a run's model from its
+checkpoint; `python -m tools.convert_run` converts runs of the TensorFlow-only s2vt.
 This module imports nothing from the pipeline's scripts.
 """
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -26,6 +28,8 @@ from util.vocab import Vocabulary
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "checkpoints"
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.weights.h5", "optimizer.h5", "state.json"
 _STEP = re.compile(r"step-(\d+)")
+ASIDE = ".aside"  # .step-N.aside: a checkpoint renamed out of the way before it is replaced or deleted
+_ASIDE = re.compile(r"\.step-(\d+)\.aside")
 
 
 def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest, decoding=None):
@@ -60,16 +64,20 @@ def newest_run(root=DEFAULT_ROOT):
 
 def save_checkpoint(folder, step, model, state, optimizer=None, keep=3):
     """Write folder/step-<step> (the model's weights, the optimizer's variables if given, state as JSON) whole,
-    then remove all but the newest `keep` checkpoints there. Returns its path."""
+    then remove all but the newest `keep` checkpoints there. Returns its path.
+
+    A checkpoint is never removed or replaced in place: it is renamed aside (.step-N.aside) first, then the new one
+    renamed in, then the aside one deleted, so a process killed at any point leaves a complete checkpoint (the aside
+    one, which checkpoints_in finds, if the new one never arrived)."""
     folder = Path(folder)
     target = folder / f"step-{step:08d}"
-    for stale in folder.glob(".step-*.partial"):  # left by a process killed while saving (one writer per folder)
-        shutil.rmtree(stale, ignore_errors=True)
     try:
+        _settle(folder)
         folder.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=folder))
     except OSError as error:
         raise DataError(f"{folder}: cannot write a checkpoint ({error.strerror or error})") from None
+    aside = _aside(target)
     try:
         model.save_weights(work / MODEL_FILE)
         if optimizer is not None:
@@ -83,22 +91,64 @@ def save_checkpoint(folder, step, model, state, optimizer=None, keep=3):
         (work / STATE_FILE).write_text(json.dumps(state, indent=1))
         fsync_tree(work)  # the files first: a rename is only as durable as what it renames
         if target.exists():  # the same step saved again (a second save of a finished epoch): replace it
-            shutil.rmtree(target)
-        work.rename(target)
+            os.rename(target, aside)
+        os.rename(work, target)
         fsync(folder)
+        for old in checkpoints_in(folder)[:-keep]:
+            _remove(old)
+        _remove(aside)
     except OSError as error:
         raise DataError(f"{target}: cannot write the checkpoint ({error.strerror or error})") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for old in checkpoints_in(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _aside(checkpoint):
+    return checkpoint.with_name(f".{checkpoint.name}{ASIDE}")
+
+
+def _remove(checkpoint):
+    """Delete a checkpoint, renamed aside first so that a half-deleted one never looks like a checkpoint."""
+    if not checkpoint.name.endswith(ASIDE) and checkpoint.exists():
+        os.rename(checkpoint, _aside(checkpoint))
+        checkpoint = _aside(checkpoint)
+    shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _settle(folder):
+    """Finish what a process killed while saving into folder left (one writer per folder): an aside checkpoint
+    that nothing newer replaced is renamed back, other aside ones are deleted, and so are unfinished .partial
+    folders, but only once a complete checkpoint is there (one may hold the only copy, from an older s2vt)."""
+    if not folder.is_dir():
+        return
+    for aside in folder.glob(f".step-*{ASIDE}"):
+        if aside in checkpoints_in(folder):
+            os.rename(aside, folder / checkpoint_name(aside))
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    if checkpoints_in(folder):
+        for stale in folder.glob(".step-*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def checkpoints_in(folder):
-    """The complete checkpoints in folder, oldest first."""
-    found = [p for p in Path(folder).glob("step-*") if _STEP.fullmatch(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP.fullmatch(p.name).group(1)))
+    """The complete checkpoints in folder, oldest first: its step-N folders, then a .step-N.aside one newer than all
+    of them (a process killed while replacing step-N moved the old one aside and never renamed the new one in)."""
+    folder = Path(folder)
+    found = sorted((int(match.group(1)), p) for p in folder.glob("step-*")
+                   if (match := _STEP.fullmatch(p.name)) and (p / STATE_FILE).is_file())
+    newest = found[-1][0] if found else -1
+    asides = sorted((int(match.group(1)), p) for p in folder.glob(f".step-*{ASIDE}")
+                    if (match := _ASIDE.fullmatch(p.name)) and int(match.group(1)) > newest
+                    and (p / STATE_FILE).is_file())
+    return [p for _, p in found + asides[-1:]]
+
+
+def checkpoint_name(checkpoint):
+    """step-N, also for a checkpoint found aside (.step-N.aside)."""
+    name = Path(checkpoint).name
+    return name[1:].removesuffix(ASIDE) if name.endswith(ASIDE) else name
 
 
 def latest_checkpoint(folder):

@@ -86,6 +86,8 @@ TRAINING = {  # name: train.py flags
     "skip-unk-min1": ["--min-word-count", "1"],
     "skip-unk-tf": ["--min-word-count", "3", "--schedule", "linear", "--teacher-forcing-start", "1.0",
                     "--teacher-forcing-end", "0.8"],
+    "after": ["--min-word-count", "1", "--schedule", "linear", "--teacher-forcing-start", "1.0",
+              "--teacher-forcing-end", "0.8"],
 }
 DECODING = {  # name: Captioner.caption_features options
     "free": {"no_repeat_ngram": 0, "end_rule": False},
@@ -93,7 +95,8 @@ DECODING = {  # name: Captioner.caption_features options
     "no-repeat-2+end": {"no_repeat_ngram": 2, "end_rule": True},
     "no-repeat-3+end": {"no_repeat_ngram": 3, "end_rule": True},
 }
-CHOICES = ("cider", "loss", "last")  # the checkpoint kept: best validation CIDEr, lowest validation loss, last epoch
+# the checkpoint kept: best validation CIDEr, best CIDEr averaged over 3 epochs, lowest validation loss, last epoch
+CHOICES = ("cider", "cider3", "loss", "last")
 
 
 def chosen_epochs(history_csv):
@@ -101,7 +104,9 @@ def chosen_epochs(history_csv):
     import pandas as pd
 
     history = pd.read_csv(history_csv)
+    smoothed = history["val_cider"].rolling(3, center=True, min_periods=1).mean()
     return {"cider": int(history["epoch"][history["val_cider"].idxmax()]),
+            "cider3": int(history["epoch"][smoothed.idxmax()]),
             "loss": int(history["epoch"][history["val_loss"].idxmin()]), "last": int(history["epoch"].iloc[-1])}
 
 

@@ -30,8 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
-from util.data import prefetched, read_feature_manifest, read_ids, warnings_as_lines
+from util.data import manifest_differences, prefetched, read_feature_manifest, read_ids, warnings_as_lines
 from util.errors import DataError, command
+from util.flags import positive_int
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
@@ -45,8 +46,6 @@ STREAMS = ("rgb", "flow")
 # 0..255, in pixels of a FLOW_REFERENCE_SIZE-pixel frame whatever --image-size: +-16 px per frame span 0..255.
 FLOW_REFERENCE_SIZE = 224
 FLOW_SCALE = 8.0
-# Manifest fields added after manifests were first written, and what a manifest without one means
-MANIFEST_DEFAULTS = {"stream": "rgb"}
 
 
 class VideoError(Exception):
@@ -106,13 +105,6 @@ class FeatureSettings:
         if known.get("grids"):
             known["grids"] = tuple(known["grids"])
         return cls(**known)
-
-
-def manifest_differences(recorded, wanted):
-    """{field: (recorded value, wanted value)} for the fields of `wanted` (and MANIFEST_DEFAULTS) on which two
-    feature manifests disagree, a field a manifest lacks counting as its default."""
-    recorded, wanted = {**MANIFEST_DEFAULTS, **recorded}, {**MANIFEST_DEFAULTS, **wanted}
-    return {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
 
 
 def frame_indices(frame_count, frames):
@@ -459,13 +451,6 @@ def parse_shard(text):
     if not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"needs 0 <= i < n, not {text!r}")
     return index, count
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
 
 
 @command

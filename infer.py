@@ -35,13 +35,14 @@ import numpy as np
 from tqdm import tqdm
 
 from captioner import Captioner
-from extract_features import FeatureSettings, manifest_differences
+from extract_features import FeatureSettings
 from model import MATMUL_DTYPES
 from util.atomic import write_text_atomic
 from util.evaluate import evaluate, format_table
 from util.scenes import MAX_SCENE, MIN_SCENE, parse_segments
 from util.subtitles import write_subtitles
-from util.data import find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids, warnings_as_lines
+from util.data import (find_feat_dir, load_feature_file, load_labels, manifest_differences, read_feature_manifest,
+                       read_ids, warnings_as_lines)
 from util.errors import DataError, command
 
 DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise

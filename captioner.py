@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 import decoding
 import extract_features
-from extract_features import VideoError
 from model import load_model
 from util import backend
 from util.errors import DataError
+from util.video import NO_LIMITS, ReadingStopped, VideoError, frame_indices
 from util.vocab import EOS
 
 __all__ = ["Captioner", "Caption", "Hypothesis", "SampledClip", "VideoError", "DataError"]
@@ -200,14 +200,14 @@ class Captioner:
         cuts fixed windows of that many seconds. A video shorter than one scene gets one cue. The file is decoded
         once; each scene is sampled and run through the extractor as a clip of its own, every fused run's too, and
         scenes are captioned in batches of at most scene_memory_mb of sampled frames, so memory does not grow with
-        the video. A tqdm bar runs over the video's duration. A file that cannot be read raises DataError, one
-        longer than max_seconds or with frames over max_pixels util.scenes.OverLimit (a DataError); stop(), if
-        given, is asked at every frame and True ends the work with util.scenes.ReadingStopped. progress(seconds
-        read, seconds in all or None), if given, is called after each scene is read."""
+        the video. A tqdm bar runs over the video's duration. A file that cannot be read raises VideoError (a
+        DataError), one longer than max_seconds or with frames over max_pixels util.video.OverLimit (a VideoError);
+        stop(), if given, is asked at every frame and True ends the work with util.video.ReadingStopped.
+        progress(seconds read, seconds in all or None), if given, is called after each scene is read."""
         import threading
 
         from util.data import prefetched
-        from util.scenes import MAX_SCENE, MIN_SCENE, ReadingStopped, SceneReader
+        from util.scenes import MAX_SCENE, MIN_SCENE, SceneReader
         from util.subtitles import Cue, merge_repeats
 
         runs = [self, *(member for member, _ in self.fused)]
@@ -228,7 +228,7 @@ class Captioner:
             if stop is not None and stop():
                 raise ReadingStopped(f"{path}: captioning stopped")
             # each scene's sample, cut to the `keep` frames the runs sample from, is a clip of decoded frames
-            clips = [s.frames[extract_features.frame_indices(len(s.frames), keep)] for s in waiting]
+            clips = [s.frames[frame_indices(len(s.frames), keep)] for s in waiting]
             results = self.caption(clips, beam_size, length_penalty, attention=True)
             cues.extend(Cue(s.start, s.end, r.caption, r.n_best[0].score if r.n_best else None)
                         for s, r in zip(waiting, results))
@@ -310,8 +310,8 @@ class Captioner:
 
     # ---- features ----
 
-    def read_clip(self, path, limits=extract_features.NO_LIMITS, stop=None):
-        """What this run's CNN sees of a clip file, decoded now under ClipLimits `limits` (ClipOverLimit, a
+    def read_clip(self, path, limits=NO_LIMITS, stop=None):
+        """What this run's CNN sees of a clip file, decoded now under util.video.ClipLimits `limits` (OverLimit, a
         VideoError, past them) and stop() (extract_features.read_clip): a SampledClip for caption()."""
         settings = self._extractor_settings()
         return SampledClip(extract_features.read_clip(path, settings, limits, stop), settings)

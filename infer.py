@@ -51,7 +51,7 @@ SEGMENTS_BEAM = 5  # a video's few scene captions are worth beam search, as on t
 
 def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
     """One heatmap PNG per video in out_dir; with the clip found in video_dir, thumbnails of its frames on top."""
-    import extract_features
+    from util.video import VideoError, read_frames
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,8 +60,8 @@ def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
         thumbnails = result.frames
         if thumbnails is None and clip is not None and clip.is_file():
             try:
-                thumbnails = extract_features.read_frames(clip, frames, 96)
-            except extract_features.VideoError as error:
+                thumbnails = read_frames(clip, frames, 96)
+            except VideoError as error:
                 print(f"warning: {error}; attention plot without thumbnails", file=sys.stderr)
         result_with_frames = result if thumbnails is None else replace(result, frames=thumbnails)
         result_with_frames.plot_attention(out_dir / f"{Path(video_id).name}.png",

@@ -130,3 +130,22 @@ def decode_rgb(path):
         frames.append(frame[1][..., ::-1])
     capture.release()
     return np.stack(frames)
+
+
+@pytest.fixture
+def undecodable_frames(monkeypatch):
+    """From now on in this test, every video opened finds its frames (grab) but cannot decode them (retrieve), as
+    a broken file may."""
+    opened = cv2.VideoCapture
+
+    class FoundButUndecodable:
+        def __init__(self, path):
+            self.capture = opened(path)
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+        def retrieve(self):
+            return False, None
+
+    monkeypatch.setattr(cv2, "VideoCapture", FoundButUndecodable)

@@ -17,6 +17,7 @@ import extract_features
 from captioner import Caption, Captioner, Hypothesis, VideoError
 from conftest import ROOT, VIDEO_SETTINGS, decode_rgb
 from util.errors import DataError
+from util.video import read_frames
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_a_clip_its_decoded_frames_and_its_feature_file_give_the_same_caption(ca
     assert set(caption.split()) <= set(captioner.vocab.words)
     detailed = captioner.caption(str(clip), attention=True)
     assert detailed.caption == caption
-    assert np.array_equal(detailed.frames, extract_features.read_frames(clip, VIDEO_SETTINGS.frames, 32))
+    assert np.array_equal(detailed.frames, read_frames(clip, VIDEO_SETTINGS.frames, 32))
 
     # the attention weights follow the features continuously, so equal weights mean equal features
     for same in (captioner.caption(decode_rgb(clip), attention=True),

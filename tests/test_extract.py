@@ -387,6 +387,19 @@ def test_stop_ends_decoding(tmp_path):
     assert len(asked) == 4  # asked between frames; the fourth answer stopped it
 
 
+def test_a_header_hiding_larger_frames_is_caught_while_decoding(hidden_large_frames):
+    """A 64x64 header over 6000x6000 MJPEG frames: OpenCV hands back 64x64 frames, so the decoding time tells."""
+    capture = cv2.VideoCapture(str(hidden_large_frames))
+    assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (64, 64)
+    capture.release()
+    decoded = []
+    with pytest.raises(video.OverLimit, match=f"^{hidden_large_frames}: frames take .* s of CPU each to decode, far "
+                                              f"longer than 64x64 frames do: larger than the header says"):
+        extract_features.read_clip(hidden_large_frames, extract_features.FeatureSettings(frames=5, image_size=16),
+                                   video.ClipLimits(pixels=640 * 480), stop=lambda: decoded.append(1))
+    assert len(decoded) < 16  # stopped early: decoding all 16 frames takes about 5 s
+
+
 def test_a_frame_found_but_undecodable_is_a_video_error(tmp_path, undecodable_frames):
     path = tmp_path / "clip.avi"
     write_clip(path, range(0, 200, 10))

@@ -145,6 +145,13 @@ def test_caps_and_stop_end_the_reading(six_scenes):
     assert threading.active_count() == threads and len(asked) < sum(s["frames"] for s in plan)
 
 
+def test_a_header_hiding_larger_frames_stops_the_reading(hidden_large_frames):
+    decoded = []
+    with pytest.raises(OverLimit, match="frames take .* s of CPU each to decode, far longer than 64x64 frames do"):
+        list(SceneReader(hidden_large_frames, size=32, keep=4, max_pixels=640 * 480, stop=lambda: decoded.append(1)))
+    assert len(decoded) < 16  # stopped early: decoding all 16 frames takes about 5 s
+
+
 def test_a_first_frame_found_but_undecodable_is_a_video_error(tmp_path, undecodable_frames):
     """Cutting scenes (segments auto) converts every frame: the first one failing once ended in a TypeError."""
     path = one_shot(tmp_path / "shot.avi", 2)

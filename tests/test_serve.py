@@ -422,6 +422,15 @@ def test_a_frame_that_cannot_be_decoded_gets_422(video_run, tmp_path, undecodabl
            [(422, "clip.avi: frame 0 was found but cannot be decoded")] * 2
 
 
+def test_a_header_hiding_larger_frames_gets_413(video_run, hidden_large_frames):
+    """Decoding stops once frames take far longer than the header's 64x64 explains: 413, not a 422 or 408 later."""
+    import serve
+
+    app = serve.create_app(Captioner.load(video_run), 20_000_000)
+    (status, body), = post_in_process(app, [("/api/caption", multipart("liar.avi", hidden_large_frames.read_bytes()))])
+    assert status == 413 and one_json_error(body).startswith("liar.avi: frames take ")
+
+
 @pytest.fixture(scope="module")
 def strict_server(video_run, tmp_path_factory):
     """serve.py with a queue of one and a 3-second time limit."""

@@ -5,9 +5,14 @@ one family of errors (VideoError, a DataError; OverLimit and ReadingStopped are 
         for index in video.frames(stop):        # every frame decoded in turn, the caps and stop() checked at each
             bgr = video.retrieve()              # converted only when a reader keeps it
 
-Headers lie, so the caps are checked again on what decoding finds: the frame count and length as frames come, and
-the size of every frame retrieved.
+Headers lie, so the caps are checked again on what decoding finds: the frame count and length as frames come, the
+size of every frame retrieved, and under a pixel cap the CPU time frames take to decode. The last catches frames
+larger than the header says: OpenCV scales each one back to the header's size, so its own size cannot be seen, while
+FFmpeg decodes it at full size (a 12000x12000 MJPEG frame behind a 64x64 header: about 250 MB and 0.3 s a frame).
+Under a pixel cap FFmpeg decodes in the reading thread (one decoding thread), whose CPU time a busy machine, other
+threads and a slow disk leave alone.
 """
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,6 +23,12 @@ import numpy as np
 from util.errors import DataError
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
+# A frame of the header's size decodes in FRAME_OVERHEAD_S of CPU plus its pixels at SLOW_DECODING pixels a second
+# (one core decodes 4K MJPEG of noise at 80 Mpx/s, 4K MPEG-4 at 300, 320x240 H.264 in 0.4 ms); DECODING_GRACE_S
+# more in all forgives a slow start. Decoding slower than that is a header hiding larger frames.
+SLOW_DECODING = 5e6
+FRAME_OVERHEAD_S = 0.02
+DECODING_GRACE_S = 0.5
 
 
 class VideoError(DataError):
@@ -50,6 +61,18 @@ class ClipLimits:
         if self.pixels is not None and width * height > self.pixels:
             raise OverLimit(f"{path}: {width}x{height} frames are over the limit of {self.pixels} pixels")
 
+    def check_decoding(self, path, frames, seconds, width, height):
+        """Raise OverLimit if `frames` frames took `seconds` of CPU to decode, far longer than width x height frames
+        take (a header without a size counts as the pixel cap's): frames larger than the header says. No pixel cap,
+        no check."""
+        if self.pixels is None:
+            return
+        per_frame = FRAME_OVERHEAD_S + (width * height or self.pixels) / SLOW_DECODING
+        if seconds > DECODING_GRACE_S + frames * per_frame:
+            raise OverLimit(f"{path}: frames take {seconds / frames:.2f} s of CPU each to decode, far longer than "
+                            f"{width}x{height} frames do: larger than the header says (the limit is {self.pixels} "
+                            f"pixels)")
+
 
 NO_LIMITS = ClipLimits()
 
@@ -76,11 +99,18 @@ class Video:
         """Decode the frames one by one, yielding each one's index (from 0) once it is decoded. stop(), if given, is
         asked at every frame, and True ends decoding with ReadingStopped; past a cap, OverLimit; no frame at all,
         VideoError."""
-        while self._decoder(self._capture.grab):
+        decoding_s = 0.0
+        while True:
+            started = time.thread_time()
+            found = self._decoder(self._capture.grab)
+            decoding_s += time.thread_time() - started
+            if not found:
+                break
             if stop is not None and stop():
                 raise ReadingStopped(f"{self.path}: decoding stopped after {self.decoded} frames")
             self.decoded += 1
             self.limits.check(self.path, self.decoded, self.fps)
+            self.limits.check_decoding(self.path, self.decoded, decoding_s, self.width, self.height)
             yield self.decoded - 1
         if self.decoded == 0:
             raise VideoError(f"{self.path}: no decodable frames")
@@ -111,7 +141,8 @@ def open_video(path, limits=NO_LIMITS):
         raise VideoError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: empty file (0 bytes)")
-    capture = cv2.VideoCapture(str(path))
+    # check_decoding times this thread, so under a pixel cap FFmpeg decodes in it (H.264 takes threads of its own)
+    capture = cv2.VideoCapture(str(path), cv2.CAP_ANY, [] if limits.pixels is None else [cv2.CAP_PROP_N_THREADS, 1])
     if not capture.isOpened():
         capture.release()
         raise VideoError(f"{path}: not a video OpenCV can open")

@@ -113,9 +113,7 @@ class Captioner:
         """From a run folder, a checkpoint folder, a release name in checkpoints/releases.json or a release URL
         (downloaded once and checked against its sha256); None: the newest run under checkpoints/.
         fuse: ((checkpoint, weight), ...), runs to fuse with this one (see __init__), e.g. a flow stream's."""
-        from tools.release import checkpoint_location
-
-        model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)
+        model, vocab, run_config, source = load_model(checkpoint, matmul_dtype)
         fused = [(cls.load(other, matmul_dtype, batch_size), weight) for other, weight in fuse]
         return cls(model, vocab, run_config, source, batch_size, fused)
 

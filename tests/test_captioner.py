@@ -137,9 +137,9 @@ def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips,
     elsewhere.mkdir()
     script = textwrap.dedent(f"""
         import json
-        import captioner, tools.release
+        import captioner, util.releases
         from captioner import Captioner
-        print(json.dumps({{"module": captioner.__file__, "releases": sorted(tools.release.load_registry()),
+        print(json.dumps({{"module": captioner.__file__, "releases": sorted(util.releases.load_registry()),
                            "caption": Captioner.load({str(video_run)!r}).caption({str(clips[0])!r})}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -14,69 +14,32 @@ A bundle holds, at its top level:
                                                              by the run's --select-metric
     MANIFEST.json                                            sha256 and size of every other file
 
-so the extracted folder is a run folder for model.load_model, on any backend. The registry
-(releases.json) is a JSON list of {name, url, sha256, size, trained_on, metrics, created}; a url without a scheme
-is a file beside the registry (a release shipped in the repository). A URL needs its sha256 (--sha256, or the URL
-ending in #sha256=HEX; --insecure-no-hash installs it unverified). A download has a connect and read timeout and a
-size cap, counted as it arrives whatever the server announces; it is checked against its sha256, unpacked member by
-member (plain files and folders only, nothing outside, their sizes checked against a cap before any is written),
-checked against MANIFEST.json and restored into the model once, in a hidden folder DIR/.<name>.*.partial, and only
-then renamed to DIR/<name>: a reader never sees a half-unpacked release. A partial folder left by a killed fetch is
-removed by the next fetch into DIR (one still being written is locked, and kept). DIR/<name>/SOURCE.json records
-where it came from; a second fetch of it makes no request.
+so the extracted folder is a run folder for model.load_model, on any backend. `download` is util.releases's
+fetch_release (the registry, the checks on a download, the hidden partial folder; see there), each release loaded
+into its model (model.load_model) before it is put in place; infer.py, serve.py and Captioner.load fetch a release
+they are named the same way.
 """
 import argparse
 import csv
-import fcntl
-import gzip
 import hashlib
-import http.client
 import io
 import json
 import os
-import re
-import shutil
 import sys
 import tarfile
-import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
-import zlib
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tqdm import tqdm
 
 from model import load_model
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, latest_checkpoint, read_run_config, \
     read_state
-from util.data import read_json
 from util.errors import DataError, command
 from util.plots import run_select_metric
-
-DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
-BUNDLE_MANIFEST = "MANIFEST.json"
-SOURCE_FILE = "SOURCE.json"
-URL_SCHEMES = ("http", "https", "file")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_DOWNLOAD_BYTES = 2_000_000_000
-MAX_UNPACKED_BYTES = 4_000_000_000
-MAX_MEMBERS = 10_000  # files and folders in a release; a real one holds under 10
-TIMEOUT_S = 30.0  # to connect, and for each read
-CHUNK = 1 << 20
-LOCK_FILE = ".lock"  # held (flock) by the process unpacking into a partial folder
-UNLOCKED_AGE_S = 600  # a partial folder with no lock file yet is left alone this long after it was made
-
-
-def sha256_of(path):
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+from util.releases import BUNDLE_MANIFEST, MAX_DOWNLOAD_BYTES, MAX_UNPACKED_BYTES, TIMEOUT_S, fetch_release, sha256_of
 
 
 # ---- export ----
@@ -154,234 +117,6 @@ def _number(text):
     return text or None
 
 
-# ---- registry ----
-
-def load_registry(path=DEFAULT_REGISTRY):
-    """{name: entry} from a releases.json list of {name, url, sha256, size, trained_on, metrics, created}."""
-    path = Path(path)
-    entries = read_json(path, "release registry not found")
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: expected a JSON list of {{name, url, sha256, ...}}")
-    registry = {}
-    for n, entry in enumerate(entries):
-        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("name", "url", "sha256"))):
-            raise DataError(f"{path}: entry {n} lacks a string name, url or sha256")
-        _check_name(entry["name"], path)
-        _check_sha256(entry["sha256"], f"{path}: {entry['name']}")
-        if entry["name"] in registry:
-            raise DataError(f"{path}: release {entry['name']} listed twice")
-        registry[entry["name"]] = entry
-    return registry
-
-
-def _check_name(name, where):
-    if not _NAME.fullmatch(name):
-        raise DataError(f"{where}: {name!r} is not a release name (letters, digits, '.', '_', '-')")
-    return name
-
-
-def _check_sha256(digest, where):
-    if not _SHA256.fullmatch(digest):
-        raise DataError(f"{where}: {digest!r} is not a sha256 (64 lowercase hex digits)")
-    return digest
-
-
-# ---- download ----
-
-def fetch_release(spec, directory=None, sha256=None, registry=None, insecure_no_hash=False,
-                  max_download_bytes=MAX_DOWNLOAD_BYTES, max_unpacked_bytes=MAX_UNPACKED_BYTES, timeout=TIMEOUT_S):
-    """The run folder DIR/<name> of a release given by registry name or URL, downloaded and checked if not there yet.
-    A URL without a sha256 (sha256=, or #sha256=HEX on the URL) is refused unless insecure_no_hash."""
-    directory = Path(directory) if directory else DEFAULT_ROOT
-    sha256 = _check_sha256(sha256.lower(), "--sha256") if sha256 else None
-    if urllib.parse.urlsplit(spec).scheme in URL_SCHEMES:
-        url, fragment = urllib.parse.urldefrag(spec)
-        if fragment.startswith("sha256="):
-            pinned = _check_sha256(fragment.removeprefix("sha256=").lower(), f"{spec}: #sha256=")
-            if sha256 and sha256 != pinned:
-                raise DataError(f"{spec}: --sha256 {sha256} differs from the URL's #sha256={pinned}")
-            sha256 = pinned
-        name = _check_name(PurePosixPath(urllib.parse.urlsplit(url).path).name.removesuffix(".tar.gz")
-                           .removesuffix(".tgz"), url)
-        if sha256 is None and not insecure_no_hash:
-            raise DataError(f"{url}: no sha256 given, so the download could not be checked; pass --sha256 HEX (or end "
-                            f"the URL with #sha256=HEX), or --insecure-no-hash to install it unverified")
-    else:
-        registry_path = Path(registry) if registry else DEFAULT_REGISTRY
-        # a missing default registry just means no names; a registry asked for must exist
-        releases = load_registry(registry_path) if registry or registry_path.is_file() else {}
-        if spec not in releases:
-            raise DataError(f"{spec}: not a local checkpoint, a URL, or a release name in {registry_path}")
-        name, url = spec, releases[spec]["url"]
-        if not urllib.parse.urlsplit(url).scheme:  # shipped beside the registry
-            url = (registry_path.resolve().parent / url).as_uri()
-        if sha256 and sha256 != releases[spec]["sha256"]:
-            raise DataError(f"{spec}: --sha256 {sha256} differs from the registry's {releases[spec]['sha256']}")
-        sha256 = releases[spec]["sha256"]
-    target = directory / name
-    if target.exists():
-        return _already_fetched(target, url, sha256)
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(directory)
-    # download and unpack in a hidden folder beside the target, so the final rename is atomic
-    work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=directory))
-    try:
-        with open(work / LOCK_FILE, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # remove_stale_partials in other processes keeps out while it is held
-            archive, digest = _download(url, sha256, work, max_download_bytes, timeout)
-            run_dir = _unpack(archive, work / "run", url, max_unpacked_bytes)
-            _verify_bundle(run_dir, url)
-            (run_dir / SOURCE_FILE).write_text(json.dumps({"name": name, "url": url, "sha256": digest,
-                                                           "sha256_given": sha256 is not None,
-                                                           "fetched": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                    time.gmtime())}, indent=1))
-            try:
-                run_dir.rename(target)
-            except OSError:
-                if not target.exists():
-                    raise
-                return _already_fetched(target, url, sha256)  # another process fetched it meanwhile
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if sha256 is None:
-        warnings.warn(f"{url}: --insecure-no-hash: the download was not verified; its sha256 is {digest} "
-                      f"(recorded in {target / SOURCE_FILE}; pass --sha256 {digest} next time)", stacklevel=2)
-    return target
-
-
-def remove_stale_partials(directory):
-    """Remove the DIR/.<name>.*.partial folders of fetches that were killed: those whose lock file no process
-    holds, and those never locked and older than UNLOCKED_AGE_S (a fetch just starting has not locked yet)."""
-    for folder in Path(directory).glob(".*.partial"):
-        try:
-            with open(folder / LOCK_FILE, "r") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                shutil.rmtree(folder, ignore_errors=True)  # while locked, so no one else takes it meanwhile
-        except BlockingIOError:
-            continue  # a live fetch
-        except FileNotFoundError:
-            try:
-                if time.time() - folder.stat().st_mtime > UNLOCKED_AGE_S:
-                    shutil.rmtree(folder, ignore_errors=True)
-            except FileNotFoundError:
-                pass
-        except OSError:
-            continue
-
-
-def checkpoint_location(spec):
-    """What infer.py's --checkpoint names: a local run folder or checkpoint prefix as it is (None: the newest run),
-    else a URL or registry name, fetched."""
-    if spec is None or Path(spec).exists():
-        return spec
-    return fetch_release(spec)
-
-
-def _already_fetched(target, url, sha256):
-    """An earlier fetch of the same release, or an error if target holds something else."""
-    try:
-        source = json.loads((target / SOURCE_FILE).read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{target}: exists but was not fetched by tools.release; remove it or choose --dir") from None
-    same = source.get("sha256") == sha256 if sha256 else source.get("url") == url
-    if not same:
-        raise DataError(f"{target}: holds another release ({source.get('url')}, sha256 {source.get('sha256')}); "
-                        f"remove it or choose --dir")
-    return target
-
-
-def _download(url, sha256, folder, max_bytes, timeout):
-    """Stream url into folder/release.tar.gz with a connect and read timeout, refusing it past max_bytes (announced
-    or counted) and, when a sha256 is given, unless it matches: (path, its sha256)."""
-    path = folder / "release.tar.gz"
-    digest, received = hashlib.sha256(), 0
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, "wb") as out:
-            announced = response.headers.get("Content-Length")
-            announced = int(announced) if announced and announced.isdigit() else None
-            if announced is not None and announced > max_bytes:
-                raise DataError(f"{url}: refused: the server announces {announced} bytes, over the limit of "
-                                f"{max_bytes} (--max-download-mb)")
-            with tqdm(total=announced, unit="B", unit_scale=True, desc="downloading", leave=False,
-                      file=sys.stderr) as progress:  # stdout may carry captions
-                while chunk := response.read(CHUNK):
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise DataError(f"{url}: refused: over the limit of {max_bytes} bytes (--max-download-mb)")
-                    out.write(chunk)
-                    digest.update(chunk)
-                    progress.update(len(chunk))
-            if announced is not None and received < announced:  # http.client ends such a read quietly
-                raise DataError(f"{url}: download cut off after {received} of {announced} bytes")
-    except urllib.error.HTTPError as error:
-        raise DataError(f"{url}: download failed (HTTP {error.code} {error.reason})") from None
-    except urllib.error.URLError as error:
-        raise DataError(f"{url}: download failed ({error.reason})") from None
-    except TimeoutError:
-        raise DataError(f"{url}: download failed (no answer within {timeout:g} s)") from None
-    except http.client.IncompleteRead as error:
-        raise DataError(f"{url}: download cut off after {received + len(error.partial)} of "
-                        f"{received + len(error.partial) + (error.expected or 0)} bytes") from None
-    except (OSError, http.client.HTTPException) as error:
-        raise DataError(f"{url}: download failed ({type(error).__name__}: {error})") from None
-    if sha256 and digest.hexdigest() != sha256:
-        raise DataError(f"{url}: sha256 mismatch (expected {sha256}, got {digest.hexdigest()}); "
-                        f"the download was refused and deleted")
-    return path, digest.hexdigest()
-
-
-def _unpack(archive, out_dir, url, max_bytes=MAX_UNPACKED_BYTES):
-    """Extract plain files and folders only, each checked to stay inside out_dir and within max_bytes in all
-    before it is written."""
-    out_dir.mkdir()
-    try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(out_dir, members=_safe_members(tar, url, max_bytes), filter="data")
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
-        raise DataError(f"{url}: not a complete .tar.gz archive, truncated or corrupt ({error})") from None
-    return out_dir
-
-
-def _safe_members(tar, url, max_bytes):
-    total = 0
-    for count, member in enumerate(tar, 1):
-        total += member.size
-        if total > max_bytes:
-            raise DataError(f"{url}: refused: unpacks to more than {max_bytes} bytes (--max-unpacked-mb)")
-        if count > MAX_MEMBERS:
-            raise DataError(f"{url}: refused: more than {MAX_MEMBERS} files in the archive")
-        path = PurePosixPath(member.name)
-        if path.is_absolute() or ".." in path.parts:
-            raise DataError(f"{url}: refused: archive member {member.name!r} points outside the release folder")
-        if not (member.isfile() or member.isdir()):
-            raise DataError(f"{url}: refused: archive member {member.name!r} is a link or special file")
-        yield member
-
-
-def _verify_bundle(run_dir, url):
-    """Every file as listed in MANIFEST.json, and a vocabulary and config that fit the weights."""
-    try:
-        listed = json.loads((run_dir / BUNDLE_MANIFEST).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        listed = None
-    if not isinstance(listed, dict):
-        raise DataError(f"{url}: refused: no readable {BUNDLE_MANIFEST} in the archive")
-    present = {path.relative_to(run_dir).as_posix(): path for path in run_dir.rglob("*")
-               if path.is_file() and path.name != BUNDLE_MANIFEST}
-    if set(listed) != set(present):
-        raise DataError(f"{url}: refused: files missing {sorted(set(listed) - set(present))} or unlisted "
-                        f"{sorted(set(present) - set(listed))} in {BUNDLE_MANIFEST}")
-    for name, path in present.items():
-        if listed[name] != {"sha256": sha256_of(path), "size": path.stat().st_size}:
-            raise DataError(f"{url}: refused: {name} differs from its {BUNDLE_MANIFEST} entry")
-    try:
-        load_model(run_dir)  # checks vocab.json against config.json and restores the weights into that model
-    except DataError as error:
-        raise DataError(f"{url}: refused: {error}") from None
-    except (ValueError, TypeError, KeyError) as error:
-        raise DataError(f"{url}: refused: config.json or vocab.json is malformed ({error})") from None
-
-
 # ---- command line ----
 
 @command
@@ -417,7 +152,8 @@ def main(argv=None):
                       f"registry entry (fill in url):\n{json.dumps(entry, indent=1)}")
             else:
                 print(fetch_release(args.spec, args.dir, args.sha256, args.registry, args.insecure_no_hash,
-                                    int(args.max_download_mb * 1e6), int(args.max_unpacked_mb * 1e6), args.timeout))
+                                    int(args.max_download_mb * 1e6), int(args.max_unpacked_mb * 1e6), args.timeout,
+                                    check_run=load_model))
         finally:  # also when a DataError ends the command: its line follows these
             for warning in caught:
                 print(f"warning: {warning.message}", file=sys.stderr)

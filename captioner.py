@@ -30,10 +30,10 @@ from tqdm import tqdm
 import decoding
 import extract_features
 from decoding import NO_REPEAT_NGRAM, Constraints
-from extract_features import VideoError
 from model import load_model
 from util import backend
 from util.errors import DataError
+from util.video import NO_LIMITS, ReadingStopped, VideoError, frame_indices
 from util.vocab import EOS
 
 __all__ = ["Captioner", "Caption", "Hypothesis", "SampledClip", "VideoError", "DataError"]
@@ -118,9 +118,7 @@ class Captioner:
         """From a run folder, a checkpoint folder, a release name in checkpoints/releases.json or a release URL
         (downloaded once and checked against its sha256); None: the newest run under checkpoints/.
         fuse: ((checkpoint, weight), ...), runs to fuse with this one (see __init__), e.g. a flow stream's."""
-        from tools.release import checkpoint_location
-
-        model, vocab, run_config, source = load_model(checkpoint_location(checkpoint), matmul_dtype)
+        model, vocab, run_config, source = load_model(checkpoint, matmul_dtype)
         fused = [(cls.load(other, matmul_dtype, batch_size), weight) for other, weight in fuse]
         return cls(model, vocab, run_config, source, batch_size, fused)
 
@@ -209,14 +207,14 @@ class Captioner:
         cuts fixed windows of that many seconds. A video shorter than one scene gets one cue. The file is decoded
         once; each scene is sampled and run through the extractor as a clip of its own, every fused run's too, and
         scenes are captioned in batches of at most scene_memory_mb of sampled frames, so memory does not grow with
-        the video. A tqdm bar runs over the video's duration. A file that cannot be read raises DataError, one
-        longer than max_seconds or with frames over max_pixels util.scenes.OverLimit (a DataError); stop(), if
-        given, is asked at every frame and True ends the work with util.scenes.ReadingStopped. progress(seconds
-        read, seconds in all or None), if given, is called after each scene is read."""
+        the video. A tqdm bar runs over the video's duration. A file that cannot be read raises VideoError (a
+        DataError), one longer than max_seconds or with frames over max_pixels util.video.OverLimit (a VideoError);
+        stop(), if given, is asked at every frame and True ends the work with util.video.ReadingStopped.
+        progress(seconds read, seconds in all or None), if given, is called after each scene is read."""
         import threading
 
         from util.data import prefetched
-        from util.scenes import MAX_SCENE, MIN_SCENE, ReadingStopped, SceneReader
+        from util.scenes import MAX_SCENE, MIN_SCENE, SceneReader
         from util.subtitles import Cue, merge_repeats
 
         runs = [self, *(member for member, _ in self.fused)]
@@ -237,7 +235,7 @@ class Captioner:
             if stop is not None and stop():
                 raise ReadingStopped(f"{path}: captioning stopped")
             # each scene's sample, cut to the `keep` frames the runs sample from, is a clip of decoded frames
-            clips = [s.frames[extract_features.frame_indices(len(s.frames), keep)] for s in waiting]
+            clips = [s.frames[frame_indices(len(s.frames), keep)] for s in waiting]
             results = self.caption(clips, beam_size, length_penalty, attention=True, no_repeat_ngram=no_repeat_ngram,
                                    end_rule=end_rule)
             cues.extend(Cue(s.start, s.end, r.caption, r.n_best[0].score if r.n_best else None)
@@ -322,8 +320,8 @@ class Captioner:
 
     # ---- features ----
 
-    def read_clip(self, path, limits=extract_features.NO_LIMITS, stop=None):
-        """What this run's CNN sees of a clip file, decoded now under ClipLimits `limits` (ClipOverLimit, a
+    def read_clip(self, path, limits=NO_LIMITS, stop=None):
+        """What this run's CNN sees of a clip file, decoded now under util.video.ClipLimits `limits` (OverLimit, a
         VideoError, past them) and stop() (extract_features.read_clip): a SampledClip for caption()."""
         settings = self._extractor_settings()
         return SampledClip(extract_features.read_clip(path, settings, limits, stop), settings)

@@ -30,10 +30,12 @@ import numpy as np
 from tqdm import tqdm
 
 from util.atomic import atomic_path, write_text_atomic
-from util.data import prefetched, read_feature_manifest, read_ids, warnings_as_lines
+from util.data import manifest_differences, prefetched, read_feature_manifest, read_ids, warnings_as_lines
 from util.errors import DataError, command
+from util.flags import positive_int
+from util.video import (NO_LIMITS, VIDEO_SUFFIXES, VideoError, flow_pair_indices, frame_indices, read_frame_pairs,
+                        read_frames)
 
-VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
 FC_LAYERS = ("fc1", "fc2")
 # name: (keras.applications constructor, preprocessing module, default layer, native input size)
@@ -45,41 +47,6 @@ STREAMS = ("rgb", "flow")
 # 0..255, in pixels of a FLOW_REFERENCE_SIZE-pixel frame whatever --image-size: +-16 px per frame span 0..255.
 FLOW_REFERENCE_SIZE = 224
 FLOW_SCALE = 8.0
-# Manifest fields added after manifests were first written, and what a manifest without one means
-MANIFEST_DEFAULTS = {"stream": "rgb"}
-
-
-class VideoError(Exception):
-    """A clip that cannot be read: the message names the file and what is wrong."""
-
-
-class ClipOverLimit(VideoError):
-    """A clip longer, with more frames or larger frames than the ClipLimits it is read under."""
-
-
-class DecodingStopped(Exception):
-    """Decoding given up because its caller's stop() said so (a deadline passed, the client went away)."""
-
-
-@dataclass(frozen=True)
-class ClipLimits:
-    """Caps on the clips read, checked from the container's header before decoding and again while decoding (headers
-    lie); None: no cap. seconds counts frames at the header's frame rate; pixels is a frame's width * height."""
-    seconds: Optional[float] = None
-    frames: Optional[int] = None
-    pixels: Optional[int] = None
-
-    def check(self, path, frames, fps=0.0, width=0, height=0):
-        """Raise ClipOverLimit if a clip of `frames` frames at `fps` of width x height breaks a cap."""
-        if self.frames is not None and frames > self.frames:
-            raise ClipOverLimit(f"{path}: more than {self.frames} frames (the limit)")
-        if self.seconds is not None and fps > 0 and frames / fps > self.seconds:
-            raise ClipOverLimit(f"{path}: longer than {self.seconds:g} s (the limit)")
-        if self.pixels is not None and width * height > self.pixels:
-            raise ClipOverLimit(f"{path}: {width}x{height} frames are over the limit of {self.pixels} pixels")
-
-
-NO_LIMITS = ClipLimits()
 
 
 @dataclass(frozen=True)
@@ -108,44 +75,6 @@ class FeatureSettings:
         return cls(**known)
 
 
-def manifest_differences(recorded, wanted):
-    """{field: (recorded value, wanted value)} for the fields of `wanted` (and MANIFEST_DEFAULTS) on which two
-    feature manifests disagree, a field a manifest lacks counting as its default."""
-    recorded, wanted = {**MANIFEST_DEFAULTS, **recorded}, {**MANIFEST_DEFAULTS, **wanted}
-    return {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
-
-
-def frame_indices(frame_count, frames):
-    """`frames` indices spread uniformly over [0, frame_count); frames repeat when the clip is shorter."""
-    return np.linspace(0, frame_count - 1, frames).round().astype(int)
-
-
-def flow_pair_indices(frame_count, frames):
-    """(frames, 2) indices: each uniformly sampled frame and the frame after it, or for the clip's last frame the
-    one before it and itself (a one-frame clip pairs its frame with itself: no motion)."""
-    first = np.clip(np.minimum(frame_indices(frame_count, frames), frame_count - 2), 0, None)
-    return np.stack([first, np.minimum(first + 1, frame_count - 1)], 1)
-
-
-def read_frames(path, frames, image_size, limits=NO_LIMITS, stop=None):
-    """Decode `frames` uniformly sampled RGB frames of `path`, resized to image_size: (frames, size, size, 3) uint8.
-
-    The frames are chosen before decoding and only they are converted and kept, so memory does not grow with the
-    clip's length. They are chosen from the container's frame count (CAP_PROP_FRAME_COUNT), which decoding then
-    checks: headers often lie, and when this one did the clip is decoded a second time with the true count.
-    limits (ClipLimits) caps the clip (ClipOverLimit); stop(), if given, is asked between frames and True ends
-    decoding with DecodingStopped.
-    """
-    return _read_picked(path, lambda count: frame_indices(count, frames), image_size, limits, stop)
-
-
-def read_frame_pairs(path, frames, image_size, limits=NO_LIMITS, stop=None):
-    """Like read_frames, each sampled frame with the decoded frame after it (flow_pair_indices):
-    (frames, 2, size, size, 3) uint8 RGB; only these 2 * frames frames are kept."""
-    picked = _read_picked(path, lambda count: flow_pair_indices(count, frames).reshape(-1), image_size, limits, stop)
-    return picked.reshape(frames, 2, *picked.shape[1:])
-
-
 def flow_images(pairs):
     """Frame pairs (frames, 2, size, size, 3) uint8 RGB -> (frames, size, size, 3) uint8 images of the dense optical
     flow from each pair's first frame to its second: red x, green y (128 = still; right and down are brighter), blue
@@ -165,7 +94,7 @@ def flow_images(pairs):
 
 def read_clip(path, settings, limits=NO_LIMITS, stop=None):
     """What the CNN sees of one clip: its sampled RGB frames, or with settings.stream "flow" their flow images;
-    (frames, size, size, 3) uint8. limits and stop as for read_frames."""
+    (frames, size, size, 3) uint8. limits and stop as for util.video.read_frames."""
     if settings.stream == "flow":
         return flow_images(read_frame_pairs(path, settings.frames, settings.image_size, limits, stop))
     return read_frames(path, settings.frames, settings.image_size, limits, stop)
@@ -180,68 +109,6 @@ def sample_decoded(frames_rgb, settings):
         picked = frame_indices(len(frames_rgb), settings.frames)
     resized = np.stack([cv2.resize(frames_rgb[i], size, interpolation=cv2.INTER_AREA) for i in picked.reshape(-1)])
     return flow_images(resized.reshape(*picked.shape, *resized.shape[1:])) if settings.stream == "flow" else resized
-
-
-def _read_picked(path, indices_for, image_size, limits=NO_LIMITS, stop=None):
-    """Decode the frames at indices_for(frame count) of `path`, resized: (len(indices), size, size, 3) uint8 RGB."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise VideoError(f"{path}: empty file (0 bytes)")
-    capture = _open(path)
-    try:
-        header_count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        fps = capture.get(cv2.CAP_PROP_FPS)
-        limits.check(path, header_count, fps, int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                     int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
-        picked, decoded_count = _decode_frames(capture, path, indices_for(header_count) if header_count > 0 else [],
-                                               image_size, limits, fps, stop)
-    finally:
-        capture.release()
-    if decoded_count == 0:
-        raise VideoError(f"{path}: no decodable frames")
-    if decoded_count != header_count:
-        capture = _open(path)
-        try:
-            picked, _ = _decode_frames(capture, path, indices_for(decoded_count), image_size, limits, fps, stop)
-        finally:
-            capture.release()
-    return picked[..., ::-1]  # OpenCV decodes BGR; keras.applications preprocessing expects RGB
-
-
-def _open(path):
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        capture.release()
-        raise VideoError(f"{path}: not a video OpenCV can open")
-    return capture
-
-
-def _decode_frames(capture, path, indices, image_size, limits, fps, stop):
-    """Decode the clip, keeping the frames at `indices` (repeats allowed), each resized at once so a
-    high-resolution clip never holds full-size frames: (len(indices), size, size, 3) BGR, and the frame count.
-    Every frame is decoded (grab) but only the kept ones are converted (retrieve)."""
-    wanted = {}
-    for position, index in enumerate(indices):
-        wanted.setdefault(int(index), []).append(position)
-    picked = np.zeros((len(indices), image_size, image_size, 3), np.uint8)
-    count = 0
-    try:
-        while capture.grab():
-            if stop is not None and stop():
-                raise DecodingStopped(f"{path}: decoding stopped after {count} frames")
-            count += 1
-            limits.check(path, count, fps)
-            if count - 1 in wanted:
-                ok, frame = capture.retrieve()
-                if not ok:
-                    break
-                limits.check(path, count, fps, frame.shape[1], frame.shape[0])
-                picked[wanted[count - 1]] = cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    except cv2.error as error:
-        raise VideoError(f"{path}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
-    return picked, count
 
 
 def build_extractor(settings):
@@ -307,7 +174,7 @@ def in_shard(name, shard):
 def list_videos(video_dir, ids_file=None, shard=(0, 1)):
     video_dir = Path(video_dir)
     if not video_dir.is_dir():
-        raise VideoError(f"{video_dir}: video folder not found")
+        raise DataError(f"{video_dir}: video folder not found")
     if ids_file:
         paths = [video_dir / name for name in read_ids(ids_file)]
     else:
@@ -339,8 +206,8 @@ def check_manifest(feat_dir, manifest):
         differing = manifest_differences(read_feature_manifest(feat_dir), manifest)
         if differing:
             detail = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in differing.items())
-            raise VideoError(f"{path}: features there were made with other settings ({detail}); "
-                             "use another FEAT_DIR")
+            raise DataError(f"{path}: features there were made with other settings ({detail}); "
+                            "use another FEAT_DIR")
 
 
 def make_folder(path):
@@ -461,13 +328,6 @@ def parse_shard(text):
     return index, count
 
 
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
-
-
 @command
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -495,22 +355,16 @@ def main(argv=None):
     feat_dir = Path(args.feat_dir)
     output_path = lambda path: feat_dir / f"{path.name}.npy"
     failed_path = feat_dir / ("failed.txt" if args.shard == (0, 1) else f"failed.{args.shard[0]}of{args.shard[1]}.txt")
-    try:
-        with warnings_as_lines():
-            videos = list_videos(args.video_dir, args.ids, args.shard)
-        make_folder(feat_dir)
-        run_cnn, feature_dim = build_extractor(settings)
-        check_manifest(feat_dir, settings.manifest(feature_dim))
-        done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
-                                               on_clip=lambda path, features: save_atomic(output_path(path), features),
-                                               skip=lambda path: output_path(path).exists())
-        if failures:
-            write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
-    except VideoError as error:  # a DataError (bad --ids file or manifest, failed write, DecodingFailed): command()
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with warnings_as_lines():
+        videos = list_videos(args.video_dir, args.ids, args.shard)
+    make_folder(feat_dir)
+    run_cnn, feature_dim = build_extractor(settings)
+    check_manifest(feat_dir, settings.manifest(feature_dim))
+    done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
+                                           on_clip=lambda path, features: save_atomic(output_path(path), features),
+                                           skip=lambda path: output_path(path).exists())
+    if failures:
+        write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
     print(f"extracted {done}, skipped {skipped} (already there), failed {len(failures)}"
           + (f" (see {failed_path})" if failures else "") + f"; {fps:.1f} frames/s; features in {feat_dir}")
     return 1 if failures else 0

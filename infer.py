@@ -39,13 +39,14 @@ from tqdm import tqdm
 
 from captioner import Captioner
 from decoding import NO_REPEAT_NGRAM
-from extract_features import FeatureSettings, manifest_differences
+from extract_features import FeatureSettings
 from model import MATMUL_DTYPES
 from util.atomic import refuse_overwriting_inputs, write_text_atomic
 from util.evaluate import evaluate, format_table
 from util.scenes import MAX_SCENE, MIN_SCENE, parse_segments
 from util.subtitles import write_subtitles
-from util.data import find_feat_dir, load_feature_file, load_labels, read_feature_manifest, read_ids, warnings_as_lines
+from util.data import (find_feat_dir, load_feature_file, load_labels, manifest_differences, read_feature_manifest,
+                       read_ids, warnings_as_lines)
 from util.errors import DataError, command
 
 DEFAULT_FUSE_WEIGHT = 0.5  # the two streams count alike unless told otherwise
@@ -54,7 +55,7 @@ SEGMENTS_BEAM = 5  # a video's few scene captions are worth beam search, as on t
 
 def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
     """One heatmap PNG per video in out_dir; with the clip found in video_dir, thumbnails of its frames on top."""
-    import extract_features
+    from util.video import VideoError, read_frames
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,8 +64,8 @@ def write_attention_plots(results, video_ids, out_dir, frames, video_dir=None):
         thumbnails = result.frames
         if thumbnails is None and clip is not None and clip.is_file():
             try:
-                thumbnails = extract_features.read_frames(clip, frames, 96)
-            except extract_features.VideoError as error:
+                thumbnails = read_frames(clip, frames, 96)
+            except VideoError as error:
                 print(f"warning: {error}; attention plot without thumbnails", file=sys.stderr)
         result_with_frames = result if thumbnails is None else replace(result, frames=thumbnails)
         result_with_frames.plot_attention(out_dir / f"{Path(video_id).name}.png",

@@ -34,9 +34,10 @@ import decoding
 from kernels import (MATMUL_DTYPES, additive_attention, lstm_cell, lstm_sequence, matmul, multiplicative_attention,
                      sequence_matmul)
 from util import backend
-from util.checkpoints import load_vocab, read_run_config, resolve_checkpoint, restore
+from util.checkpoints import load_vocab, read_run_config, restore
 from util.data import feature_moments
 from util.errors import DataError
+from util.releases import resolve_checkpoint
 from util.vocab import BOS, PAD, UNK
 
 MODELS = ("s2vt", "meanpool")
@@ -476,11 +477,12 @@ def build_model(config: ModelConfig):
 
 
 def load_model(path=None, matmul_dtype=None):
-    """Restore a trained model for inference: (model, vocab, run config, checkpoint folder). path: a run folder (its
-    best checkpoint, else its newest), a best/ or last/ folder or a checkpoint folder; None: the newest run's.
-    matmul_dtype, if given, replaces the precision the model was trained with (the weights are the same). A run whose
-    config.json, vocab.json or weights do not fit together is one DataError line."""
-    run_dir, checkpoint = resolve_checkpoint(path)
+    """Restore a trained model for inference: (model, vocab, run config, checkpoint folder). path: what a --checkpoint
+    names (util.releases.resolve_checkpoint): a run folder (its best checkpoint, else its newest), a best/ or last/
+    folder, a checkpoint folder, or a release name or URL (fetched once, and loaded here before it is kept); None:
+    the newest run's. matmul_dtype, if given, replaces the precision the model was trained with (the weights are the
+    same). A run whose config.json, vocab.json or weights do not fit together is one DataError line."""
+    run_dir, checkpoint = resolve_checkpoint(path, check_release=load_model)
     config = read_run_config(run_dir)
     vocab = load_vocab(run_dir)
     try:  # a run written before the model and encoder fields existed is an S2VT with a unidirectional encoder

@@ -52,11 +52,11 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from captioner import Captioner, VideoError
-from extract_features import VIDEO_SUFFIXES, ClipLimits, ClipOverLimit, DecodingStopped
+from captioner import Captioner
 from util.errors import DataError, command
-from util.scenes import OverLimit, ReadingStopped, SceneReader, parse_segments
+from util.scenes import SceneReader, parse_segments
 from util.subtitles import cue_rows, to_srt, to_vtt
+from util.video import VIDEO_SUFFIXES, ClipLimits, OverLimit, ReadingStopped, VideoError
 
 PAGE = Path(__file__).resolve().parent / "util" / "serve_page.html"
 _JOB = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -176,6 +176,16 @@ class SameOriginPosts:
 async def http_error(request, error):
     """Starlette's own errors (404 no such route, 405 wrong method, ...) as the API's JSON."""
     return error_response(error.status_code, error.detail, getattr(error, "headers", None))
+
+
+def video_error_response(error, limit, client_gone, path, name):
+    """The answer to a VideoError of an upload at `path` that the client named `name`: stopped, 499 if the client
+    went away, else 408 (past the time limit of `limit` s); over a cap, 413; unreadable, 422."""
+    if isinstance(error, ReadingStopped):
+        if client_gone:  # nobody reads this answer
+            return error_response(499, "the client went away")
+        return error_response(408, f"the request took longer than the time limit of {limit:g} s")
+    return error_response(413 if isinstance(error, OverLimit) else 422, str(error).replace(path, name))
 
 
 async def server_error(request, error):
@@ -326,14 +336,12 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
 
             def report(stage, done, total):
                 if stop():
-                    raise DecodingStopped("stopped")
+                    raise ReadingStopped("stopped")
                 job.update(stage=stage, done=done, total=total)
 
             return JSONResponse(await work(options, path, name, folder, job, stop, report, deadline, times))
-        except (DecodingStopped, ReadingStopped):
-            if gone.is_set():  # nobody reads this answer
-                return error_response(499, "the client went away")
-            return error_response(408, f"the request took longer than the time limit of {limit:g} s")
+        except VideoError as error:  # the upload's, on every route: stopped, over a cap, or unreadable
+            return video_error_response(error, limit, gone.is_set(), str(path), name)
         except RequestError as error:
             return error_response(error.status, error)
         except Exception as error:  # the server goes on serving; the traceback goes to its log
@@ -357,18 +365,14 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
     async def caption_clip(options, path, name, folder, job, stop, report, deadline, times):
         decoding, plot = options
         job.update(stage="decoding")
-        try:
-            clip = await asyncio.get_running_loop().run_in_executor(
-                decoders, lambda: captioner.read_clip(path, limits, stop))
-        except VideoError as error:
-            raise RequestError(413 if isinstance(error, ClipOverLimit) else 422,
-                               str(error).replace(str(path), name)) from None
+        clip = await asyncio.get_running_loop().run_in_executor(
+            decoders, lambda: captioner.read_clip(path, limits, stop))
         decoded = time.perf_counter()
         job.update(stage="queued")
         await model_turn(deadline, time_limit)
         try:
             if stop():  # the client left or the time is up while waiting: the next in line goes first
-                raise DecodingStopped("stopped")
+                raise ReadingStopped("stopped")
             locked = time.perf_counter()
             result = await run_in_threadpool(captioner.caption, clip, attention=True, progress=report, **decoding)
         finally:
@@ -391,26 +395,19 @@ def create_app(captioner, max_upload_bytes, limits=DEFAULT_LIMITS, time_limit=60
     async def caption_scenes(options, path, name, folder, job, stop, report, deadline, times):
         segments, beam_size = options
         job.update(stage="checking")
-        try:  # the header's caps, before waiting for the model
-            reader = await asyncio.get_running_loop().run_in_executor(
-                decoders, lambda: SceneReader(path, 1, 1, segments, max_seconds=max_video_seconds,
-                                              max_pixels=limits.pixels))
-        except DataError as error:
-            raise RequestError(413 if isinstance(error, OverLimit) else 422,
-                               str(error).replace(str(path), name)) from None
+        reader = await asyncio.get_running_loop().run_in_executor(  # the header's caps, before waiting for the model
+            decoders, lambda: SceneReader(path, 1, 1, segments, max_seconds=max_video_seconds,
+                                          max_pixels=limits.pixels))
         job.update(stage="queued", done=0, total=round(reader.duration or 0, 1))
         await model_turn(deadline, scenes_time_limit)
         try:
             if stop():
-                raise DecodingStopped("stopped")
+                raise ReadingStopped("stopped")
             locked = time.perf_counter()
             cues = await run_in_threadpool(
                 captioner.caption_segments, path, segments, beam_size=beam_size, max_seconds=max_video_seconds,
                 max_pixels=limits.pixels, stop=stop,
                 progress=lambda done, total: report("scenes", round(done, 1), round(total or 0, 1)))
-        except DataError as error:
-            raise RequestError(413 if isinstance(error, OverLimit) else 422,
-                               str(error).replace(str(path), name)) from None
         finally:
             model_lock.release()
         finished = time.perf_counter()

@@ -50,7 +50,6 @@ from keras import ops
 from tqdm import tqdm
 
 from decoding import NO_REPEAT_NGRAM, Constraints, greedy_word, sample_word
-from extract_features import manifest_differences
 from model import ModelConfig, build_model, caption_losses, load_model
 from sampling import SCHEDULES, teacher_forcing_schedule
 from util import backend
@@ -58,9 +57,11 @@ from util.atomic import atomic_path, write_text_atomic
 from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, read_state,
                               restore, save_checkpoint, write_run_files)
 from util.cider import CiderD
-from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels, open_feature_file,
-                       read_feature_manifest, read_ids, split_off_ids, warnings_as_lines)
+from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels,
+                       manifest_differences, open_feature_file, read_feature_manifest, read_ids, split_off_ids,
+                       warnings_as_lines)
 from util.errors import DataError, command
+from util.flags import positive_int
 from util.evaluate import evaluate
 from util.plots import VALIDATION_METRICS, plot_training_curves
 from util.vocab import EOS, PAD, UNK, Vocabulary
@@ -74,13 +75,6 @@ SCST_BASELINES = ("mean", "greedy")
 DEFAULT_VAL_FRACTION = 0.05
 OLDER_RUNS = {"select_metric": "bleu1", "unk_targets": "learn"}  # how a run older than the setting was trained
 RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
 
 
 # ---- the configuration: one source for the flags, --resume's check, config.json and --init-from's check ----

@@ -130,3 +130,56 @@ def decode_rgb(path):
         frames.append(frame[1][..., ::-1])
     capture.release()
     return np.stack(frames)
+
+
+def hide_larger_frames(path, side=6000, frames=16):
+    """Write an MJPEG AVI whose header says 64x64 (the size of its first frame, which FFmpeg probes) while every later
+    frame is side x side: a progressive 4:4:4 JPEG of black, 400 kB at 6000 px, that FFmpeg decodes at full size
+    (about 0.3 s a frame on one core) and OpenCV scales back to 64x64. The AVI's frame chunks and index are rewritten
+    around the new frames."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    for _ in range(frames):
+        writer.write(np.zeros((64, 64, 3), np.uint8))
+    writer.release()
+    large = cv2.imencode(".jpg", np.zeros((side, side, 3), np.uint8),
+                         [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 10,
+                          cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])[1].tobytes()
+    data = path.read_bytes()
+    number = lambda at: int.from_bytes(data[at:at + 4], "little")
+    movi = data.index(b"movi") - 8  # LIST size "movi" chunks..., then idx1 size entries (offsets from "movi")
+    index = movi + 8 + number(movi + 4)
+    chunks, entries = b"movi", b""
+    for entry in range(index + 8, index + 8 + number(index + 4), 16):
+        offset, size = number(entry + 8), number(entry + 12)
+        payload = data[movi + 16 + offset:movi + 16 + offset + size] if entry == index + 8 else large
+        entries += data[entry:entry + 8] + len(chunks).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
+        chunks += data[entry:entry + 4] + len(payload).to_bytes(4, "little") + payload + b"\0" * (len(payload) % 2)
+    riff = data[:movi] + b"LIST" + len(chunks).to_bytes(4, "little") + chunks + b"idx1" + \
+        len(entries).to_bytes(4, "little") + entries
+    path.write_bytes(riff[:4] + (len(riff) - 8).to_bytes(4, "little") + riff[8:])
+    return path
+
+
+@pytest.fixture(scope="session")
+def hidden_large_frames(tmp_path_factory):
+    """hide_larger_frames's AVI, made once."""
+    return hide_larger_frames(tmp_path_factory.mktemp("liar") / "liar.avi")
+
+
+@pytest.fixture
+def undecodable_frames(monkeypatch):
+    """From now on in this test, every video opened finds its frames (grab) but cannot decode them (retrieve), as
+    a broken file may."""
+    opened = cv2.VideoCapture
+
+    class FoundButUndecodable:
+        def __init__(self, *arguments):
+            self.capture = opened(*arguments)
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+        def retrieve(self):
+            return False, None
+
+    monkeypatch.setattr(cv2, "VideoCapture", FoundButUndecodable)

@@ -17,6 +17,7 @@ import extract_features
 from captioner import Caption, Captioner, Hypothesis, VideoError
 from conftest import ROOT, VIDEO_SETTINGS, decode_rgb
 from util.errors import DataError
+from util.video import read_frames
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_a_clip_its_decoded_frames_and_its_feature_file_give_the_same_caption(ca
     assert set(caption.split()) <= set(captioner.vocab.words)
     detailed = captioner.caption(str(clip), attention=True)
     assert detailed.caption == caption
-    assert np.array_equal(detailed.frames, extract_features.read_frames(clip, VIDEO_SETTINGS.frames, 32))
+    assert np.array_equal(detailed.frames, read_frames(clip, VIDEO_SETTINGS.frames, 32))
 
     # the attention weights follow the features continuously, so equal weights mean equal features
     for same in (captioner.caption(decode_rgb(clip), attention=True),
@@ -136,9 +137,9 @@ def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips,
     elsewhere.mkdir()
     script = textwrap.dedent(f"""
         import json
-        import captioner, tools.release
+        import captioner, util.releases
         from captioner import Captioner
-        print(json.dumps({{"module": captioner.__file__, "releases": sorted(tools.release.load_registry()),
+        print(json.dumps({{"module": captioner.__file__, "releases": sorted(util.releases.load_registry()),
                            "caption": Captioner.load({str(video_run)!r}).caption({str(clips[0])!r})}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

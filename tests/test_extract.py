@@ -17,7 +17,9 @@ import infer
 import train
 from conftest import ROOT
 from tools.demo_data import make_corpus
+from util import video
 from util.checkpoints import latest_checkpoint
+from util.errors import DataError
 
 # Small, fast settings for tests: seeded random VGG16 up to block1_pool at 32 px, globally pooled (64-d).
 FAST = ["--weights", "none", "--layer", "block1_pool", "--image-size", "32", "--pool", "max", "--grids", "1",
@@ -47,7 +49,7 @@ def test_real_clips_give_80_by_4096_features(mlds, tmp_path):
 
 def test_real_clips_decode_and_sample_uniformly(mlds):
     clip = sorted((mlds / "testing_data" / "video").iterdir())[0]
-    frames = extract_features.read_frames(clip, 80, 64)
+    frames = video.read_frames(clip, 80, 64)
     assert frames.shape == (80, 64, 64, 3) and frames.dtype == np.uint8 and frames.std() > 5
 
 
@@ -64,7 +66,7 @@ def test_frame_count_comes_from_decoding_not_a_lying_header(tmp_path):
     header_count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
     capture.release()
     assert header_count != 20  # the header lies
-    frames = extract_features.read_frames(path, 5, 16)
+    frames = video.read_frames(path, 5, 16)
     expected = np.array([10 * i for i in np.linspace(0, 19, 5).round().astype(int)])
     np.testing.assert_allclose(frames.reshape(5, -1).mean(1), expected, atol=3)
 
@@ -72,10 +74,10 @@ def test_frame_count_comes_from_decoding_not_a_lying_header(tmp_path):
 def test_a_short_clip_repeats_frames(tmp_path):
     path = tmp_path / "short.avi"
     write_clip(path, [0, 60, 120, 180, 240])
-    frames = extract_features.read_frames(path, 12, 16)
+    frames = video.read_frames(path, 12, 16)
     means = frames.reshape(12, -1).mean(1)
     assert frames.shape[0] == 12
-    np.testing.assert_allclose(means, [60 * i for i in extract_features.frame_indices(5, 12)], atol=3)
+    np.testing.assert_allclose(means, [60 * i for i in video.frame_indices(5, 12)], atol=3)
     assert len(np.unique(means.round(-1))) == 5 and np.all(np.diff(means) >= -3)
 
 
@@ -287,8 +289,8 @@ def test_a_long_clip_keeps_only_its_sampled_frames(tmp_path):
     print(f"a 20,000-frame clip: peak memory grew {growth_mib:.0f} MiB (all its frames at 160 px: "
           f"{all_frames_mib:.0f} MiB)")
     assert growth_mib < 100
-    frames = extract_features.read_frames(long_dir / "long.avi", 9, 16)
-    expected = [i * 250 // 20000 for i in extract_features.frame_indices(20000, 9)]
+    frames = video.read_frames(long_dir / "long.avi", 9, 16)
+    expected = [i * 250 // 20000 for i in video.frame_indices(20000, 9)]
     np.testing.assert_allclose(frames.reshape(9, -1).mean(1), expected, atol=3)
 
 
@@ -351,17 +353,16 @@ def with_header_frame_count(path, count):
 
 
 @pytest.mark.parametrize("limits, refusal", [
-    (extract_features.ClipLimits(frames=10), "more than 10 frames (the limit)"),
-    (extract_features.ClipLimits(seconds=1.5), "longer than 1.5 s (the limit)"),  # 20 frames at 10 fps
-    (extract_features.ClipLimits(pixels=48 * 40 - 1), "48x40 frames are over the limit of 1919 pixels"),
+    (video.ClipLimits(frames=10), "more than 10 frames (the limit)"),
+    (video.ClipLimits(seconds=1.5), "longer than 1.5 s (the limit)"),  # 20 frames at 10 fps
+    (video.ClipLimits(pixels=48 * 40 - 1), "48x40 frames are over the limit of 1919 pixels"),
 ])
 def test_a_clip_over_a_limit_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch, limits, refusal):
     path = tmp_path / "clip.avi"
     write_clip(path, range(0, 200, 10))
-    assert extract_features.read_frames(path, 5, 16, extract_features.ClipLimits(seconds=2, frames=20,
-                                                                                 pixels=48 * 40)).shape[0] == 5
-    monkeypatch.setattr(extract_features, "_decode_frames", lambda *args: pytest.fail("decoded"))
-    with pytest.raises(extract_features.ClipOverLimit, match=f"^{path}: {re.escape(refusal)}$"):
+    assert video.read_frames(path, 5, 16, video.ClipLimits(seconds=2, frames=20, pixels=48 * 40)).shape[0] == 5
+    monkeypatch.setattr(video.Video, "frames", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(video.OverLimit, match=f"^{path}: {re.escape(refusal)}$"):
         extract_features.read_clip(path, extract_features.FeatureSettings(frames=5, image_size=16), limits)
 
 
@@ -372,15 +373,49 @@ def test_a_header_that_under_counts_is_caught_while_decoding(tmp_path):
     capture = cv2.VideoCapture(str(path))
     assert capture.get(cv2.CAP_PROP_FRAME_COUNT) == 5  # the header says 5 frames; there are 20
     capture.release()
-    with pytest.raises(extract_features.ClipOverLimit, match="more than 10 frames"):
-        extract_features.read_frames(path, 5, 16, extract_features.ClipLimits(frames=10))
-    assert extract_features.read_frames(path, 5, 16).shape == (5, 16, 16, 3)  # no limits: read as before
+    with pytest.raises(video.OverLimit, match="more than 10 frames"):
+        video.read_frames(path, 5, 16, video.ClipLimits(frames=10))
+    assert video.read_frames(path, 5, 16).shape == (5, 16, 16, 3)  # no limits: read as before
 
 
 def test_stop_ends_decoding(tmp_path):
     path = tmp_path / "clip.avi"
     write_clip(path, range(0, 200, 10))
     asked = []
-    with pytest.raises(extract_features.DecodingStopped):
-        extract_features.read_frames(path, 5, 16, stop=lambda: asked.append(1) or len(asked) > 3)
+    with pytest.raises(video.ReadingStopped):
+        video.read_frames(path, 5, 16, stop=lambda: asked.append(1) or len(asked) > 3)
     assert len(asked) == 4  # asked between frames; the fourth answer stopped it
+
+
+def test_a_header_hiding_larger_frames_is_caught_while_decoding(hidden_large_frames):
+    """A 64x64 header over 6000x6000 MJPEG frames: OpenCV hands back 64x64 frames, so the decoding time tells."""
+    capture = cv2.VideoCapture(str(hidden_large_frames))
+    assert (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (64, 64)
+    capture.release()
+    decoded = []
+    with pytest.raises(video.OverLimit, match=f"^{hidden_large_frames}: frames take .* s of CPU each to decode, far "
+                                              f"longer than 64x64 frames do: larger than the header says"):
+        extract_features.read_clip(hidden_large_frames, extract_features.FeatureSettings(frames=5, image_size=16),
+                                   video.ClipLimits(pixels=640 * 480), stop=lambda: decoded.append(1))
+    assert len(decoded) < 16  # stopped early: decoding all 16 frames takes about 5 s
+
+
+def test_a_frame_found_but_undecodable_is_a_video_error(tmp_path, undecodable_frames):
+    path = tmp_path / "clip.avi"
+    write_clip(path, range(0, 200, 10))
+    with pytest.raises(video.VideoError, match=f"^{path}: frame 0 was found but cannot be decoded$"):
+        extract_features.read_clip(path, extract_features.FeatureSettings(frames=5, image_size=16))
+
+
+def test_every_reading_error_is_a_video_error_and_a_data_error(tmp_path):
+    path = tmp_path / "clip.avi"
+    write_clip(path, range(0, 200, 10))
+    caught = {}
+    for kind, read in {"missing": lambda: video.read_frames(tmp_path / "missing.avi", 5, 16),
+                       "over a cap": lambda: video.read_frames(path, 5, 16, video.ClipLimits(frames=10)),
+                       "stopped": lambda: video.read_frames(path, 5, 16, stop=lambda: True)}.items():
+        with pytest.raises(DataError) as error:
+            read()
+        caught[kind] = type(error.value)
+    assert caught == {"missing": video.VideoError, "over a cap": video.OverLimit, "stopped": video.ReadingStopped}
+    assert issubclass(video.OverLimit, video.VideoError) and issubclass(video.ReadingStopped, video.VideoError)

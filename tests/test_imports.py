@@ -1,5 +1,5 @@
-"""The project's import graph, read from the code (ast): no import cycle, and util/ imports nothing from the top
-level (the pipeline's scripts or tools/)."""
+"""The project's import graph, read from the code (ast): no import cycle, util/ imports nothing from the top level
+(the pipeline's scripts or tools/), and the pipeline (the top-level scripts and util/) imports nothing from tools/."""
 import ast
 from pathlib import Path
 
@@ -53,13 +53,28 @@ def test_the_graph_has_no_cycle():
     assert cycles(graph()) == set()
 
 
+def imports_of_tools(edges):
+    """{module: [the tools/ modules it imports]} for the pipeline's modules (the top-level scripts and util/) that
+    import any."""
+    found = {name: sorted(t for t in targets if t.split(".")[0] == "tools")
+             for name, targets in edges.items() if name.split(".")[0] != "tools"}
+    return {name: targets for name, targets in found.items() if targets}
+
+
 def test_util_imports_nothing_from_the_top_level():
     upward = {name: sorted(t for t in targets if not t.startswith("util"))
               for name, targets in graph().items() if name.startswith("util")}
     assert {name: targets for name, targets in upward.items() if targets} == {}
 
 
+def test_the_pipeline_imports_nothing_from_tools():
+    assert imports_of_tools(graph()) == {}
+
+
 def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == {"a", "b", "c"}
+    assert imports_of_tools({"captioner": {"tools.release", "model"}, "util.data": {"tools"},
+                             "tools.release": {"tools", "model"}}) == {"captioner": ["tools.release"],
+                                                                       "util.data": ["tools"]}
     edges = graph()
     assert "model" in edges["train"] and "util.checkpoints" in edges["model"]

@@ -1,5 +1,7 @@
-"""tools.release: export a tiny trained run, serve it from a local HTTP server, fetch it back (or refuse it)."""
+"""tools.release and util.releases: export a tiny trained run, serve it from a local HTTP server, fetch it back
+(or refuse it)."""
 import fcntl
+import functools
 import gzip
 import hashlib
 import io
@@ -19,11 +21,16 @@ import pytest
 import infer
 import train
 from conftest import write_tiny_mlds
-from model import S2VT, ModelConfig
-from tools.release import MARKER_FILE, MARKER_TEXT, PARTIAL_PREFIX, checkpoint_location, export_release, \
-    fetch_release, main, remove_stale_partials, sha256_of
-from util.checkpoints import latest_checkpoint, resolve_checkpoint
+from model import S2VT, ModelConfig, load_model
+from tools.release import export_release, main
+from util import releases
+from util.checkpoints import latest_checkpoint
 from util.errors import DataError
+from util.releases import MARKER_FILE, MARKER_TEXT, PARTIAL_PREFIX, remove_stale_partials, resolve_checkpoint, \
+    sha256_of
+
+# as every caller fetches: each release loaded into its model before it is put in place
+fetch_release = functools.partial(releases.fetch_release, check_run=load_model)
 
 TINY = [  # as in test_roundtrip.py
     "--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]
@@ -167,11 +174,13 @@ def test_download_then_infer_writes_captions(release, server, tmp_path, capsys):
     url = server.serve("/good/tiny.tar.gz", release.bundle.read_bytes())
     run_dir = fetch_release(url, directory=tmp_path / "checkpoints", sha256=release.sha256)
     assert run_dir == tmp_path / "checkpoints" / "tiny"
-    checkpoint = resolve_checkpoint(release.run)[1]  # a local checkpoint folder is not mistaken for a release name
+    checkpoint = resolve_checkpoint(release.run, load_model)[1]
     assert checkpoint.parent == release.run / "best"
-    assert [checkpoint_location(s) for s in (None, str(run_dir), str(checkpoint))] == [None, str(run_dir),
-                                                                                        str(checkpoint)]
-    assert resolve_checkpoint(run_dir)[0] == run_dir
+    # local folders are not mistaken for release names; a path that is not there is no release name either
+    assert [resolve_checkpoint(str(spec), load_model) for spec in (run_dir, checkpoint)] == [
+        (run_dir, run_dir / "best" / checkpoint.name), (release.run, checkpoint)]
+    with pytest.raises(DataError, match=f"^{tmp_path / 'tiny'}: no such checkpoint or run folder$"):
+        resolve_checkpoint(str(tmp_path / "tiny"), load_model)
     assert json.loads((run_dir / "SOURCE.json").read_text())["sha256"] == release.sha256
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["tiny"]  # no partial folder left
     ids = release.data / "testing_id.txt"
@@ -308,7 +317,7 @@ def test_registry_url_without_scheme_is_the_file_beside_the_registry(release, tm
     source = json.loads((run_dir / "SOURCE.json").read_text())
     assert source["url"] == (shipped / "bundles" / "tiny-local.tar.gz").as_uri()
     assert source["sha256"] == release.sha256 and source["sha256_given"] is True
-    assert resolve_checkpoint(run_dir)[1] == run_dir / "best" / latest_checkpoint(release.run / "best").name
+    assert resolve_checkpoint(run_dir, load_model)[1] == run_dir / "best" / latest_checkpoint(release.run / "best").name
     ids = release.data / "testing_id.txt"
     for name, checkpoint in (("shipped", run_dir), ("original", release.run)):
         assert infer.main([str(ids), str(tmp_path / f"{name}.txt"), "--checkpoint", str(checkpoint)]) == 0

@@ -13,8 +13,9 @@ import infer
 from tools.demo_data import FPS, clip_frames, parse_caption, write_clip
 from tools.long_demo import make_long_video
 from util.errors import DataError
-from util.scenes import EvenSample, OverLimit, ReadingStopped, SceneReader
+from util.scenes import EvenSample, SceneReader
 from util.subtitles import Cue, merge_repeats, to_srt, to_vtt
+from util.video import OverLimit, ReadingStopped, VideoError
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,8 @@ def bad_files(tmp_path, six):
 
 
 @pytest.mark.parametrize("what, message", [("corrupt middle", "decoding stopped at"), ("cut off", "decoding stopped at"),
-                                           ("no video stream", "no video stream"), ("audio only", "no video stream"),
+                                           ("no video stream", "not a video OpenCV can open"),
+                                           ("audio only", "not a video OpenCV can open"),
                                            ("empty", "empty file")])
 def test_a_bad_file_gets_one_line_and_nothing_written(six_scenes, tmp_path, capsys, what, message):
     video = bad_files(tmp_path, six_scenes[0])[what]
@@ -141,3 +143,17 @@ def test_caps_and_stop_end_the_reading(six_scenes):
             break
         time.sleep(0.1)
     assert threading.active_count() == threads and len(asked) < sum(s["frames"] for s in plan)
+
+
+def test_a_header_hiding_larger_frames_stops_the_reading(hidden_large_frames):
+    decoded = []
+    with pytest.raises(OverLimit, match="frames take .* s of CPU each to decode, far longer than 64x64 frames do"):
+        list(SceneReader(hidden_large_frames, size=32, keep=4, max_pixels=640 * 480, stop=lambda: decoded.append(1)))
+    assert len(decoded) < 16  # stopped early: decoding all 16 frames takes about 5 s
+
+
+def test_a_first_frame_found_but_undecodable_is_a_video_error(tmp_path, undecodable_frames):
+    """Cutting scenes (segments auto) converts every frame: the first one failing once ended in a TypeError."""
+    path = one_shot(tmp_path / "shot.avi", 2)
+    with pytest.raises(VideoError, match=f"^{path}: frame 0 was found but cannot be decoded$"):
+        list(SceneReader(path, size=32, keep=4))

@@ -1,6 +1,7 @@
 """serve.py over 127.0.0.1: the JSON API on real clips, every kind of bad upload (a 4xx status, a one-line JSON
 error, the server still serving and no temporary file left), progress of a request in flight, and the page in
 headless Chromium."""
+import asyncio
 import base64
 import http.client
 import json
@@ -379,6 +380,55 @@ def test_clip_over_a_limit_is_refused_from_its_header(server, real_clip, tmp_pat
     assert status == 413 and error.startswith("big.avi: ") and refusal in error
     assert str(server.tmp) not in reply.decode()
     no_temp_files_left(server)
+
+
+def post_in_process(app, uploads):
+    """(status, body) of each (path, (body, content type)) POSTed in turn to the ASGI app, in this process (where a
+    test can break OpenCV), through the app's middleware and routes as over a socket; the client never leaves."""
+    async def post(path, body, content_type):
+        sent, parts = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if parts:
+                return parts.pop()
+            await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode()),
+                   (b"content-length", str(len(body)).encode())]
+        await app({"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+                   "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+                   "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    async def post_all():
+        return [await post(path, *upload) for path, upload in uploads]
+
+    return asyncio.run(post_all())
+
+
+def test_a_frame_that_cannot_be_decoded_gets_422(video_run, tmp_path, undecodable_frames):
+    """A file whose first frame is found but cannot be decoded is a bad file (422) on both routes, scene by scene
+    included (it once gave a 500)."""
+    import serve
+
+    app = serve.create_app(Captioner.load(video_run), 20_000_000)
+    clip = write_clip(tmp_path / "clip.avi", 30, 48, 40)
+    answers = post_in_process(app, [(route, multipart("clip.avi", clip.read_bytes()))
+                                    for route in ("/api/caption", "/api/scenes")])
+    assert [(status, one_json_error(body)) for status, body in answers] == \
+           [(422, "clip.avi: frame 0 was found but cannot be decoded")] * 2
+
+
+def test_a_header_hiding_larger_frames_gets_413(video_run, hidden_large_frames):
+    """Decoding stops once frames take far longer than the header's 64x64 explains: 413, not a 422 or 408 later."""
+    import serve
+
+    app = serve.create_app(Captioner.load(video_run), 20_000_000)
+    (status, body), = post_in_process(app, [("/api/caption", multipart("liar.avi", hidden_large_frames.read_bytes()))])
+    assert status == 413 and one_json_error(body).startswith("liar.avi: frames take ")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ model.weights.h5 is Keras's weights file and optimizer.h5 the optimizer's variab
 the epoch, the batch within it, the step and the best score. Loading reads arrays and JSON: it runs no code and
 unpickles nothing. A checkpoint is written into a hidden folder, flushed to disk and renamed into place whole, and
 one replaced or deleted is first renamed aside, so a crash never leaves half of one, nor a folder without one. A run
-trained on TensorFlow loads on JAX and the other way round. model.load_model builds a run's model from its
-checkpoint; `python -m tools.convert_run` converts runs of the TensorFlow-only s2vt.
+trained on TensorFlow loads on JAX and the other way round. model.load_model builds a run's model from the
+checkpoint util.releases.resolve_checkpoint chooses; `python -m tools.convert_run` converts runs of the
+TensorFlow-only s2vt.
 This module imports nothing from the pipeline's scripts.
 """
 import json
@@ -161,32 +162,6 @@ def read_state(checkpoint):
     if not isinstance(state, dict):
         raise DataError(f"{Path(checkpoint) / STATE_FILE}: expected a JSON object")
     return state
-
-
-def _is_tensorflow_run(run_dir):
-    return any((Path(run_dir) / folder / "checkpoint").is_file() for folder in ("best", "last"))
-
-
-def resolve_checkpoint(path=None):
-    """(run_dir, checkpoint folder) for a run folder, a best/ or last/ folder, or a checkpoint folder.
-
-    A run folder gives its best checkpoint, else its newest; no path gives the newest run's."""
-    path = Path(path) if path else newest_run()
-    if not path.is_dir():
-        raise DataError(f"{path}: no such checkpoint or run folder")
-    for run_dir, folders in ((path, ("best", "last")), (path.parent, (path.name,))):
-        if (run_dir / "config.json").is_file():
-            for folder in folders:
-                found = latest_checkpoint(run_dir / folder)
-                if found:
-                    return run_dir, found
-            if _is_tensorflow_run(run_dir):
-                raise DataError(f"{run_dir}: holds TensorFlow checkpoints of an older s2vt; convert it with "
-                                f"`python -m tools.convert_run {run_dir}` (needs TensorFlow)")
-            raise DataError(f"{path}: holds no checkpoint")
-    if (path / STATE_FILE).is_file() and (path.parent.parent / "config.json").is_file():
-        return path.parent.parent, path
-    raise DataError(f"{path}: not a run folder (no config.json)")
 
 
 def load_vocab(run_dir):

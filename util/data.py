@@ -88,6 +88,10 @@ def find_feat_dir(ids_file):
                     f"{', '.join(str(c) for c in candidates)}); give --feat-dir")
 
 
+# Feature manifest fields added after manifests were first written, and what a manifest without one means
+MANIFEST_DEFAULTS = {"stream": "rgb"}
+
+
 def read_feature_manifest(feat_dir):
     """FEAT_DIR/manifest.json as extract_features.py wrote it (its settings and dimension), or None if absent."""
     path = Path(feat_dir) / "manifest.json"
@@ -97,6 +101,13 @@ def read_feature_manifest(feat_dir):
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: expected a JSON object of feature settings")
     return manifest
+
+
+def manifest_differences(recorded, wanted):
+    """{field: (recorded value, wanted value)} for the fields of `wanted` (and MANIFEST_DEFAULTS) on which two
+    feature manifests disagree, a field a manifest lacks counting as its default."""
+    recorded, wanted = {**MANIFEST_DEFAULTS, **recorded}, {**MANIFEST_DEFAULTS, **wanted}
+    return {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
 
 
 def open_feature_file(path, frames=None, feature_dim=None, mmap=False):

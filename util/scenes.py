@@ -12,7 +12,8 @@ Times are the frames' own timestamps (CAP_PROP_POS_MSEC), so a variable frame ra
 turns frames upright by the file's rotation flag (CAP_PROP_ORIENTATION_AUTO, on by default). Memory does not grow with
 the video: a scene keeps between `keep` and 2 * `keep` of its frames (every stride-th, the stride doubling as the
 scene goes on), resized to size x size, and only the frames a sample keeps are converted from the decoder at all when
-no detector needs them.
+no detector needs them. The file is opened, checked, capped and decoded by util.video: a file that cannot be read
+raises its VideoError (OverLimit past a cap, ReadingStopped when stop() says so).
 """
 from collections import deque
 from dataclasses import dataclass
@@ -24,19 +25,12 @@ import cv2
 import numpy as np
 
 from util.errors import DataError
+from util.video import ClipLimits, VideoError, open_video
 
 DETECTION_WIDTH = 256  # frames wider than this are shrunk before scoring cuts, as PySceneDetect itself does
 MIN_SCENE = 2.0  # seconds: no cut closer than this to the last one
 MAX_SCENE = 10.0  # seconds: a longer scene is captioned every MAX_SCENE seconds
 STOPPED_EARLY = 0.95  # decoding that ends before this share of the header's duration (and a second short) failed
-
-
-class OverLimit(DataError):
-    """A video longer, or with larger frames, than its reader's caps."""
-
-
-class ReadingStopped(Exception):
-    """Reading given up because the reader's stop() said so."""
 
 
 @dataclass(frozen=True)
@@ -87,41 +81,19 @@ class SceneReader:
     def __init__(self, path, size, keep, segments="auto", min_scene=MIN_SCENE, max_scene=MAX_SCENE,
                  max_seconds=None, max_pixels=None, stop=None):
         """max_seconds, max_pixels (width * height): caps checked from the header and again while decoding
-        (OverLimit); stop(), if given, is asked at every frame and True ends reading with ReadingStopped."""
+        (util.video.OverLimit); stop(), if given, is asked at every frame and True ends reading with
+        util.video.ReadingStopped."""
         self.path, self.size, self.keep = Path(path), int(size), int(keep)
-        self.max_seconds, self.stop = max_seconds, stop
+        self.limits, self.stop = ClipLimits(seconds=max_seconds, pixels=max_pixels), stop
         self.segments = parse_segments(segments)
         if not 0 <= min_scene < max_scene:
             raise DataError(f"need 0 <= min_scene < max_scene, not min_scene={min_scene}, max_scene={max_scene}")
         self.min_scene, self.max_scene = float(min_scene), float(max_scene)
-        if not self.path.is_file():
-            raise DataError(f"{self.path}: no such file")
-        if self.path.stat().st_size == 0:
-            raise DataError(f"{self.path}: empty file (0 bytes)")
-        capture = self._open()
-        try:
-            self.fps = capture.get(cv2.CAP_PROP_FPS)
-            frame_count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
-            width, height = capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
-        finally:
-            capture.release()
+        with open_video(self.path, self.limits) as video:
+            self.fps, frame_count = video.fps, video.frame_count
         if not self.fps > 0:
-            raise DataError(f"{self.path}: no video stream (no frame rate)")
+            raise VideoError(f"{self.path}: no video stream (no frame rate)")
         self.duration: Optional[float] = frame_count / self.fps if frame_count > 0 else None
-        if max_pixels is not None and width * height > max_pixels:
-            raise OverLimit(f"{self.path}: {width:.0f}x{height:.0f} frames are over the limit of {max_pixels} pixels")
-        self._check_length(self.duration or 0)
-
-    def _check_length(self, seconds):
-        if self.max_seconds is not None and seconds > self.max_seconds:
-            raise OverLimit(f"{self.path}: longer than {self.max_seconds:g} s (the limit)")
-
-    def _open(self):
-        capture = cv2.VideoCapture(str(self.path))
-        if not capture.isOpened():
-            capture.release()
-            raise DataError(f"{self.path}: no video stream OpenCV can open (an audio-only file, or not a video)")
-        return capture
 
     def __iter__(self):
         from scenedetect import AdaptiveDetector, FrameTimecode
@@ -135,9 +107,9 @@ class SceneReader:
         recent = deque()  # (ms, BGR frame or None) decoded, not yet placed: a cut before them may still come
         cuts = deque()  # ms of detected cuts not yet reached
         scene = None  # [start ms, EvenSample, frames decoded]
-        last_ms, decoded = None, 0
+        last_ms = None
 
-        def place(ms, bgr, capture):
+        def place(ms, bgr, video):
             nonlocal scene
             if scene is not None:
                 at_cut = bool(cuts) and ms >= cuts[0] - frame_ms / 2
@@ -148,41 +120,28 @@ class SceneReader:
                     scene = None
             if scene is None:
                 scene = [ms, EvenSample(self.keep), 0]
-            scene[1].offer(lambda: self._resized(bgr if bgr is not None else capture.retrieve()[1]))
+            scene[1].offer(lambda: self._resized(bgr if bgr is not None else video.retrieve()))
             scene[2] += 1
 
-        capture = self._open()
-        try:
-            while capture.grab():
-                ms = capture.get(cv2.CAP_PROP_POS_MSEC)
-                ms = ms if last_ms is None else max(ms, last_ms + 1e-3)  # a decoder's repeated timestamp
-                last_ms, decoded = ms, decoded + 1
-                if self.stop is not None and self.stop():
-                    raise ReadingStopped(f"{self.path}: reading stopped")
-                self._check_length(ms / 1000)
+        with open_video(self.path, self.limits) as video:
+            for _ in video.frames(self.stop):
+                ms = video.position_ms()
+                last_ms = ms = ms if last_ms is None else max(ms, last_ms + 1e-3)  # a decoder's repeated timestamp
                 if detector is None:
-                    yield from place(ms, None, capture)
+                    yield from place(ms, None, video)
                     continue
-                ok, bgr = capture.retrieve()
-                if not ok:
-                    break
+                bgr = video.retrieve()
                 timecode = FrameTimecode(Timecode(pts=round(ms), time_base=Fraction(1, 1000)), fps=self.fps)
                 cuts.extend(float(cut.pts) for cut in detector.process_frame(timecode, self._for_detection(bgr)))
                 recent.append((ms, bgr))
                 while len(recent) > lag:
-                    yield from place(*recent.popleft(), capture)
-        except cv2.error as error:
-            raise DataError(f"{self.path}: cannot be decoded ({str(error).strip().splitlines()[-1]})") from None
-        finally:
-            capture.release()
-        if decoded == 0:
-            raise DataError(f"{self.path}: no decodable video frames")
+                    yield from place(*recent.popleft(), video)
         while recent:
             yield from place(*recent.popleft(), None)
         end_ms = last_ms + frame_ms
         if self.duration and end_ms < 1000 * self.duration * STOPPED_EARLY and end_ms < 1000 * self.duration - 1000:
-            raise DataError(f"{self.path}: decoding stopped at {end_ms / 1000:.1f} s of {self.duration:.1f} s "
-                            f"(a corrupt or cut-off file)")
+            raise VideoError(f"{self.path}: decoding stopped at {end_ms / 1000:.1f} s of {self.duration:.1f} s "
+                             f"(a corrupt or cut-off file)")
         yield self._scene(scene, end_ms)
 
     def _scene(self, scene, end_ms):

@@ -90,10 +90,12 @@ class TrainConfig:
     """How a model is trained: every field is a flag (--batch-size for batch_size), beside model.ModelConfig's."""
     init_from: Optional[str] = setting(None, "start from this run's (or checkpoint's) weights, the shared words' "
                                              "included", trains=True, metavar="RUN")
-    schedule: str = setting("inverse_sigmoid", "teacher-forcing probability per epoch (see sampling.py)", trains=True,
-                            choices=SCHEDULES)
+    schedule: str = setting("linear", "teacher-forcing probability per epoch (see sampling.py; the course's "
+                                      "inverse_sigmoid feeds the model's own words 88%% of the time at the end, "
+                                      "which teaches it to ignore the previous word: docs/captions.md)",
+                            trains=True, choices=SCHEDULES)
     teacher_forcing_start: float = setting(1.0, "linear/constant schedules", trains=True)
-    teacher_forcing_end: float = setting(0.0, "linear schedule", trains=True)
+    teacher_forcing_end: float = setting(0.8, "linear schedule", trains=True)
     epochs: int = setting(100, trains=True, type=positive_int)
     batch_size: int = setting(250, "the global batch (all replicas)", trains=True, type=positive_int)
     min_word_count: int = setting(3, "words seen fewer times in the training captions are <UNK>", trains=True,
@@ -278,7 +280,7 @@ def load_data(args, run_dir):
     captions encoded with it."""
     train_split, val_split, val_source = load_splits(args)
     validation_ids = val_split.video_ids if val_split else []
-    args.select_metric = select_metric(args.select_metric, args.objective, len(validation_ids))
+    args.select_metric, selection_note = select_metric(args.select_metric, args.objective, len(validation_ids))
     manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
     if args.resume:
         check_resumable(run_dir, args, validation_ids)
@@ -293,6 +295,8 @@ def load_data(args, run_dir):
         cannot_end = vocab.cannot_end(captions)
     video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
     report_unknown_words(vocab, caption_ids, args.min_word_count, args.unk_targets)
+    if selection_note:  # once the run is known to go ahead
+        print(selection_note, file=sys.stderr if selection_note.startswith("warning") else sys.stdout)
     if val_split is None:
         print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
               "loss", file=sys.stderr)
@@ -308,19 +312,21 @@ def load_data(args, run_dir):
 
 
 def select_metric(asked, objective, validation_videos):
-    """The validation metric that picks the best checkpoint: the one asked for, else CIDEr for scst, the
-    teacher-forced loss when there are fewer than MIN_VALIDATION_VIDEOS validation videos, else the MLDS BLEU@1.
-    Too few videos to choose by a caption metric is said in one line."""
+    """(metric, note): the validation metric that picks the best checkpoint, the one asked for, else CIDEr for
+    scst, the teacher-forced loss when there are fewer than MIN_VALIDATION_VIDEOS validation videos, else the MLDS
+    BLEU@1; and a line saying when there are too few videos to choose by a caption metric, else None."""
     chosen = asked or ("cider" if objective == "scst" else "loss" if validation_videos < MIN_VALIDATION_VIDEOS
                        else "bleu1")
-    if 0 < validation_videos < MIN_VALIDATION_VIDEOS and chosen != "loss":
-        print(f"warning: {validation_videos} validation videos are too few to choose a checkpoint by "
-              f"{VALIDATION_METRICS['val_' + chosen]} (it jumps from epoch to epoch below {MIN_VALIDATION_VIDEOS}); "
-              "--select-metric loss chooses by the teacher-forced loss over all their captions", file=sys.stderr)
-    elif 0 < validation_videos < MIN_VALIDATION_VIDEOS and not asked:
-        print(f"validation: {validation_videos} videos are too few to choose a checkpoint by a caption metric "
-              f"(fewer than {MIN_VALIDATION_VIDEOS}): choosing by the validation loss", file=sys.stderr)
-    return chosen
+    if not 0 < validation_videos < MIN_VALIDATION_VIDEOS:
+        return chosen, None
+    if chosen != "loss":
+        return chosen, (f"warning: {validation_videos} validation videos are too few to choose a checkpoint by "
+                        f"{VALIDATION_METRICS['val_' + chosen]} (it jumps from epoch to epoch below "
+                        f"{MIN_VALIDATION_VIDEOS}); --select-metric loss chooses by the teacher-forced loss over all "
+                        "their captions")
+    return chosen, None if asked else (f"validation: {validation_videos} videos are too few to choose a checkpoint "
+                                       f"by a caption metric (fewer than {MIN_VALIDATION_VIDEOS}): choosing by the "
+                                       "validation loss")
 
 
 def report_unknown_words(vocab, caption_ids, min_word_count, unk_targets):

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 import infer
+from decoding import NO_REPEAT_NGRAM, Constraints
 import train
 from conftest import checkpoint_weights, optimizer_iterations
 from util import backend
@@ -79,10 +80,12 @@ def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp
     assert [line.split(",", 1)[0] for line in lines] == ids
     # the captions of the run's best checkpoint, decoded here from its weights; a tiny model may end a caption at
     # once (greedy <EOS> first, as the epoch-2 best on JAX does for the dog clips), but not every one
-    model, vocab, _, best = load_model(resumed)
+    model, vocab, config, best = load_model(resumed)
     assert best == latest_checkpoint(resumed / "best")
     features = load_features(tiny_data / "testing_data" / "feat", ids, dtype=np.float32)
-    words = backend.to_numpy(model.greedy(features)[0])
+    # under infer.py's default constraints: no repeats, no caption ending on a word the training captions never end on
+    constraints = Constraints(NO_REPEAT_NGRAM, vocab.ids(config["decoding"]["cannot_end"]))
+    words = backend.to_numpy(model.greedy(features, constraints=constraints)[0])
     assert [line.split(",", 1)[1] for line in lines] == [vocab.decode(row) for row in words]
     assert any(line.split(",", 1)[1].strip() for line in lines)
 
@@ -97,8 +100,8 @@ def test_resume_refuses_changed_training_flags_naming_each_and_writes_nothing(ti
     before = folder_state(run_dir)
     capsys.readouterr()
     changed = {"--batch-size": ("8", "6"), "--seed": ("0", "3"), "--pairs": ("all", "sample"),
-               "--epochs": ("1", "4"), "--schedule": ("inverse_sigmoid", "linear"),
-               "--teacher-forcing-end": ("0.0", "0.2"), "--learning-rate": ("0.01", "0.02"),
+               "--epochs": ("1", "4"), "--schedule": ("linear", "inverse_sigmoid"),
+               "--teacher-forcing-end": ("0.8", "0.2"), "--learning-rate": ("0.01", "0.02"),
                "--clip-norm": ("5.0", "1.0"), "--dropout": ("0.5", "0.1"), "--feature-noise": ("0.1", "0.0"),
                "--val-fraction": ("None", "0.2"), "--select-metric": ("loss", "cider"),
                "--matmul-dtype": ("float32", "bfloat16"), "--model": ("s2vt", "meanpool"),

@@ -74,9 +74,9 @@ def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny
     # 6 validation videos: under train.MIN_VALIDATION_VIDEOS, the caption metrics are too noisy to choose by
     run_dir = tmp_path / "run"
     assert run_train(tiny_data, run_dir, "--epochs", "3", "--val-fraction", "0.25", "--learning-rate", "0.05") == 0
-    err = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert "validation: 6 videos are too few to choose a checkpoint by a caption metric (fewer than 50): choosing " \
-           "by the validation loss" in err
+           "by the validation loss" in out
     assert json.loads((run_dir / "config.json").read_text())["train"]["select_metric"] == "loss"
     history = pd.read_csv(run_dir / "history.csv")
     best = train.latest_checkpoint(run_dir / "best")
@@ -88,8 +88,8 @@ def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny
                      "cider") == 0
     assert "warning: 6 validation videos are too few to choose a checkpoint by CIDEr" in capsys.readouterr().err
     # enough validation videos: the MLDS BLEU@1, as before
-    assert train.select_metric(None, "xe", train.MIN_VALIDATION_VIDEOS) == "bleu1"
-    assert train.select_metric(None, "scst", 4) == "cider"
+    assert train.select_metric(None, "xe", train.MIN_VALIDATION_VIDEOS) == ("bleu1", None)
+    assert train.select_metric(None, "scst", 4)[0] == "cider"
 
 
 def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp_path, capsys):

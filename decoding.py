@@ -166,8 +166,8 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     every live hypothesis by every word; of each video's 2*beam_size best extensions, those among the first
     beam_size that end in <EOS> join the video's finished pool (its beam_size best by rank), and the beam_size best
     that do not end stay live. A video stops when its pool is full and none of its live hypotheses can still
-    rank above the pool's worst, the search when every video has stopped or max_len words were written. A video with fewer than n_best finished captions is topped up with its best
-    unfinished ones, ranked after the finished.
+    rank above the pool's worst, the search when every video has stopped or max_len words were written. A video
+    with fewer than n_best finished captions is topped up with its best unfinished ones, ranked after the finished.
 
     Returns:
       words      (batch, n_best, max_len) int32, best first, <PAD>-filled after each <EOS>;

@@ -98,8 +98,8 @@ class TrainConfig:
     teacher_forcing_end: float = setting(0.8, "linear schedule", trains=True)
     epochs: int = setting(100, trains=True, type=positive_int)
     batch_size: int = setting(250, "the global batch (all replicas)", trains=True, type=positive_int)
-    min_word_count: int = setting(3, "words seen fewer times in the training captions are <UNK>", trains=True,
-                                  type=positive_int)
+    min_word_count: int = setting(1, "words seen fewer times in the training captions are <UNK> (1: none)",
+                                  trains=True, type=positive_int)
     unk_targets: str = setting("skip", "skip: <UNK> targets are left out of the loss; learn: trained like a word "
                                        "(as before this option existed)", trains=True, choices=("skip", "learn"))
     learning_rate: float = setting(1e-4, trains=True)

@@ -159,6 +159,59 @@ def train_setting(corpus, run_dir, name, epochs, seed):
     return [line for line in log.getvalue().splitlines() if line.startswith(("vocabulary:", "validation"))]
 
 
+def epoch_curves(run_dir, corpus, decoding="no-repeat-2+end"):
+    """A DataFrame, one row per epoch: the validation loss and CIDEr the run chose by, and the test CIDEr of that
+    epoch's checkpoint (fallback tokenizer): how well each choice would have done. Written to run_dir/curves.csv."""
+    import pandas as pd
+
+    from captioner import Captioner
+    from util.data import load_feature_file
+    from util.evaluate import evaluate
+
+    references = dict(load_labels(corpus / "testing_label.json"))
+    features = np.stack([load_feature_file(corpus / "testing_data" / "feat" / f"{v}.npy") for v in references])
+    history = pd.read_csv(Path(run_dir) / "history.csv")[["epoch", "val_loss", "val_cider"]]
+    test = []
+    for epoch in history["epoch"]:
+        captions = Captioner.load(str(checkpoint_of_epoch(run_dir, int(epoch)))).caption_features(
+            features, **DECODING[decoding])
+        test.append(evaluate(dict(zip(references, captions)), references, use_java=False)["cider"])
+    history["test_cider"] = test
+    history.to_csv(Path(run_dir) / "curves.csv", index=False)
+    return history
+
+
+def choice_table(curves):
+    """{run: {choice: (epoch, test CIDEr)}} for each choice rule, the best epoch in hindsight ("oracle") too."""
+    table = {}
+    for run, frame in curves.items():
+        rows = frame.reset_index(drop=True)
+        trailing = rows["val_cider"].rolling(3, min_periods=1).mean()  # what training could compute as it goes
+        picks = {"cider": rows["val_cider"].idxmax(), "cider3": trailing.idxmax(), "loss": rows["val_loss"].idxmin(),
+                 "last": len(rows) - 1, "oracle": rows["test_cider"].idxmax()}
+        table[run] = {k: (int(rows["epoch"][i]), float(rows["test_cider"][i])) for k, i in picks.items()}
+    return table
+
+
+def plot_curves(curves, out_png):
+    """One panel per run: validation CIDEr (its few videos), the validation loss and the test CIDEr over epochs."""
+    from matplotlib.figure import Figure
+
+    from util.plots import save_png
+
+    fig = Figure(figsize=(5 * len(curves), 3.6))
+    for ax, (run, frame) in zip(np.atleast_1d(fig.subplots(1, len(curves))), curves.items()):
+        ax.plot(frame["epoch"], frame["val_cider"], "o-", ms=3, label="validation CIDEr (4 videos)")
+        ax.plot(frame["epoch"], frame["test_cider"], "s-", ms=3, label="test CIDEr (100 videos)")
+        loss_ax = ax.twinx()
+        loss_ax.plot(frame["epoch"], frame["val_loss"], color="C2", label="validation loss")
+        loss_ax.set_ylabel("validation loss", color="C2")
+        ax.set(title=run, xlabel="epoch", ylabel="CIDEr")
+        ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    save_png(fig, out_png)
+
+
 TABLE = ("training", "seed", "choice", "epoch", "decoding", "stutter", "repeated_bigram", "function_word_last", "unk",
          "distinct", "words_used", "bleu4", "meteor", "cider")
 
@@ -181,8 +234,13 @@ def main(argv=None):
     parser.add_argument("--training", default=",".join(TRAINING), help=f"of {', '.join(TRAINING)}")
     parser.add_argument("--decoding", default=",".join(DECODING), help=f"of {', '.join(DECODING)}")
     parser.add_argument("--choices", default=",".join(CHOICES), help=f"of {', '.join(CHOICES)}")
+    parser.add_argument("--curves", action="store_true", help="instead: for the runs already trained in --out, the "
+                        "test CIDEr of every epoch's checkpoint beside the validation scores (curves.png), and the "
+                        "epoch each checkpoint choice keeps")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.curves:
+        return study_choices(out, args)
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         corpus = write_proxy_corpus(args.source, out / f"corpus-{args.train_videos}-{seed}", args.train_videos,
@@ -197,6 +255,25 @@ def main(argv=None):
             (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
+    return 0
+
+
+def study_choices(out, args):
+    curves = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name in args.training.split(","):
+            run_dir = out / f"run-{args.train_videos}-{seed}-{name}"
+            if (run_dir / "history.csv").is_file():
+                curves[f"{name}, seed {seed}"] = epoch_curves(run_dir, out / f"corpus-{args.train_videos}-{seed}")
+    plot_curves(curves, out / "curves.png")
+    table = choice_table(curves)
+    choices = ("cider", "cider3", "loss", "last", "oracle")
+    print("| run | " + " | ".join(f"{c}: epoch, test CIDEr" for c in choices) + " |")
+    print("|---|" + "---|" * len(choices))
+    for run, picks in table.items():
+        print(f"| {run} | " + " | ".join(f"{picks[c][0]}, {picks[c][1]:.3f}" for c in choices) + " |")
+    print(f"mean test CIDEr: " + ", ".join(f"{c} {np.mean([p[c][1] for p in table.values()]):.3f}" for c in choices))
+    print(f"wrote {out / 'curves.png'}")
     return 0
 
 

@@ -202,7 +202,7 @@ def test_requirement_files_pin_the_same_versions():
 
 # the test files written with keras.ops, numpy and util.backend alone
 NEUTRAL_TESTS = ["test_model.py", "test_beam.py", "test_speed_equivalence.py", "test_roundtrip.py", "test_data.py",
-                 "test_validation.py", "test_captioner.py", "test_variants.py"]
+                 "test_validation.py", "test_captioner.py", "test_variants.py", "test_constraints.py"]
 
 
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") == "jax", reason="this run is on JAX already")

@@ -60,7 +60,7 @@ from model import load_model
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, checkpoint_name, latest_checkpoint, \
     read_run_config, read_state
-from util.data import read_json
+from util.data import read_json, sha256_of
 from util.errors import DataError, command
 from util.plots import run_select_metric
 
@@ -80,11 +80,6 @@ MAX_HEADER_BYTES = 1 << 20  # PAX and GNU long-name headers in all; a release's 
 CHUNK = 1 << 20
 PARTIAL_PREFIX = ".s2vt-fetch."  # DIR/.s2vt-fetch.<name>.<random>.partial: a fetch's work folder
 MARKER_FILE, MARKER_TEXT = ".s2vt-fetch", "tools.release: a fetch's work folder, locked while the fetch runs\n"
-
-
-def sha256_of(path):
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 # ---- export ----

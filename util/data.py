@@ -4,6 +4,7 @@
     DATA_DIR/training_data/feat/<id>.npy   (frames, dim), float64 or float32   (validation_data, testing_data alike)
     DATA_DIR/testing_id.txt, DATA_DIR/testing_data/id.txt   one id per line
 """
+import hashlib
 import json
 import sys
 import warnings
@@ -27,6 +28,12 @@ def read_json(path, missing="file not found"):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON ({error})") from None
+
+
+def sha256_of(path):
+    """A file's sha256, as hex."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def load_labels(path):

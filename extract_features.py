@@ -32,6 +32,7 @@ from tqdm import tqdm
 from util.atomic import atomic_path, write_text_atomic
 from util.data import prefetched, read_feature_manifest, read_ids, warnings_as_lines
 from util.errors import DataError, command
+from util.flags import positive_int
 
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".m4v", ".wmv", ".flv"}
 MANIFEST = "manifest.json"
@@ -459,13 +460,6 @@ def parse_shard(text):
     if not 0 <= index < count:
         raise argparse.ArgumentTypeError(f"needs 0 <= i < n, not {text!r}")
     return index, count
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
 
 
 @command

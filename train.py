@@ -7,10 +7,10 @@
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
 of them (--val-ids, else PATH/validation_label.json, else --val-fraction: util.data.load_splits); the test split is
-never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (util/checkpoints.py): a
-run folder that holds a run already is refused, but --resume continues it, and --overwrite moves it aside (to a new
-folder beside it) and starts afresh. Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at
-once); --resume continues from it exactly. --model meanpool trains the
+never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (util/checkpoints.py), a
+folder one process at a time works in (util/run_folder.py): one that holds a run already is refused, but --resume
+continues it, on the same features, and --overwrite moves it aside. Ctrl-C saves a checkpoint after the
+current batch (a second Ctrl-C quits at once); --resume continues from it exactly. --model meanpool trains the
 mean-pool baseline, --encoder bidirectional reads S2VT's frames both ways (model.py); --init-from RUN starts from
 another run's weights (model.initialise_from), e.g. one pre-trained on image captions as one-frame videos.
 Runs on TensorFlow (the default) or JAX: KERAS_BACKEND=jax python train.py ... With --strategy mirrored (several
@@ -39,7 +39,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
-import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
@@ -47,19 +46,17 @@ from model import ModelConfig, build_model, caption_losses, initialise_from
 from sampling import SCHEDULES, teacher_forcing_schedule
 from scst import SCST_BASELINES, scst_loss, scst_rewards, scst_rows
 from util import backend
-from util.atomic import atomic_path, write_text_atomic
-from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, read_state,
-                              restore, save_checkpoint, write_run_files)
+from util.checkpoints import latest_checkpoint, load_vocab, read_run_config, restore
 from util.data import DEFAULT_VAL_FRACTION, batches, encode_captions, epoch_pairs, load_splits, read_feature_manifest
 from util.errors import DataError, command
 from util.flags import add_flag, flag_type, positive_int
-from util.plots import VALIDATION_METRICS, plot_training_curves
+from util.plots import VALIDATION_METRICS
+from util.run_folder import RunFolder, TrainedOn, add_run_folder_flags, check_resumable, claimed, run_folder_of
 from util.vocab import EOS, PAD, UNK, Vocabulary
 from validation import MIN_VALIDATION_VIDEOS, SELECT_METRICS, Validator, select_metric
 
 OBJECTIVES = ("xe", "scst")
 OLDER_RUNS = {"select_metric": "bleu1", "unk_targets": "learn"}  # how a run older than the setting was trained
-RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
 
 
 # ---- the configuration: one source for the flags, --resume's check, config.json and --init-from's check ----
@@ -124,9 +121,12 @@ def model_settings():
     return [f for f in fields(ModelConfig) if f.metadata.get("help")]
 
 
-def trained_settings():
-    """The names of the settings that change what is trained: every model flag, and TrainConfig's marked so."""
-    return [f.name for f in model_settings()] + [f.name for f in fields(TrainConfig) if f.metadata["trains"]]
+def trained_settings(args):
+    """The settings that change what is trained, every model flag and TrainConfig's marked so, as --resume compares
+    them: {name: (the value asked, how a run older than the setting was trained: its default, or OLDER_RUNS's)}."""
+    return {**{f.name: (getattr(args, f.name), f.default) for f in model_settings()},
+            **{f.name: (getattr(args, f.name), OLDER_RUNS.get(f.name, f.default)) for f in fields(TrainConfig)
+               if f.metadata["trains"]}}
 
 
 def add_setting_flags(parser):
@@ -146,12 +146,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder in the MLDS HW2-1 layout")
     add_setting_flags(parser)
-    parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
-    parser.add_argument("--ckpt-dir", help="run folder (default checkpoints/<run>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir (default: newest)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a run folder that holds a run, moving that run aside first (to "
-                             "FOLDER.replaced-<time> beside it; nothing is deleted)")
+    add_run_folder_flags(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if not 0 <= args.dropout < 1:
@@ -162,8 +157,6 @@ def parse_args(argv=None):
         parser.error("give --val-fraction or --val-ids, not both")
     if args.patience < 0:
         parser.error("--patience must be 0 (off) or positive")
-    if args.resume and args.overwrite:
-        parser.error("give --resume (continue the run) or --overwrite (move it aside), not both")
     if args.model == "meanpool" and args.attention not in (None, "none"):
         parser.error(f"--attention {args.attention}: the meanpool model has no frame encoder to attend to")
     if args.model == "meanpool" and args.encoder != "unidirectional":
@@ -173,47 +166,23 @@ def parse_args(argv=None):
         parser.error("--objective scst continues a cross-entropy run: name it with --init-from RUN")
     if args.objective == "scst" and args.scst_baseline == "mean" and args.scst_samples < 2:
         parser.error("--scst-baseline mean needs --scst-samples 2 or more (the mean of the other samples)")
-    if args.resume and not args.ckpt_dir:
-        args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
-    args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
+    args.ckpt_dir = str(run_folder_of(args, parser))
     return args
-
-
-def check_resumable(run_dir, args, validation_ids):
-    """Refuse, before anything is written, to resume a run with other training settings or validation videos. A
-    model setting saved without a value (a run older than the setting) was trained as its config.json's "model"
-    section, or else the setting's default, says."""
-    config = read_run_config(run_dir)
-    saved = dict(config.get("train", {}))
-    for f in model_settings():
-        saved.setdefault(f.name, (config.get("model") or {}).get(f.name, f.default))
-    for f in fields(TrainConfig):  # a run older than the setting was trained as its default
-        saved.setdefault(f.name, OLDER_RUNS.get(f.name, f.default))
-    changed = [f"--{name.replace('_', '-')}: {saved.get(name)} saved, {getattr(args, name)} asked"
-               for name in trained_settings() if saved.get(name) != getattr(args, name)]
-    saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
-    if saved_ids is not None and saved_ids != validation_ids:
-        changed.append(f"validation videos: {len(saved_ids)} in {run_dir / 'val_ids.txt'}, {len(validation_ids)} "
-                       f"others now")
-    if changed:
-        raise DataError(f"{run_dir}: cannot resume with changed training settings ({'; '.join(changed)})")
 
 
 # ---- data ----
 
 def load_data(args, run_dir):
-    """The splits, the vocabulary (a resumed run's own, checked against these flags and features) and the training
-    captions encoded with it."""
+    """The splits, what they are (TrainedOn), the vocabulary (a resumed run's own, checked against these flags and
+    data) and the training captions encoded with it."""
     train_split, val_split, val_source = load_splits(args.data_dir, args.val_ids, args.val_fraction, args.seed,
                                                      args.frames, args.features)
     validation_ids = val_split.video_ids if val_split else []
     args.select_metric = select_metric(args.select_metric, args.objective, len(validation_ids))
-    manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
+    feat_dir = Path(args.data_dir) / "training_data" / "feat"
+    trained_on = TrainedOn(feat_dir, read_feature_manifest(feat_dir), validation_ids)
     if args.resume:
-        check_resumable(run_dir, args, validation_ids)
-        if manifest != read_run_config(run_dir).get("features"):
-            raise DataError(f"{Path(args.data_dir) / 'training_data' / 'feat'}: features differ from those the run "
-                            "was trained on")
+        check_resumable(run_dir, trained_settings(args), trained_on)
         vocab = load_vocab(run_dir)
         cannot_end = (read_run_config(run_dir).get("decoding") or {}).get("cannot_end", [])
     else:
@@ -229,9 +198,8 @@ def load_data(args, run_dir):
         print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
               f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
     rewards = scst_rewards(video_index, caption_ids) if args.objective == "scst" else None
-    return SimpleNamespace(train=train_split, validation=val_split, validation_ids=validation_ids, manifest=manifest,
-                           vocab=vocab, cannot_end=cannot_end, video_index=video_index, caption_ids=caption_ids,
-                           rewards=rewards)
+    return SimpleNamespace(train=train_split, validation=val_split, trained_on=trained_on, vocab=vocab,
+                           cannot_end=cannot_end, video_index=video_index, caption_ids=caption_ids, rewards=rewards)
 
 
 def report_unknown_words(vocab, caption_ids, min_word_count, unk_targets):
@@ -257,7 +225,7 @@ def build_or_resume_model(args, data, distribution, run):
         optimizer.build(model.trainable_variables)
     run_settings = vars(args)  # every flag: config.json's "train" section
     if args.init_from and not args.resume:  # a resumed run restores its own weights: the source is not read again
-        source, carried = initialise_from(model, data.vocab, args.init_from, data.manifest)
+        source, carried = initialise_from(model, data.vocab, args.init_from, data.trained_on.manifest)
         run_settings = dict(run_settings, init_from_checkpoint=str(source))
         print(f"initialised from {source}: {carried} of this run's {len(data.vocab)} words carried over, "
               f"{len(data.vocab) - carried} new; feature standardisation from this data")
@@ -271,112 +239,8 @@ def build_or_resume_model(args, data, distribution, run):
               f"step {int(optimizer.iterations.numpy())}")
         run.reconcile_best(state)
     else:
-        run.start(config, run_settings, data.vocab, data.manifest, data.validation_ids, data.cannot_end)
+        run.start(config, run_settings, data.vocab, data.trained_on, data.cannot_end)
     return model, optimizer, state
-
-
-# ---- the run folder ----
-
-def holds_run(folder):
-    return any((Path(folder) / name).exists() for name in RUN_FILES)
-
-
-def refuse_a_run_folder_in_use(run_dir, overwrite, chief, agree):
-    """A new run never mixes with the run a folder holds: refused unless --overwrite (which moves that one aside when
-    the run starts). The chief's folder decides for every worker."""
-    if agree(chief and not overwrite and holds_run(run_dir)):
-        where = run_dir if chief else "the chief's run folder"
-        raise DataError(f"{where}: holds a run already; continue it with --resume, or pass --overwrite to move it "
-                        f"aside")
-
-
-def move_aside(run_dir):
-    """Rename the run folder to a new sibling, FOLDER.replaced-<time>[-N]; returns where it went."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
-        if not target.exists():
-            break
-    try:
-        os.rename(run_dir, target)
-    except OSError as error:
-        raise DataError(f"{run_dir}: cannot move the earlier run aside ({error.strerror or error})") from None
-    return target
-
-
-class RunFolder:
-    """What the chief writes into the run folder (the other workers write nothing): config.json, vocab.json,
-    val_ids.txt, checkpoints in last/ and best/, history.csv, curves.png, TensorBoard scalars.
-
-    At the end of an epoch its files are written in this order, each whole: history.csv (and curves.png, TensorBoard),
-    then best/ (when the epoch improved), then last/. The last/ checkpoint is the commit: a process killed before it
-    is resumed from the previous one, and reconcile_best / read_history drop or adopt what went further."""
-
-    def __init__(self, path, chief, select_metric, keep_last=3):
-        self.path, self.chief, self.select_metric, self.keep_last = Path(path), chief, select_metric, keep_last
-        self.history_path = self.path / "history.csv"
-        self.write_scalars = None
-
-    def start(self, config, run_settings, vocab, manifest, validation_ids, cannot_end):
-        """A new run: move a run there aside (--overwrite), then write the run's files."""
-        if not self.chief:
-            return
-        if holds_run(self.path):  # refused earlier unless --overwrite
-            print(f"--overwrite: moved the earlier run in {self.path} to {move_aside(self.path)}", flush=True)
-        write_run_files(self.path, config, run_settings, vocab, manifest, {"cannot_end": cannot_end})
-        write_text_atomic(self.path / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
-
-    def reconcile_best(self, state):
-        """Make a resumed state's best score and epoch describe the checkpoint best/ holds: a process killed
-        between saving best/ and last/ left best/ an epoch ahead of last/'s state."""
-        best = latest_checkpoint(self.path / "best")
-        if best is None:
-            return
-        saved = read_state(best)
-        if (saved.get("best_epoch"), saved.get("best_score")) != (state["best_epoch"], state["best_score"]):
-            state.update(best_score=saved.get("best_score"), best_epoch=saved.get("best_epoch", 0))
-            if self.chief:
-                print(f"{best} holds the best checkpoint, of epoch {state['best_epoch']}: the best so far", flush=True)
-
-    def read_history(self, epochs):
-        """The resumed run's history rows of its first `epochs` epochs (a process killed after writing history.csv
-        and before last/ wrote a row for an epoch the resumed run trains again)."""
-        if not self.history_path.is_file():
-            return []
-        rows = pd.read_csv(self.history_path).to_dict("records")
-        kept = [row for row in rows if row["epoch"] <= epochs]
-        if len(kept) < len(rows) and self.chief:
-            self.write_history(kept)
-        return kept
-
-    def open_scalars(self):
-        self.write_scalars = backend.summary_writer(self.path / "tensorboard") if self.chief else None
-
-    def record_epoch(self, history):
-        """The newest epoch's row as TensorBoard scalars, then history.csv and curves.png."""
-        if self.write_scalars:
-            row = history[-1]
-            self.write_scalars(row["epoch"], {k: v for k, v in row.items() if isinstance(v, float)})
-        self.write_history(history)
-
-    def write_history(self, history):
-        if not self.chief:
-            return
-        with atomic_path(self.history_path) as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
-        plot_training_curves(self.history_path, self.path / "curves.png", self.select_metric)
-
-    def save_checkpoint(self, folder, step, model, state, optimizer=None, keep=3):
-        """The chief's checkpoint of now in folder (last or best), or None on the other workers."""
-        if not self.chief:
-            return None
-        return save_checkpoint(self.path / folder, step, model, state, optimizer, keep)
-
-    def save_best(self, step, model, state):
-        return self.save_checkpoint("best", step, model, state, keep=1)
-
-    def save_last(self, step, model, state, optimizer):
-        return self.save_checkpoint("last", step, model, state, optimizer, keep=self.keep_last)
 
 
 # ---- losses: cross-entropy here, the self-critical one in scst.py ----
@@ -455,7 +319,7 @@ class Training:
                                               args.teacher_forcing_end)
         self.metric_name = {**VALIDATION_METRICS, "val_loss": "loss"}[f"val_{args.select_metric}"]
         self.history = run.read_history(state["epoch"]) if args.resume else []
-        run.open_scalars()
+        run.open_scalars(backend.summary_writer)
 
     def __call__(self):
         started = time.perf_counter()
@@ -563,12 +427,11 @@ def train(args):
     backend.configure_devices()
     distribution = backend.Distribution(args.strategy)  # first: TensorFlow's multi-worker setup precedes other work
     agree = distribution.agreement()
-    if not args.resume:
-        refuse_a_run_folder_in_use(run_dir, args.overwrite, distribution.chief, agree)
-    data = load_data(args, run_dir)
-    run = RunFolder(run_dir, distribution.chief, args.select_metric, args.keep_last)
-    model, optimizer, state = build_or_resume_model(args, data, distribution, run)
-    return Training(args, data, model, optimizer, state, distribution, agree, run)()
+    with claimed(run_dir, distribution.chief, agree, args.resume, args.overwrite) as claim:
+        data = load_data(args, run_dir)
+        run = RunFolder(run_dir, claim, args.select_metric, args.keep_last)
+        model, optimizer, state = build_or_resume_model(args, data, distribution, run)
+        return Training(args, data, model, optimizer, state, distribution, agree, run)()
 
 
 @command

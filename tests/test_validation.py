@@ -16,6 +16,7 @@ import train
 from decoding import NEVER_WRITTEN
 from test_model import batch, make_model
 from util import backend
+from util.checkpoints import read_state
 from util.data import feature_moments, hold_out_videos
 from util.vocab import UNK
 
@@ -80,8 +81,8 @@ def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny
     assert json.loads((run_dir / "config.json").read_text())["train"]["select_metric"] == "loss"
     history = pd.read_csv(run_dir / "history.csv")
     best = train.latest_checkpoint(run_dir / "best")
-    assert train.read_state(best)["best_epoch"] == history["epoch"][history["val_loss"].idxmin()]
-    assert train.read_state(best)["best_score"] == pytest.approx(-history["val_loss"].min())
+    assert read_state(best)["best_epoch"] == history["epoch"][history["val_loss"].idxmin()]
+    assert read_state(best)["best_score"] == pytest.approx(-history["val_loss"].min())
 
     # a caption metric asked for by name is used, with a warning
     assert run_train(tiny_data, tmp_path / "cider", "--epochs", "1", "--val-fraction", "0.25", "--select-metric",

@@ -9,7 +9,7 @@ Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validat
 of them (--val-ids, else PATH/validation_label.json, else --val-fraction: util.data.load_splits); the test split is
 never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (util/checkpoints.py), a
 folder one process at a time works in (util/run_folder.py): one that holds a run already is refused, but --resume
-continues it, on the same features, and --overwrite moves it aside. Ctrl-C saves a checkpoint after the
+continues it, on the same labels and features, and --overwrite moves it aside. Ctrl-C saves a checkpoint after the
 current batch (a second Ctrl-C quits at once); --resume continues from it exactly. --model meanpool trains the
 mean-pool baseline, --encoder bidirectional reads S2VT's frames both ways (model.py); --init-from RUN starts from
 another run's weights (model.initialise_from), e.g. one pre-trained on image captions as one-frame videos.
@@ -47,7 +47,8 @@ from sampling import SCHEDULES, teacher_forcing_schedule
 from scst import SCST_BASELINES, scst_loss, scst_rewards, scst_rows
 from util import backend
 from util.checkpoints import latest_checkpoint, load_vocab, read_run_config, restore
-from util.data import DEFAULT_VAL_FRACTION, batches, encode_captions, epoch_pairs, load_splits, read_feature_manifest
+from util.data import (DEFAULT_VAL_FRACTION, batches, encode_captions, epoch_pairs, load_splits, read_feature_manifest,
+                       sha256_of)
 from util.errors import DataError, command
 from util.flags import add_flag, flag_type, positive_int
 from util.plots import VALIDATION_METRICS
@@ -175,12 +176,13 @@ def parse_args(argv=None):
 def load_data(args, run_dir):
     """The splits, what they are (TrainedOn), the vocabulary (a resumed run's own, checked against these flags and
     data) and the training captions encoded with it."""
-    train_split, val_split, val_source = load_splits(args.data_dir, args.val_ids, args.val_fraction, args.seed,
-                                                     args.frames, args.features)
+    train_split, val_split, val_source, labels_files = load_splits(args.data_dir, args.val_ids, args.val_fraction,
+                                                                   args.seed, args.frames, args.features)
     validation_ids = val_split.video_ids if val_split else []
     args.select_metric = select_metric(args.select_metric, args.objective, len(validation_ids))
     feat_dir = Path(args.data_dir) / "training_data" / "feat"
-    trained_on = TrainedOn(feat_dir, read_feature_manifest(feat_dir), validation_ids)
+    trained_on = TrainedOn({path: sha256_of(path) for path in labels_files}, feat_dir, read_feature_manifest(feat_dir),
+                           validation_ids)
     if args.resume:
         check_resumable(run_dir, trained_settings(args), trained_on)
         vocab = load_vocab(run_dir)

@@ -229,12 +229,13 @@ def load_splits(data_dir, val_ids=None, val_fraction=None, seed=0, frames=None, 
     training videos val_ids (a file of ids) names, else DATA_DIR/validation_label.json with validation_data/feat
     when the folder has one and no val_fraction is given, else val_fraction (default DEFAULT_VAL_FRACTION) of the
     training videos drawn with seed. features: "memory", "files" or None (memory when they fit, see
-    features_fit_in_memory). Returns (training, validation or None, description of the validation split), the splits
-    as Split objects."""
+    features_fit_in_memory). Returns (training, validation or None, description of the validation split, the labels
+    files read), the splits as Split objects."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found")
-    labels = load_labels(data_dir / "training_label.json")
+    labels_files = [data_dir / "training_label.json"]
+    labels = load_labels(labels_files[0])
     feat_dir = data_dir / "training_data" / "feat"
     own_split = data_dir / "validation_label.json"
     if val_ids:
@@ -248,18 +249,19 @@ def load_splits(data_dir, val_ids=None, val_fraction=None, seed=0, frames=None, 
             raise DataError(f"{own_split}: {len(overlap)} videos are in the training labels too, e.g. "
                             f"{sorted(overlap)[0]}; a video is never in both splits")
         val_feat_dir, source = data_dir / "validation_data" / "feat", str(own_split)
+        labels_files.append(own_split)
     else:
         fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
         training, validation = hold_out_videos(labels, fraction, seed)
         val_feat_dir, source = feat_dir, f"{fraction:g} of the training videos, drawn with seed {seed}"
     if not training:
-        raise DataError(f"{data_dir / 'training_label.json'}: no training videos left after holding out "
-                        f"{len(validation)} for validation")
+        raise DataError(f"{labels_files[0]}: no training videos left after holding out {len(validation)} for "
+                        f"validation")
     in_memory = features_fit_in_memory(feat_dir, training, frames) if features is None else features == "memory"
     train_split = Split(training, feat_dir, frames=frames, in_memory=in_memory)
     val_split = (Split(validation, val_feat_dir, frames=frames, feature_dim=train_split.features.shape[2],
                        in_memory=in_memory) if validation else None)
-    return train_split, val_split, source
+    return train_split, val_split, source, labels_files
 
 
 def features_fit_in_memory(feat_dir, labels, frames, share=0.25):

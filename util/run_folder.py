@@ -209,15 +209,21 @@ def rename_aside(run_dir):
 @dataclass
 class TrainedOn:
     """The data a run is trained on, as config.json and val_ids.txt record it and --resume compares it."""
+    labels: dict  # {labels file: its sha256}: training_label.json, and validation_label.json when read
     feat_dir: Path
     manifest: Optional[dict]  # feat_dir's manifest.json: the extractor and its settings
     validation_ids: list
 
+    def labels_sha256(self):
+        """config.json's "labels_sha256": {file name: sha256}."""
+        return {Path(path).name: digest for path, digest in self.labels.items()}
+
 
 def check_resumable(run_dir, settings, trained_on):
-    """Refuse, before anything is written, to resume a run with other training settings, validation videos or
-    features. settings: {name: (the value asked, how a run older than the setting was trained)}; a setting saved
-    without a value was trained as config.json's "model" section, or else that, says."""
+    """Refuse, before anything is written, to resume a run with other training settings, validation videos,
+    features or labels. settings: {name: (the value asked, how a run older than the setting was trained)}; a setting
+    saved without a value was trained as config.json's "model" section, or else that, says. A run older than the
+    labels' record resumes on any labels."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     saved_train, saved_model = config.get("train", {}), config.get("model") or {}
@@ -232,6 +238,12 @@ def check_resumable(run_dir, settings, trained_on):
         raise DataError(f"{run_dir}: cannot resume with changed training settings ({'; '.join(changed)})")
     if trained_on.manifest != config.get("features"):
         raise DataError(f"{trained_on.feat_dir}: features differ from those the run was trained on")
+    recorded = config.get("labels_sha256") or {}
+    for path, digest in trained_on.labels.items():
+        if recorded.get(Path(path).name, digest) != digest:
+            raise DataError(f"{path}: not the labels the run in {run_dir} was trained on (sha256 {digest[:12]}..., "
+                            f"its config.json records {recorded[Path(path).name][:12]}...); --resume continues a "
+                            f"run on its own data")
 
 
 # ---- writing the run ----
@@ -257,7 +269,8 @@ class RunFolder:
             return
         if holds_run(self.path):  # refused earlier unless --overwrite
             print(f"--overwrite: moved the earlier run in {self.path} to {self.claim.move_aside()}", flush=True)
-        write_run_files(self.path, config, run_settings, vocab, trained_on.manifest, {"cannot_end": cannot_end})
+        write_run_files(self.path, config, run_settings, vocab, trained_on.manifest, {"cannot_end": cannot_end},
+                        trained_on.labels_sha256())
         write_text_atomic(self.path / "val_ids.txt",
                           "".join(f"{video_id}\n" for video_id in trained_on.validation_ids))
 

@@ -54,7 +54,7 @@ from util.flags import add_flag, flag_type, positive_int
 from util.plots import VALIDATION_METRICS
 from util.run_folder import RunFolder, TrainedOn, add_run_folder_flags, check_resumable, claimed, run_folder_of
 from util.vocab import EOS, PAD, UNK, Vocabulary
-from validation import MIN_VALIDATION_VIDEOS, SELECT_METRICS, Validator, select_metric
+from validation import MIN_VALIDATION_VIDEOS, SELECT_METRICS, Validator, say_if_too_few, select_metric
 
 OBJECTIVES = ("xe", "scst")
 OLDER_RUNS = {"select_metric": "bleu1", "unk_targets": "learn"}  # how a run older than the setting was trained
@@ -178,8 +178,8 @@ def load_data(args, run_dir):
     data) and the training captions encoded with it."""
     train_split, val_split, val_source, labels_files = load_splits(args.data_dir, args.val_ids, args.val_fraction,
                                                                    args.seed, args.frames, args.features)
-    validation_ids = val_split.video_ids if val_split else []
-    args.select_metric = select_metric(args.select_metric, args.objective, len(validation_ids))
+    validation_ids, asked = val_split.video_ids if val_split else [], args.select_metric
+    args.select_metric = select_metric(asked, args.objective, len(validation_ids))
     feat_dir = Path(args.data_dir) / "training_data" / "feat"
     trained_on = TrainedOn({path: sha256_of(path) for path in labels_files}, feat_dir, read_feature_manifest(feat_dir),
                            validation_ids)
@@ -200,8 +200,9 @@ def load_data(args, run_dir):
         print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
               f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
     rewards = scst_rewards(video_index, caption_ids) if args.objective == "scst" else None
-    return SimpleNamespace(train=train_split, validation=val_split, trained_on=trained_on, vocab=vocab,
-                           cannot_end=cannot_end, video_index=video_index, caption_ids=caption_ids, rewards=rewards)
+    return SimpleNamespace(train=train_split, validation=val_split, trained_on=trained_on, asked_metric=asked,
+                           vocab=vocab, cannot_end=cannot_end, video_index=video_index, caption_ids=caption_ids,
+                           rewards=rewards)
 
 
 def report_unknown_words(vocab, caption_ids, min_word_count, unk_targets):
@@ -433,6 +434,8 @@ def train(args):
         data = load_data(args, run_dir)
         run = RunFolder(run_dir, claim, args.select_metric, args.keep_last)
         model, optimizer, state = build_or_resume_model(args, data, distribution, run)
+        # said once every check has passed: a refused run's one line is its error
+        say_if_too_few(data.asked_metric, args.select_metric, len(data.trained_on.validation_ids))
         return Training(args, data, model, optimizer, state, distribution, agree, run)()
 
 

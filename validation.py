@@ -20,10 +20,14 @@ MIN_VALIDATION_VIDEOS = 50
 
 def select_metric(asked, objective, validation_videos):
     """The validation metric that picks the best checkpoint: the one asked for, else CIDEr for scst, the
-    teacher-forced loss when there are fewer than MIN_VALIDATION_VIDEOS validation videos, else the MLDS BLEU@1.
-    Too few videos to choose by a caption metric is said in one line."""
-    chosen = asked or ("cider" if objective == "scst" else "loss" if validation_videos < MIN_VALIDATION_VIDEOS
-                       else "bleu1")
+    teacher-forced loss when there are fewer than MIN_VALIDATION_VIDEOS validation videos, else the MLDS BLEU@1."""
+    return asked or ("cider" if objective == "scst" else "loss" if validation_videos < MIN_VALIDATION_VIDEOS
+                     else "bleu1")
+
+
+def say_if_too_few(asked, chosen, validation_videos):
+    """One line when there are too few validation videos to choose a checkpoint by a caption metric: a warning when
+    one was asked for, else that the loss chooses."""
     if 0 < validation_videos < MIN_VALIDATION_VIDEOS and chosen != "loss":
         print(f"warning: {validation_videos} validation videos are too few to choose a checkpoint by "
               f"{VALIDATION_METRICS['val_' + chosen]} (it jumps from epoch to epoch below {MIN_VALIDATION_VIDEOS}); "
@@ -31,7 +35,6 @@ def select_metric(asked, objective, validation_videos):
     elif 0 < validation_videos < MIN_VALIDATION_VIDEOS and not asked:
         print(f"validation: {validation_videos} videos are too few to choose a checkpoint by a caption metric "
               f"(fewer than {MIN_VALIDATION_VIDEOS}): choosing by the validation loss", file=sys.stderr)
-    return chosen
 
 
 class Validator:

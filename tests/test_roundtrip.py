@@ -7,6 +7,7 @@ import pandas as pd
 
 import infer
 import train
+from decoding import NO_REPEAT_NGRAM, Constraints
 from conftest import checkpoint_weights, optimizer_iterations
 from util import backend
 from model import load_model
@@ -77,12 +78,14 @@ def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp
     assert infer.main([str(tiny_data / "testing_id.txt"), str(out), "--checkpoint", str(resumed)]) == 0
     lines = out.read_text().splitlines()
     assert [line.split(",", 1)[0] for line in lines] == ids
-    # the captions of the run's best checkpoint, decoded here from its weights; a tiny model may end a caption at
-    # once (greedy <EOS> first, as the epoch-2 best on JAX does for the dog clips), but not every one
-    model, vocab, _, best = load_model(resumed)
+    # the captions of the run's best checkpoint, decoded here from its weights under the constraints infer.py
+    # decodes with by default; a tiny model may end a caption at once (greedy <EOS> first, as the epoch-2 best on JAX
+    # does for the dog clips), but not every one
+    model, vocab, config, best = load_model(resumed)
     assert best == latest_checkpoint(resumed / "best")
     features = load_features(tiny_data / "testing_data" / "feat", ids, dtype=np.float32)
-    words = backend.to_numpy(model.greedy(features)[0])
+    constraints = Constraints(NO_REPEAT_NGRAM, vocab.ids(config["decoding"]["cannot_end"]))
+    words = backend.to_numpy(model.greedy(features, constraints=constraints)[0])
     assert [line.split(",", 1)[1] for line in lines] == [vocab.decode(row) for row in words]
     assert any(line.split(",", 1)[1].strip() for line in lines)
 

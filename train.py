@@ -379,8 +379,11 @@ class Training:
         """Record the finished epoch: history.csv, best/ when it improved, last/ (in that order: see RunFolder);
         print its line. Returns False to stop early."""
         args, state = self.args, self.state
-        score = (-row["val_loss"] if args.select_metric == "loss" else row.get(f"val_{args.select_metric}")) \
-            if self.data.validation is not None else -float(row["train_loss"] or 0)
+        if self.data.validation is None:  # the lowest training loss is the best
+            score = -float(row["train_loss"] or 0)
+        else:  # None on the workers but the chief, which alone validates
+            score = row.get(f"val_{args.select_metric}")
+            score = -score if args.select_metric == "loss" and score is not None else score
         improved = self.agree(self.chief and (state["best_score"] is None or score > state["best_score"]))
         state.update(epoch=epoch + 1, batch_in_epoch=0)
         if improved:  # the chief's validation decides for every worker

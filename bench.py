@@ -110,7 +110,7 @@ def bench_train(args):
 
 def bench_scst(args, model, optimizer, distribution, xe_steps_per_s):
     """SCST steps/s beside cross-entropy's, and the rewards' (CIDEr-D on the host) share of a step's time."""
-    from train import scst_loss
+    from scst import scst_loss
     from util import backend
     from util.cider import CiderD
     from util.data import batch_arrays

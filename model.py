@@ -24,7 +24,7 @@ beam search, late fusion) in decoding.py, through decoder(). Sequences are time-
 input projection that does not depend on the previous step is one matmul before the loop. Randomness is stateless,
 drawn from a seed passed per call, so a training step is a pure function of (weights, batch, seed).
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import keras
 import numpy as np
@@ -35,7 +35,7 @@ from kernels import (MATMUL_DTYPES, additive_attention, lstm_cell, lstm_sequence
                      sequence_matmul)
 from util import backend
 from util.checkpoints import load_vocab, read_run_config, restore
-from util.data import feature_moments
+from util.data import feature_moments, manifest_differences
 from util.errors import DataError
 from util.releases import resolve_checkpoint
 from util.vocab import BOS, PAD, UNK
@@ -498,6 +498,51 @@ def load_model(path=None, matmul_dtype=None):
     model = build_model(model_config)
     restore(checkpoint, model)
     return model, vocab, config, checkpoint
+
+
+def initialise_from(model, vocab, source, manifest):
+    """Set model's weights from another run's (source: a run or checkpoint folder, as infer.py takes) for --init-from,
+    the feature standardisation excepted (model's own, from this data). Word-indexed weights are carried over word by
+    word: the rows of the word embedding and the output projection's columns and biases for the words both
+    vocabularies hold; this run's other words keep their fresh initial values. No weight depends on the frame count,
+    so a run on one-frame "videos" (images) can start one on videos. Every other weight must have its shape here:
+    the model settings that differ are named otherwise. Returns (the source checkpoint, the count of words carried
+    over)."""
+    source_model, source_vocab, source_config, checkpoint = load_model(source)
+    differing = []
+    if shapes_not_by_word(source_model) != shapes_not_by_word(model):
+        differing = [f"{f.name} {getattr(source_model.config, f.name)} there, {getattr(model.config, f.name)} here"
+                     for f in fields(ModelConfig) if f.name not in ("vocab_size", "frames")  # mapped, and free
+                     and getattr(source_model.config, f.name) != getattr(model.config, f.name)]
+    source_features = source_config.get("features")
+    if source_features and manifest:  # the same feature extractor, whatever the frames sampled
+        differing += [f"features' {key} {there!r} there, {here!r} here"
+                      for key, (there, here) in manifest_differences(source_features, manifest).items()
+                      if key != "frames"]
+    if differing:
+        raise DataError(f"{source}: cannot start from this run's weights ({'; '.join(differing)})")
+    here = [i for i, word in enumerate(vocab.words) if word in source_vocab.index]
+    there = [source_vocab.index[vocab.words[i]] for i in here]
+    output = model.output_projection
+    for target, value in zip(model.weights, source_model.weights):
+        if target is model.feature_mean or target is model.feature_std:
+            continue
+        value = ops.convert_to_numpy(value)
+        if any(target is word_indexed for word_indexed in word_indexed_weights(model)):
+            axis = 1 if target is output.kernel else 0  # the kernel is (hidden, vocab), the others (vocab, ...)
+            carried, value = value, np.array(ops.convert_to_numpy(target))
+            np.moveaxis(value, axis, 0)[here] = np.moveaxis(carried, axis, 0)[there]
+        target.assign(value)
+    return checkpoint, len(here)
+
+
+def word_indexed_weights(model):
+    return model.word_embedding.embeddings, model.output_projection.kernel, model.output_projection.bias
+
+
+def shapes_not_by_word(model):
+    """The shapes of the model's weights, in order, but those indexed by word (their vocabulary is mapped)."""
+    return [tuple(w.shape) for w in model.weights if not any(w is v for v in word_indexed_weights(model))]
 
 
 def caption_losses(logits, caption_ids, learn_unk=False):

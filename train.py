@@ -6,24 +6,19 @@
                     [--objective xe|scst] [--scst-samples 5] [--scst-baseline mean|greedy] [--scst-xe-weight 0]
 
 Reads PATH/training_label.json with PATH/training_data/feat/<id>.npy and validates every epoch on videos held out
-of them: --val-ids FILE names them, else PATH/validation_label.json with PATH/validation_data/feat is the
-validation split when the folder has one, else --val-fraction of the training videos are drawn with --seed. The
-test split is never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (see
-util/checkpoints.py): the last 3 checkpoints, the best by the validation metric, config.json, vocab.json,
-val_ids.txt, history.csv, curves.png and, on TensorFlow, TensorBoard logs. A run folder that holds a run already is
-refused: --resume continues it, --overwrite moves it aside (to a new folder beside it) and starts afresh.
-Ctrl-C saves a checkpoint after the current batch (a second Ctrl-C quits at once); --resume continues from it exactly.
---model meanpool trains the mean-pool baseline instead of S2VT, --encoder bidirectional reads S2VT's frames both ways
-(model.py). --init-from RUN starts from another run's weights, e.g. one pre-trained on image captions (images as
-one-frame videos): the words both vocabularies hold keep their embedding and output weights, the feature
-standardisation is computed afresh from this data, and the frame count may differ (no weight depends on it).
+of them (--val-ids, else PATH/validation_label.json, else --val-fraction: util.data.load_splits); the test split is
+never read here: score it once, after training, with infer.py. Writes checkpoints/<run>/ (util/checkpoints.py), a
+folder one process at a time works in (util/run_folder.py): one that holds a run already is refused, but --resume
+continues it, on the same labels and features, and --overwrite moves it aside. Ctrl-C saves a checkpoint after the
+current batch (a second Ctrl-C quits at once); --resume continues from it exactly. --model meanpool trains the
+mean-pool baseline, --encoder bidirectional reads S2VT's frames both ways (model.py); --init-from RUN starts from
+another run's weights (model.initialise_from), e.g. one pre-trained on image captions as one-frame videos.
 Runs on TensorFlow (the default) or JAX: KERAS_BACKEND=jax python train.py ... With --strategy mirrored (several
 GPUs) each global batch is split over the devices with the same result as one device; on TensorFlow, multiworker
 spreads it over machines named in TF_CONFIG, and the chief alone validates and writes the run folder.
 --objective scst continues a cross-entropy run (--init-from RUN, a new run folder) by self-critical sequence
-training (Rennie et al., 2017): each epoch reads every training video once, samples --scst-samples captions per
-video and rewards each by its CIDEr-D against the video's training captions (util/cider.py) minus a baseline, the
-mean reward of the video's other samples or its greedy caption's; validation picks checkpoints by CIDEr.
+training (Rennie et al., 2017): each sampled caption is rewarded by its CIDEr-D against the video's training
+captions (util/cider.py) minus a baseline; validation picks checkpoints by CIDEr.
 
 The flags are the fields of two dataclasses: model.ModelConfig's (those with help text) and TrainConfig's below.
 """
@@ -33,7 +28,6 @@ import signal
 import sys
 import threading
 import time
-import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -45,36 +39,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
-import pandas as pd
 from keras import ops
 from tqdm import tqdm
 
-from decoding import NO_REPEAT_NGRAM, Constraints, greedy_word, sample_word
-from model import ModelConfig, build_model, caption_losses, load_model
+from model import ModelConfig, build_model, caption_losses, initialise_from
 from sampling import SCHEDULES, teacher_forcing_schedule
+from scst import SCST_BASELINES, scst_loss, scst_rewards, scst_rows
 from util import backend
-from util.atomic import atomic_path, write_text_atomic
-from util.checkpoints import (DEFAULT_ROOT, latest_checkpoint, load_vocab, newest_run, read_run_config, read_state,
-                              restore, save_checkpoint, write_run_files)
-from util.cider import CiderD
-from util.data import (Split, batches, encode_captions, epoch_pairs, hold_out_videos, load_labels,
-                       manifest_differences, open_feature_file, read_feature_manifest, read_ids, split_off_ids,
-                       warnings_as_lines)
+from util.checkpoints import latest_checkpoint, load_vocab, read_run_config, restore
+from util.data import (DEFAULT_VAL_FRACTION, batches, encode_captions, epoch_pairs, load_splits, read_feature_manifest,
+                       sha256_of)
 from util.errors import DataError, command
-from util.flags import positive_int
-from util.evaluate import evaluate
-from util.plots import VALIDATION_METRICS, plot_training_curves
+from util.flags import add_flag, flag_type, positive_int
+from util.plots import VALIDATION_METRICS
+from util.run_folder import RunFolder, TrainedOn, add_run_folder_flags, check_resumable, claimed, run_folder_of
 from util.vocab import EOS, PAD, UNK, Vocabulary
+from validation import MIN_VALIDATION_VIDEOS, SELECT_METRICS, Validator, say_if_too_few, select_metric
 
-SELECT_METRICS = ("bleu1", "bleu4", "cider", "loss")
-# fewer validation videos than this: a metric of their greedy captions jumps from epoch to epoch, and the
-# teacher-forced loss over all their captions chooses better (docs/captions.md)
-MIN_VALIDATION_VIDEOS = 50
 OBJECTIVES = ("xe", "scst")
-SCST_BASELINES = ("mean", "greedy")
-DEFAULT_VAL_FRACTION = 0.05
 OLDER_RUNS = {"select_metric": "bleu1", "unk_targets": "learn"}  # how a run older than the setting was trained
-RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
 
 
 # ---- the configuration: one source for the flags, --resume's check, config.json and --init-from's check ----
@@ -141,17 +124,12 @@ def model_settings():
     return [f for f in fields(ModelConfig) if f.metadata.get("help")]
 
 
-def trained_settings():
-    """The names of the settings that change what is trained: every model flag, and TrainConfig's marked so."""
-    return [f.name for f in model_settings()] + [f.name for f in fields(TrainConfig) if f.metadata["trains"]]
-
-
-def flag_type(f, ints=int):
-    """The argparse type of a field's flag: its metadata's, else its annotation's (Optional[float] -> float)."""
-    if "type" in f.metadata:
-        return f.metadata["type"]
-    kind = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
-    return ints if kind is int else kind
+def trained_settings(args):
+    """The settings that change what is trained, every model flag and TrainConfig's marked so, as --resume compares
+    them: {name: (the value asked, how a run older than the setting was trained: its default, or OLDER_RUNS's)}."""
+    return {**{f.name: (getattr(args, f.name), f.default) for f in model_settings()},
+            **{f.name: (getattr(args, f.name), OLDER_RUNS.get(f.name, f.default)) for f in fields(TrainConfig)
+               if f.metadata["trains"]}}
 
 
 def add_setting_flags(parser):
@@ -160,13 +138,6 @@ def add_setting_flags(parser):
         add_flag(parser, f, default, flag_type(f, ints=positive_int))
     for f in fields(TrainConfig):
         add_flag(parser, f, f.default, flag_type(f))
-
-
-def add_flag(parser, f, default, kind):
-    options = {key: f.metadata[key] for key in ("choices", "metavar") if key in f.metadata}
-    if "choices" not in options and kind is not str:
-        options["type"] = kind
-    parser.add_argument(f"--{f.name.replace('_', '-')}", default=default, help=f.metadata.get("help"), **options)
 
 
 def model_config(args, vocab_size, feature_dim):
@@ -178,12 +149,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True, help="folder in the MLDS HW2-1 layout")
     add_setting_flags(parser)
-    parser.add_argument("--run", help="run name (default: a timestamp); checkpoints go to checkpoints/<run>")
-    parser.add_argument("--ckpt-dir", help="run folder (default checkpoints/<run>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --ckpt-dir (default: newest)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh in a run folder that holds a run, moving that run aside first (to "
-                             "FOLDER.replaced-<time> beside it; nothing is deleted)")
+    add_run_folder_flags(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     if not 0 <= args.dropout < 1:
@@ -194,8 +160,6 @@ def parse_args(argv=None):
         parser.error("give --val-fraction or --val-ids, not both")
     if args.patience < 0:
         parser.error("--patience must be 0 (off) or positive")
-    if args.resume and args.overwrite:
-        parser.error("give --resume (continue the run) or --overwrite (move it aside), not both")
     if args.model == "meanpool" and args.attention not in (None, "none"):
         parser.error(f"--attention {args.attention}: the meanpool model has no frame encoder to attend to")
     if args.model == "meanpool" and args.encoder != "unidirectional":
@@ -205,88 +169,24 @@ def parse_args(argv=None):
         parser.error("--objective scst continues a cross-entropy run: name it with --init-from RUN")
     if args.objective == "scst" and args.scst_baseline == "mean" and args.scst_samples < 2:
         parser.error("--scst-baseline mean needs --scst-samples 2 or more (the mean of the other samples)")
-    if args.resume and not args.ckpt_dir:
-        args.ckpt_dir = str(DEFAULT_ROOT / args.run) if args.run else str(newest_run())
-    args.ckpt_dir = args.ckpt_dir or str(DEFAULT_ROOT / (args.run or time.strftime("%Y%m%d-%H%M%S")))
+    args.ckpt_dir = str(run_folder_of(args, parser))
     return args
-
-
-def check_resumable(run_dir, args, validation_ids):
-    """Refuse, before anything is written, to resume a run with other training settings or validation videos. A
-    model setting saved without a value (a run older than the setting) was trained as its config.json's "model"
-    section, or else the setting's default, says."""
-    config = read_run_config(run_dir)
-    saved = dict(config.get("train", {}))
-    for f in model_settings():
-        saved.setdefault(f.name, (config.get("model") or {}).get(f.name, f.default))
-    for f in fields(TrainConfig):  # a run older than the setting was trained as its default
-        saved.setdefault(f.name, OLDER_RUNS.get(f.name, f.default))
-    changed = [f"--{name.replace('_', '-')}: {saved.get(name)} saved, {getattr(args, name)} asked"
-               for name in trained_settings() if saved.get(name) != getattr(args, name)]
-    saved_ids = (run_dir / "val_ids.txt").read_text().split() if (run_dir / "val_ids.txt").is_file() else None
-    if saved_ids is not None and saved_ids != validation_ids:
-        changed.append(f"validation videos: {len(saved_ids)} in {run_dir / 'val_ids.txt'}, {len(validation_ids)} "
-                       f"others now")
-    if changed:
-        raise DataError(f"{run_dir}: cannot resume with changed training settings ({'; '.join(changed)})")
 
 
 # ---- data ----
 
-def load_splits(args):
-    """(training, validation or None, description of the validation split), as util.data.Split objects."""
-    data_dir = Path(args.data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: data folder not found")
-    labels = load_labels(data_dir / "training_label.json")
-    feat_dir = data_dir / "training_data" / "feat"
-    own_split = data_dir / "validation_label.json"
-    if args.val_ids:
-        with warnings_as_lines():
-            training, validation = split_off_ids(labels, read_ids(args.val_ids), args.val_ids)
-        val_feat_dir, source = feat_dir, f"the training videos listed in {args.val_ids}"
-    elif own_split.is_file() and args.val_fraction is None:
-        training, validation = labels, load_labels(own_split)
-        overlap = {video_id for video_id, _ in validation} & {video_id for video_id, _ in training}
-        if overlap:
-            raise DataError(f"{own_split}: {len(overlap)} videos are in the training labels too, e.g. "
-                            f"{sorted(overlap)[0]}; a video is never in both splits")
-        val_feat_dir, source = data_dir / "validation_data" / "feat", str(own_split)
-    else:
-        fraction = DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction
-        training, validation = hold_out_videos(labels, fraction, args.seed)
-        val_feat_dir, source = feat_dir, f"{fraction:g} of the training videos, drawn with seed {args.seed}"
-    if not training:
-        raise DataError(f"{data_dir / 'training_label.json'}: no training videos left after holding out "
-                        f"{len(validation)} for validation")
-    in_memory = features_fit_in_memory(feat_dir, training, args.frames) if args.features is None \
-        else args.features == "memory"
-    train_split = Split(training, feat_dir, frames=args.frames, in_memory=in_memory)
-    val_split = (Split(validation, val_feat_dir, frames=args.frames, feature_dim=train_split.features.shape[2],
-                       in_memory=in_memory) if validation else None)
-    return train_split, val_split, source
-
-
-def features_fit_in_memory(feat_dir, labels, frames, share=0.25):
-    """Whether the videos' features, as float16, take at most `share` of this machine's memory (judged from the
-    first video's file)."""
-    first = open_feature_file(Path(feat_dir) / f"{labels[0][0]}.npy", frames, mmap=True)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return len(labels) * first.size * 2 <= share * total
-
-
 def load_data(args, run_dir):
-    """The splits, the vocabulary (a resumed run's own, checked against these flags and features) and the training
-    captions encoded with it."""
-    train_split, val_split, val_source = load_splits(args)
-    validation_ids = val_split.video_ids if val_split else []
-    args.select_metric, selection_note = select_metric(args.select_metric, args.objective, len(validation_ids))
-    manifest = read_feature_manifest(Path(args.data_dir) / "training_data" / "feat")
+    """The splits, what they are (TrainedOn), the vocabulary (a resumed run's own, checked against these flags and
+    data) and the training captions encoded with it."""
+    train_split, val_split, val_source, labels_files = load_splits(args.data_dir, args.val_ids, args.val_fraction,
+                                                                   args.seed, args.frames, args.features)
+    validation_ids, asked = val_split.video_ids if val_split else [], args.select_metric
+    args.select_metric = select_metric(asked, args.objective, len(validation_ids))
+    feat_dir = Path(args.data_dir) / "training_data" / "feat"
+    trained_on = TrainedOn({path: sha256_of(path) for path in labels_files}, feat_dir, read_feature_manifest(feat_dir),
+                           validation_ids)
     if args.resume:
-        check_resumable(run_dir, args, validation_ids)
-        if manifest != read_run_config(run_dir).get("features"):
-            raise DataError(f"{Path(args.data_dir) / 'training_data' / 'feat'}: features differ from those the run "
-                            "was trained on")
+        check_resumable(run_dir, trained_settings(args), trained_on)
         vocab = load_vocab(run_dir)
         cannot_end = (read_run_config(run_dir).get("decoding") or {}).get("cannot_end", [])
     else:
@@ -295,38 +195,16 @@ def load_data(args, run_dir):
         cannot_end = vocab.cannot_end(captions)
     video_index, caption_ids = encode_captions(train_split.labels, vocab, args.max_caption_len)
     report_unknown_words(vocab, caption_ids, args.min_word_count, args.unk_targets)
-    if selection_note:  # once the run is known to go ahead
-        print(selection_note, file=sys.stderr if selection_note.startswith("warning") else sys.stdout)
     if val_split is None:
         print("warning: no validation videos (--val-fraction 0): the best checkpoint is the one of lowest training "
               "loss", file=sys.stderr)
     else:
         print(f"validation: {len(validation_ids)} videos ({val_source}); training: {len(train_split.video_ids)}; "
               f"features {'in memory' if isinstance(train_split.features, np.ndarray) else 'read from their files'}")
-    rewards = None
-    if args.objective == "scst":  # CIDEr-D against each video's training captions, their n-grams counted once
-        rewards = CiderD(np.split(caption_ids, np.flatnonzero(np.diff(video_index)) + 1))
-    return SimpleNamespace(train=train_split, validation=val_split, validation_ids=validation_ids, manifest=manifest,
+    rewards = scst_rewards(video_index, caption_ids) if args.objective == "scst" else None
+    return SimpleNamespace(train=train_split, validation=val_split, trained_on=trained_on, asked_metric=asked,
                            vocab=vocab, cannot_end=cannot_end, video_index=video_index, caption_ids=caption_ids,
                            rewards=rewards)
-
-
-def select_metric(asked, objective, validation_videos):
-    """(metric, note): the validation metric that picks the best checkpoint, the one asked for, else CIDEr for
-    scst, the teacher-forced loss when there are fewer than MIN_VALIDATION_VIDEOS validation videos, else the MLDS
-    BLEU@1; and a line saying when there are too few videos to choose by a caption metric, else None."""
-    chosen = asked or ("cider" if objective == "scst" else "loss" if validation_videos < MIN_VALIDATION_VIDEOS
-                       else "bleu1")
-    if not 0 < validation_videos < MIN_VALIDATION_VIDEOS:
-        return chosen, None
-    if chosen != "loss":
-        return chosen, (f"warning: {validation_videos} validation videos are too few to choose a checkpoint by "
-                        f"{VALIDATION_METRICS['val_' + chosen]} (it jumps from epoch to epoch below "
-                        f"{MIN_VALIDATION_VIDEOS}); --select-metric loss chooses by the teacher-forced loss over all "
-                        "their captions")
-    return chosen, None if asked else (f"validation: {validation_videos} videos are too few to choose a checkpoint "
-                                       f"by a caption metric (fewer than {MIN_VALIDATION_VIDEOS}): choosing by the "
-                                       "validation loss")
 
 
 def report_unknown_words(vocab, caption_ids, min_word_count, unk_targets):
@@ -340,51 +218,6 @@ def report_unknown_words(vocab, caption_ids, min_word_count, unk_targets):
 
 # ---- the model: new, from another run's weights, or resumed ----
 
-def initialise_from(model, vocab, source, manifest):
-    """Set model's weights from another run's (source: a run or checkpoint folder, as infer.py takes) for --init-from,
-    the feature standardisation excepted (model's own, from this data). Word-indexed weights are carried over word by
-    word: the rows of the word embedding and the output projection's columns and biases for the words both
-    vocabularies hold; this run's other words keep their fresh initial values. No weight depends on the frame count,
-    so a run on one-frame "videos" (images) can start one on videos. Every other weight must have its shape here:
-    the model settings that differ are named otherwise. Returns (the source checkpoint, the count of words carried
-    over)."""
-    source_model, source_vocab, source_config, checkpoint = load_model(source)
-    differing = []
-    if shapes_not_by_word(source_model) != shapes_not_by_word(model):
-        differing = [f"{f.name} {getattr(source_model.config, f.name)} there, {getattr(model.config, f.name)} here"
-                     for f in fields(ModelConfig) if f.name not in ("vocab_size", "frames")  # mapped, and free
-                     and getattr(source_model.config, f.name) != getattr(model.config, f.name)]
-    source_features = source_config.get("features")
-    if source_features and manifest:  # the same feature extractor, whatever the frames sampled
-        differing += [f"features' {key} {there!r} there, {here!r} here"
-                      for key, (there, here) in manifest_differences(source_features, manifest).items()
-                      if key != "frames"]
-    if differing:
-        raise DataError(f"{source}: cannot start from this run's weights ({'; '.join(differing)})")
-    here = [i for i, word in enumerate(vocab.words) if word in source_vocab.index]
-    there = [source_vocab.index[vocab.words[i]] for i in here]
-    output = model.output_projection
-    for target, value in zip(model.weights, source_model.weights):
-        if target is model.feature_mean or target is model.feature_std:
-            continue
-        value = ops.convert_to_numpy(value)
-        if any(target is word_indexed for word_indexed in word_indexed_weights(model)):
-            axis = 1 if target is output.kernel else 0  # the kernel is (hidden, vocab), the others (vocab, ...)
-            carried, value = value, np.array(ops.convert_to_numpy(target))
-            np.moveaxis(value, axis, 0)[here] = np.moveaxis(carried, axis, 0)[there]
-        target.assign(value)
-    return checkpoint, len(here)
-
-
-def word_indexed_weights(model):
-    return model.word_embedding.embeddings, model.output_projection.kernel, model.output_projection.bias
-
-
-def shapes_not_by_word(model):
-    """The shapes of the model's weights, in order, but those indexed by word (their vocabulary is mapped)."""
-    return [tuple(w.shape) for w in model.weights if not any(w is v for v in word_indexed_weights(model))]
-
-
 def build_or_resume_model(args, data, distribution, run):
     """(model, optimizer, state): built from the flags; started from --init-from's weights, or restored from the
     run's last checkpoint with --resume (its best checkpoint reconciled), or else a new run folder written."""
@@ -397,7 +230,7 @@ def build_or_resume_model(args, data, distribution, run):
         optimizer.build(model.trainable_variables)
     run_settings = vars(args)  # every flag: config.json's "train" section
     if args.init_from and not args.resume:  # a resumed run restores its own weights: the source is not read again
-        source, carried = initialise_from(model, data.vocab, args.init_from, data.manifest)
+        source, carried = initialise_from(model, data.vocab, args.init_from, data.trained_on.manifest)
         run_settings = dict(run_settings, init_from_checkpoint=str(source))
         print(f"initialised from {source}: {carried} of this run's {len(data.vocab)} words carried over, "
               f"{len(data.vocab) - carried} new; feature standardisation from this data")
@@ -411,112 +244,18 @@ def build_or_resume_model(args, data, distribution, run):
               f"step {int(optimizer.iterations.numpy())}")
         run.reconcile_best(state)
     else:
-        run.start(config, run_settings, data.vocab, data.manifest, data.validation_ids, data.cannot_end)
+        run.start(config, run_settings, data.vocab, data.trained_on, data.cannot_end)
     return model, optimizer, state
 
 
-# ---- the run folder ----
+# ---- losses: cross-entropy here, the self-critical one in scst.py ----
 
-def holds_run(folder):
-    return any((Path(folder) / name).exists() for name in RUN_FILES)
-
-
-def refuse_a_run_folder_in_use(run_dir, overwrite, chief, agree):
-    """A new run never mixes with the run a folder holds: refused unless --overwrite (which moves that one aside when
-    the run starts). The chief's folder decides for every worker."""
-    if agree(chief and not overwrite and holds_run(run_dir)):
-        where = run_dir if chief else "the chief's run folder"
-        raise DataError(f"{where}: holds a run already; continue it with --resume, or pass --overwrite to move it "
-                        f"aside")
-
-
-def move_aside(run_dir):
-    """Rename the run folder to a new sibling, FOLDER.replaced-<time>[-N]; returns where it went."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}" + (f"-{n}" if n else ""))
-        if not target.exists():
-            break
-    try:
-        os.rename(run_dir, target)
-    except OSError as error:
-        raise DataError(f"{run_dir}: cannot move the earlier run aside ({error.strerror or error})") from None
-    return target
-
-
-class RunFolder:
-    """What the chief writes into the run folder (the other workers write nothing): config.json, vocab.json,
-    val_ids.txt, checkpoints in last/ and best/, history.csv, curves.png, TensorBoard scalars.
-
-    At the end of an epoch its files are written in this order, each whole: history.csv (and curves.png, TensorBoard),
-    then best/ (when the epoch improved), then last/. The last/ checkpoint is the commit: a process killed before it
-    is resumed from the previous one, and reconcile_best / read_history drop or adopt what went further."""
-
-    def __init__(self, path, chief, select_metric, keep_last=3):
-        self.path, self.chief, self.select_metric, self.keep_last = Path(path), chief, select_metric, keep_last
-        self.history_path = self.path / "history.csv"
-        self.write_scalars = None
-
-    def start(self, config, run_settings, vocab, manifest, validation_ids, cannot_end):
-        """A new run: move a run there aside (--overwrite), then write the run's files."""
-        if not self.chief:
-            return
-        if holds_run(self.path):  # refused earlier unless --overwrite
-            print(f"--overwrite: moved the earlier run in {self.path} to {move_aside(self.path)}", flush=True)
-        write_run_files(self.path, config, run_settings, vocab, manifest, {"cannot_end": cannot_end})
-        write_text_atomic(self.path / "val_ids.txt", "".join(f"{video_id}\n" for video_id in validation_ids))
-
-    def reconcile_best(self, state):
-        """Make a resumed state's best score and epoch describe the checkpoint best/ holds: a process killed
-        between saving best/ and last/ left best/ an epoch ahead of last/'s state."""
-        best = latest_checkpoint(self.path / "best")
-        if best is None:
-            return
-        saved = read_state(best)
-        if (saved.get("best_epoch"), saved.get("best_score")) != (state["best_epoch"], state["best_score"]):
-            state.update(best_score=saved.get("best_score"), best_epoch=saved.get("best_epoch", 0))
-            if self.chief:
-                print(f"{best} holds the best checkpoint, of epoch {state['best_epoch']}: the best so far", flush=True)
-
-    def read_history(self, epochs):
-        """The resumed run's history rows of its first `epochs` epochs (a process killed after writing history.csv
-        and before last/ wrote a row for an epoch the resumed run trains again)."""
-        if not self.history_path.is_file():
-            return []
-        rows = pd.read_csv(self.history_path).to_dict("records")
-        kept = [row for row in rows if row["epoch"] <= epochs]
-        if len(kept) < len(rows) and self.chief:
-            self.write_history(kept)
-        return kept
-
-    def open_scalars(self):
-        self.write_scalars = backend.summary_writer(self.path / "tensorboard") if self.chief else None
-
-    def record_epoch(self, history):
-        """The newest epoch's row as TensorBoard scalars, then history.csv and curves.png."""
-        if self.write_scalars:
-            row = history[-1]
-            self.write_scalars(row["epoch"], {k: v for k, v in row.items() if isinstance(v, float)})
-        self.write_history(history)
-
-    def write_history(self, history):
-        if not self.chief:
-            return
-        with atomic_path(self.history_path) as tmp:
-            pd.DataFrame(history).to_csv(tmp, index=False)
-        plot_training_curves(self.history_path, self.path / "curves.png", self.select_metric)
-
-    def save_checkpoint(self, folder, step, model, state, optimizer=None, keep=3):
-        """The chief's checkpoint of now in folder (last or best), or None on the other workers."""
-        if not self.chief:
-            return None
-        return save_checkpoint(self.path / folder, step, model, state, optimizer, keep)
-
-    def save_best(self, step, model, state):
-        return self.save_checkpoint("best", step, model, state, keep=1)
-
-    def save_last(self, step, model, state, optimizer):
-        return self.save_checkpoint("last", step, model, state, optimizer, keep=self.keep_last)
+def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch, learn_unk=False):
+    """A training step's loss on one replica's part of the batch: its captions' losses summed and divided by the
+    global batch size, so that summed over the replicas it is the mean over the global batch."""
+    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
+                         training=True)
+    return ops.sum(caption_losses(logits, caption_ids, learn_unk)) / ops.cast(global_batch, "float32")
 
 
 # ---- the loop ----
@@ -556,34 +295,6 @@ def run_epoch(train_step, epoch_batches, teacher_forcing_prob, seed, first_step,
     return losses
 
 
-class Validator:
-    """Scores the model on the validation videos: teacher-forced loss and greedy captions (MLDS BLEU@1, BLEU-4,
-    CIDEr with the fallback tokenizer: no Java start-up every epoch)."""
-
-    def __init__(self, model, vocab, split, max_caption_len, batch_size, padding, cannot_end, learn_unk):
-        self.vocab, self.split, self.batch_size, self.padding = vocab, split, batch_size, padding
-        self.videos, self.captions = encode_captions(split.labels, vocab, max_caption_len)
-        self.summed_losses = backend.compile_function(
-            model, lambda f, c: ops.sum(caption_losses(model(f, c)[0], c, learn_unk)))
-        constraints = Constraints(NO_REPEAT_NGRAM, vocab.ids(cannot_end))  # as infer.py decodes by default
-        self.greedy = backend.compile_function(model, lambda f: model.greedy(f, constraints=constraints)[0])
-
-    def __call__(self):
-        rows, width_multiple = self.padding
-        total = sum(float(self.summed_losses(*batch)) for (batch,) in batches(
-            self.split.features, self.videos, self.captions, self.batch_size, rows=rows, width_multiple=width_multiple))
-        captions = {}
-        for start in range(0, len(self.split.video_ids), self.batch_size):
-            batch = np.asarray(self.split.features[start:start + self.batch_size], np.float32)
-            words = backend.to_numpy(self.greedy(batch))
-            for video_id, ids in zip(self.split.video_ids[start:start + self.batch_size], words):
-                captions[video_id] = self.vocab.decode(ids)
-        scores = evaluate(captions, self.split.references, use_java=False)
-        first = self.split.video_ids[0]
-        return {"val_loss": total / len(self.captions), "val_bleu1": scores["mlds_bleu1"], "val_bleu4": scores["bleu4"],
-                "val_cider": scores["cider"], "example": f"{first}: {captions[first]}"}
-
-
 def interrupted(checkpoint, state, run_dir):
     saved = f"saved {checkpoint}" if checkpoint else "the chief saved its checkpoint"
     print(f"interrupted: {saved} at epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']}; "
@@ -602,7 +313,7 @@ class Training:
         self.distribution, self.chief, self.agree = distribution, distribution.chief, agree
         learn_unk = args.unk_targets == "learn"
         loss = partial(replica_loss, learn_unk=learn_unk) if args.objective == "xe" else \
-            scst_loss(data.rewards, args.scst_samples, args.scst_baseline, args.scst_xe_weight)
+            scst_loss(data.rewards, args.scst_samples, args.scst_baseline, args.scst_xe_weight, xe_loss=replica_loss)
         self.train_step = backend.make_train_step(model, optimizer, distribution, loss)
         self.padding = distribution.padding(args.batch_size)
         self.validate = (Validator(model, data.vocab, data.validation, args.max_caption_len, args.batch_size,
@@ -613,7 +324,7 @@ class Training:
                                               args.teacher_forcing_end)
         self.metric_name = {**VALIDATION_METRICS, "val_loss": "loss"}[f"val_{args.select_metric}"]
         self.history = run.read_history(state["epoch"]) if args.resume else []
-        run.open_scalars()
+        run.open_scalars(backend.summary_writer)
 
     def __call__(self):
         started = time.perf_counter()
@@ -621,7 +332,7 @@ class Training:
             for epoch in range(self.state["epoch"], self.args.epochs):
                 row = self.train_epoch(epoch, stop)
                 if row is None:  # stopped within the epoch
-                    return interrupted(self.save_last(), self.state, self.run.path)
+                    return interrupted(self.save("last"), self.state, self.run.path)
                 if not self.end_epoch(epoch, row):
                     break
                 if self.agree(stop.is_set()) and epoch + 1 < self.args.epochs:  # Ctrl-C in the last batch,
@@ -635,10 +346,9 @@ class Training:
         """Train the epoch's batches (from the resumed batch on); its history row, or None when stopped within."""
         args, data, distribution = self.args, self.data, self.distribution
         p = float(self.probs[epoch])
-        if args.objective == "scst":  # every video once: its number + 1 for the reward (0: padding), a caption
-            epoch_videos, epoch_captions = epoch_pairs(
-                data.video_index, np.concatenate([data.video_index[:, None] + 1, data.caption_ids], 1), "sample",
-                args.seed, epoch)
+        if args.objective == "scst":  # every video once
+            epoch_videos, epoch_captions = epoch_pairs(data.video_index, scst_rows(data.video_index, data.caption_ids),
+                                                       "sample", args.seed, epoch)
         else:
             epoch_videos, epoch_captions = epoch_pairs(data.video_index, data.caption_ids, args.pairs, args.seed,
                                                        epoch)
@@ -665,12 +375,17 @@ class Training:
             row.update(self.validate())
         return row
 
+    # ---- the end of an epoch ----
+
     def end_epoch(self, epoch, row):
         """Record the finished epoch: history.csv, best/ when it improved, last/ (in that order: see RunFolder);
         print its line. Returns False to stop early."""
         args, state = self.args, self.state
-        score = (-row["val_loss"] if args.select_metric == "loss" else row.get(f"val_{args.select_metric}")) \
-            if self.data.validation is not None else -float(row["train_loss"] or 0)
+        if self.data.validation is None:  # the lowest training loss is the best
+            score = -float(row["train_loss"] or 0)
+        else:  # None on the workers but the chief, which alone validates
+            score = row.get(f"val_{args.select_metric}")
+            score = -score if args.select_metric == "loss" and score is not None else score
         improved = self.agree(self.chief and (state["best_score"] is None or score > state["best_score"]))
         state.update(epoch=epoch + 1, batch_in_epoch=0)
         if improved:  # the chief's validation decides for every worker
@@ -678,8 +393,8 @@ class Training:
         self.history.append(row)
         self.run.record_epoch(self.history)
         if improved:
-            self.save_best()
-        self.save_last()
+            self.save("best")
+        self.save("last")
         print(f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  "
               f"teacher_forcing {row['teacher_forcing_prob']:.3f}"
               + (f"  val_loss {row['val_loss']:.4f}  BLEU@1 {row['val_bleu1']:.4f}  BLEU-4 {row['val_bleu4']:.4f}"
@@ -693,18 +408,13 @@ class Training:
             return False
         return True
 
-    def checkpoint_state(self):
-        return dict(self.state, step=self.step, seed=self.args.seed, backend=backend.BACKEND)
-
-    def save_best(self):
+    def save(self, folder):
+        """The chief's checkpoint of now in best/ or last/ (None on the other workers)."""
         if self.chief:
             self.train_step.sync()
-        return self.run.save_best(self.step, self.model, self.checkpoint_state())
-
-    def save_last(self):
-        if self.chief:
-            self.train_step.sync()
-        return self.run.save_last(self.step, self.model, self.checkpoint_state(), self.optimizer)
+        state = dict(self.state, step=self.step, seed=self.args.seed, backend=backend.BACKEND)
+        return self.run.save_best(self.step, self.model, state) if folder == "best" else \
+            self.run.save_last(self.step, self.model, state, self.optimizer)
 
     def report(self, elapsed):
         state = self.state
@@ -717,54 +427,6 @@ class Training:
               f"run folder {self.run.path}")
 
 
-def replica_loss(model, frame_features, caption_ids, teacher_forcing_prob, seed, global_batch, learn_unk=False):
-    """A training step's loss on one replica's part of the batch: its captions' losses summed and divided by the
-    global batch size, so that summed over the replicas it is the mean over the global batch."""
-    logits, _, _ = model(frame_features, caption_ids, teacher_forcing_prob=teacher_forcing_prob, seed=seed,
-                         training=True)
-    return ops.sum(caption_losses(logits, caption_ids, learn_unk)) / ops.cast(global_batch, "float32")
-
-
-def mean_of_others(rewards):
-    """Each sample's baseline: the mean reward of its video's other samples, rewards (videos, samples)."""
-    samples = ops.shape(rewards)[1]
-    return (ops.sum(rewards, 1, keepdims=True) - rewards) / (samples - 1)
-
-
-def scst_loss(rewards, samples, baseline, xe_weight=0.0, draw=sample_word):
-    """The self-critical loss on one replica's videos, as replica_loss: rows (batch, 1 + length) hold each video's
-    number + 1 (0: a padding row), then one of its captions. For each video, `samples` captions are drawn, each word
-    picked by draw(seed) (decoding.sample_word), and rewarded by rewards(words, videos) (CiderD); the loss is
-    -(reward - baseline) * the sampled words' summed log-probability (<EOS> included, nothing after it), averaged
-    over the samples, summed, divided by the global batch. Equal rewards give zero advantage: no gradient.
-    xe_weight > 0 adds that times replica_loss on the captions (a mixed objective)."""
-    def score(words, videos):
-        real = videos >= 0
-        scores = np.zeros(len(videos))
-        if real.any():  # a replica's part may be padding only
-            scores[real] = rewards(words[real], videos[real])
-        return scores
-
-    def loss(model, frame_features, rows, teacher_forcing_prob, seed, global_batch):
-        videos = ops.cast(rows[:, 0], "int32") - 1
-        words, log_probs = model.sample(frame_features, samples, draw(seed))
-        sampled = ops.reshape(backend.host_scores(score, words, ops.repeat(videos, samples)), (-1, samples))
-        if baseline == "mean":  # Luo, 2020
-            base = mean_of_others(sampled)
-        else:
-            greedy, _ = model.sample(frame_features, 1, greedy_word)
-            base = backend.host_scores(score, greedy, videos)[:, None]
-        advantage = ops.stop_gradient(sampled - base) * ops.cast(videos >= 0, "float32")[:, None]
-        caption_log_probs = ops.reshape(ops.sum(log_probs, 1), (-1, samples))
-        scst = -ops.sum(advantage * caption_log_probs) / (samples * ops.cast(global_batch, "float32"))
-        if not xe_weight:
-            return scst
-        return scst + xe_weight * replica_loss(model, frame_features, rows[:, 1:], teacher_forcing_prob, seed,
-                                               global_batch)
-
-    return loss
-
-
 # ---- the command ----
 
 def train(args):
@@ -773,12 +435,13 @@ def train(args):
     backend.configure_devices()
     distribution = backend.Distribution(args.strategy)  # first: TensorFlow's multi-worker setup precedes other work
     agree = distribution.agreement()
-    if not args.resume:
-        refuse_a_run_folder_in_use(run_dir, args.overwrite, distribution.chief, agree)
-    data = load_data(args, run_dir)
-    run = RunFolder(run_dir, distribution.chief, args.select_metric, args.keep_last)
-    model, optimizer, state = build_or_resume_model(args, data, distribution, run)
-    return Training(args, data, model, optimizer, state, distribution, agree, run)()
+    with claimed(run_dir, distribution.chief, agree, args.resume, args.overwrite) as claim:
+        data = load_data(args, run_dir)
+        run = RunFolder(run_dir, claim, args.select_metric, args.keep_last)
+        model, optimizer, state = build_or_resume_model(args, data, distribution, run)
+        # said once every check has passed: a refused run's one line is its error
+        say_if_too_few(data.asked_metric, args.select_metric, len(data.trained_on.validation_ids))
+        return Training(args, data, model, optimizer, state, distribution, agree, run)()
 
 
 @command

@@ -143,7 +143,7 @@ def test_export_bundle_layout(release):
     assert json.loads(files["MANIFEST.json"]) == json.loads(with_manifest(files)["MANIFEST.json"])
     metrics = json.loads(files["metrics.json"])
     assert metrics["last"]["epoch"] == 1 and metrics["epoch"] == 1
-    # a tiny run's few validation videos choose by the validation loss (train.MIN_VALIDATION_VIDEOS)
+    # a tiny run's few validation videos choose by the validation loss (validation.MIN_VALIDATION_VIDEOS)
     assert metrics["select_metric"] == "loss" and metrics["split"] == "validation"
     assert metrics["best_val_loss"] == metrics["last"]["val_loss"]
 

@@ -111,6 +111,7 @@ root, data, work = sys.argv[1:4]
 flags = sys.argv[4:]
 sys.path.insert(0, root)
 import train
+from util import run_folder
 
 def kill_at(point):
     done, history_writes = [0], [0]
@@ -124,7 +125,8 @@ def kill_at(point):
         if done[0] == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    real_save, real_atomic, real_plot = train.save_checkpoint, train.atomic_path, train.plot_training_curves
+    real_save, real_atomic, real_plot = run_folder.save_checkpoint, run_folder.atomic_path, \\
+        run_folder.plot_training_curves
 
     def save_checkpoint(folder, step, model, state, *args, **kwargs):
         epoch_2 = state["epoch"] == 2 and state["batch_in_epoch"] == 0
@@ -149,8 +151,8 @@ def kill_at(point):
         if history_writes[0] == 2:
             at_end()
 
-    train.save_checkpoint, train.atomic_path, train.plot_training_curves = save_checkpoint, atomic_path, \\
-        plot_training_curves
+    run_folder.save_checkpoint, run_folder.atomic_path, run_folder.plot_training_curves = save_checkpoint, \\
+        atomic_path, plot_training_curves
 
 report = {}
 for point in range(4):

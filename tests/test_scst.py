@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+import scst
 import train
 from conftest import ROOT, TINY_RUN_FLAGS, checkpoint_weights, write_tiny_mlds
 from model import ModelConfig, build_model
@@ -66,7 +67,7 @@ def test_cider_d_hand_worked():
 
 def test_mean_of_others_baseline():
     rewards = np.array([[1.0, 2.0, 3.0], [0.5, 0.5, 2.0]], np.float32)
-    assert np.allclose(ops.convert_to_numpy(train.mean_of_others(rewards)), [[2.5, 2.0, 1.5], [1.25, 1.25, 0.5]])
+    assert np.allclose(ops.convert_to_numpy(scst.mean_of_others(rewards)), [[2.5, 2.0, 1.5], [1.25, 1.25, 0.5]])
 
 
 # ---- the loss on replayed words ----
@@ -76,7 +77,7 @@ REFERENCES = [[[4, 5, 6, EOS]], [[7, 8, EOS], [7, 7, 8, EOS]]]
 
 
 def replay(words):
-    """A draw for train.scst_loss that picks the given words (rows, max_caption_len), whatever the seed."""
+    """A draw for scst.scst_loss that picks the given words (rows, max_caption_len), whatever the seed."""
     return lambda seed: (lambda log_probs, step: ops.take(ops.convert_to_tensor(words.T), step, axis=0))
 
 
@@ -93,7 +94,7 @@ def test_loss_is_the_reward_weighted_log_probability():
                      + [[4, 5, EOS, PAD, PAD]] * 3, np.int32)
     features = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
     rewards = CiderD(REFERENCES)
-    loss_fn = train.scst_loss(rewards, 3, "mean", draw=replay(words))
+    loss_fn = scst.scst_loss(rewards, 3, "mean", draw=replay(words))
     loss = float(loss_fn(model, features, np.array([[1], [2], [0]], np.int32), 1.0, backend.seed_tensor(0), 2))
 
     _, log_probs = model.sample(features, 3, replay(words)(None))
@@ -108,7 +109,7 @@ def test_loss_is_the_reward_weighted_log_probability():
 def test_all_equal_rewards_give_no_gradient():
     model = tiny_model()
     words = np.array([[7, 8, EOS, PAD, PAD]] * 4, np.int32)
-    loss_fn = train.scst_loss(CiderD(REFERENCES), 2, "mean", draw=replay(words))
+    loss_fn = scst.scst_loss(CiderD(REFERENCES), 2, "mean", draw=replay(words))
     features = np.ones((2, 4, 5), np.float32)
     loss, gradients = backend.loss_and_gradients(
         model, lambda: loss_fn(model, features, np.array([[1], [2]], np.int32), 1.0, backend.seed_tensor(0), 2))
@@ -174,7 +175,7 @@ def scst_step(weights):
     words = np.array([[4, 5, 6, EOS, PAD], [4, 5, 6, 6, 6], [4, 4, 4, EOS, PAD], [7, 8, EOS, PAD, PAD],
                       [7, 7, 8, EOS, PAD], [8, EOS, PAD, PAD, PAD]], np.int32)
     features = np.random.default_rng(0).normal(size=(2, 4, 5)).astype(np.float32)
-    loss_fn = train.scst_loss(CiderD(REFERENCES), 3, "mean", draw=replay(words))
+    loss_fn = scst.scst_loss(CiderD(REFERENCES), 3, "mean", draw=replay(words))
     loss, gradients = backend.loss_and_gradients(
         model, lambda: loss_fn(model, features, np.array([[1], [2]], np.int32), 1.0, backend.seed_tensor(0), 2))
     return backend.to_numpy([loss, *gradients])

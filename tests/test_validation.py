@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 
 import train
+import validation
 from decoding import NEVER_WRITTEN
 from test_model import batch, make_model
 from util import backend
+from util.checkpoints import read_state
 from util.data import feature_moments, hold_out_videos
 from util.vocab import UNK
 
@@ -71,7 +73,7 @@ def test_train_never_opens_the_test_split_and_validates_on_held_out_training_vid
 
 
 def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny_data, tmp_path, capsys):
-    # 6 validation videos: under train.MIN_VALIDATION_VIDEOS, the caption metrics are too noisy to choose by
+    # 6 validation videos: under validation.MIN_VALIDATION_VIDEOS, the caption metrics are too noisy to choose by
     run_dir = tmp_path / "run"
     assert run_train(tiny_data, run_dir, "--epochs", "3", "--val-fraction", "0.25", "--learning-rate", "0.05") == 0
     out = capsys.readouterr().out
@@ -80,16 +82,18 @@ def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny
     assert json.loads((run_dir / "config.json").read_text())["train"]["select_metric"] == "loss"
     history = pd.read_csv(run_dir / "history.csv")
     best = train.latest_checkpoint(run_dir / "best")
-    assert train.read_state(best)["best_epoch"] == history["epoch"][history["val_loss"].idxmin()]
-    assert train.read_state(best)["best_score"] == pytest.approx(-history["val_loss"].min())
+    assert read_state(best)["best_epoch"] == history["epoch"][history["val_loss"].idxmin()]
+    assert read_state(best)["best_score"] == pytest.approx(-history["val_loss"].min())
 
     # a caption metric asked for by name is used, with a warning
     assert run_train(tiny_data, tmp_path / "cider", "--epochs", "1", "--val-fraction", "0.25", "--select-metric",
                      "cider") == 0
     assert "warning: 6 validation videos are too few to choose a checkpoint by CIDEr" in capsys.readouterr().err
-    # enough validation videos: the MLDS BLEU@1, as before
-    assert train.select_metric(None, "xe", train.MIN_VALIDATION_VIDEOS) == ("bleu1", None)
-    assert train.select_metric(None, "scst", 4)[0] == "cider"
+    # enough validation videos: the MLDS BLEU@1, as before, and nothing said
+    assert validation.select_metric(None, "xe", validation.MIN_VALIDATION_VIDEOS) == "bleu1"
+    validation.say_if_too_few(None, "bleu1", validation.MIN_VALIDATION_VIDEOS)
+    assert capsys.readouterr() == ("", "")
+    assert validation.select_metric(None, "scst", 4) == "cider"
 
 
 def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp_path, capsys):

@@ -9,8 +9,8 @@ from keras import ops
 import infer
 import train
 from conftest import checkpoint_weights, write_tiny_mlds
-from decoding import NEVER_WRITTEN, beam_search, greedy
-from model import ModelConfig, build_model, caption_loss
+from decoding import NEVER_WRITTEN, NO_REPEAT_NGRAM, Constraints, beam_search, greedy
+from model import ModelConfig, build_model, caption_loss, initialise_from
 from test_beam import teacher_forced_log_prob
 from test_model import DIM, FRAMES, VOCAB, batch, make_model
 from test_speed_equivalence import assert_same_training_step, lstm_step, up_to_eos
@@ -192,7 +192,9 @@ def test_variant_run_round_trips_through_its_checkpoint_and_infer(tiny_data, tmp
     assert infer.main([str(tiny_data / "testing_id.txt"), str(out), "--checkpoint", str(run_dir),
                        "--beam-size", "2"]) == 0
     features = load_features(tiny_data / "testing_data" / "feat", ids, dtype=np.float32)
-    words = backend.to_numpy(model.beam_search(features, 2)[0])[:, 0]
+    # under infer.py's default constraints: no repeats, no caption ending on a word the training captions never end on
+    constraints = Constraints(NO_REPEAT_NGRAM, vocab.ids(config["decoding"]["cannot_end"]))
+    words = backend.to_numpy(model.beam_search(features, 2, constraints=constraints)[0])[:, 0]
     assert out.read_text().splitlines() == [f"{i},{vocab.decode(row)}" for i, row in zip(ids, words)]
 
 
@@ -242,12 +244,12 @@ def test_init_from_carries_the_weights_over_word_by_word(image_run, tiny_data, t
     shared = [w for w in vocab.words if w in source_vocab.index]
     assert f"initialised from {checkpoint}: {len(shared)} of this run's {len(vocab)} words carried over" in out
 
-    # the weights the run started from, as train.initialise_from sets them on a fresh model
+    # the weights the run started from, as model.initialise_from sets them on a fresh model
     model = build_model(ModelConfig(**dict(source.config.to_dict(), frames=6, vocab_size=len(vocab))))
     fresh_embeddings = np.array(ops.convert_to_numpy(model.word_embedding.embeddings))
     model.adapt_features(np.random.default_rng(0).normal(size=(4, 6, 12)))
     mean = ops.convert_to_numpy(model.feature_mean)
-    assert train.initialise_from(model, vocab, str(image_run), None) == (checkpoint, len(shared))
+    assert initialise_from(model, vocab, str(image_run), None) == (checkpoint, len(shared))
     here = [vocab.index[w] for w in shared]
     there = [source_vocab.index[w] for w in shared]
     new = [i for i in range(len(vocab)) if vocab.words[i] not in source_vocab.index]

@@ -28,7 +28,6 @@ the work folder of a run that was killed (ours by name and by the marker inside,
 the next run starts: the earlier clips go back if the new ones never arrived, and the rest is removed.
 """
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from util.atomic import atomic_path, left_by_dead_process, owner_tag
-from util.data import read_json
+from util.data import read_json, sha256_of
 from util.errors import DataError, command
 
 SPLITS = ("training", "validation", "testing")
@@ -238,14 +237,6 @@ def find_clips(video_dirs):
     return clips
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_out_dir(out_dir, dataset):
     """Refuse an output folder that holds another data set, or MLDS files that `prepare` did not write."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -318,7 +309,7 @@ def plan(dataset, annotations_dir, video_dirs=None, copy=False):
 
     notes = annotations.notes + [f"captions: {dropped_empty} empty and {dropped_duplicate} duplicate dropped"]
     record = {"made_by": MADE_BY, "dataset": dataset,
-              "annotations": {role: {"path": str(path), "sha256": file_sha256(path)} for role, path in files.items()},
+              "annotations": {role: {"path": str(path), "sha256": sha256_of(path)} for role, path in files.items()},
               "videos": [str(Path(d).resolve()) for d in video_dirs] if video_dirs else None,
               "clips": ("copied" if copy else "linked") if video_dirs else "not checked",
               "splits": {split: {"clips": len(labels[split]),
@@ -470,7 +461,7 @@ def check_videos_outside(out_dir, video_dirs):
 
 
 def same_bytes(a, b):
-    return a.stat().st_size == b.stat().st_size and file_sha256(a) == file_sha256(b)
+    return a.stat().st_size == b.stat().st_size and sha256_of(a) == sha256_of(b)
 
 
 def check_placed_clips(out_dir, plan):

@@ -80,10 +80,11 @@ def sentence_failures(captions):
 # ---- the settings compared ----
 
 COMMON = ["--hidden", "256", "--learning-rate", "1e-3", "--batch-size", "50", "--keep-last", "1000"]
+BEFORE_SCHEDULE = ["--schedule", "inverse_sigmoid"]  # train.py's teacher forcing before the linear 1.0 -> 0.8 default
 TRAINING = {  # name: train.py flags
-    "before": ["--min-word-count", "3", "--unk-targets", "learn"],
-    "skip-unk": ["--min-word-count", "3"],
-    "skip-unk-min1": ["--min-word-count", "1"],
+    "before": ["--min-word-count", "3", "--unk-targets", "learn", *BEFORE_SCHEDULE],
+    "skip-unk": ["--min-word-count", "3", *BEFORE_SCHEDULE],
+    "skip-unk-min1": ["--min-word-count", "1", *BEFORE_SCHEDULE],
     "skip-unk-tf": ["--min-word-count", "3", "--schedule", "linear", "--teacher-forcing-start", "1.0",
                     "--teacher-forcing-end", "0.8"],
     "after": ["--min-word-count", "1", "--schedule", "linear", "--teacher-forcing-start", "1.0",

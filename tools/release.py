@@ -39,10 +39,11 @@ from model import load_model
 from util.atomic import atomic_path
 from util.checkpoints import DEFAULT_ROOT, MODEL_FILE, STATE_FILE, checkpoint_name, latest_checkpoint, \
     read_run_config, read_state
+from util.data import sha256_of
 from util.errors import DataError, command
 from util.plots import run_select_metric
 from util.releases import BUNDLE_MANIFEST, DEADLINE_S, MAX_DOWNLOAD_BYTES, MAX_UNPACKED_BYTES, MIN_RATE, TIMEOUT_S, \
-    fetch_release, sha256_of
+    fetch_release
 
 
 # ---- export ----

@@ -1,6 +1,6 @@
 """Run folders and their checkpoints, one format for every backend.
 
-    checkpoints/<run>/config.json         model config, training flags, feature manifest
+    checkpoints/<run>/config.json         model config, training flags, feature manifest, labels' sha256
     checkpoints/<run>/vocab.json          the vocabulary, ids in order
     checkpoints/<run>/last/step-<N>/      the newest 3: model.weights.h5, optimizer.h5, state.json
     checkpoints/<run>/best/step-<N>/      the best by the validation metric: model.weights.h5, state.json
@@ -33,16 +33,17 @@ ASIDE = ".aside"  # .step-N.aside: a checkpoint renamed out of the way before it
 _ASIDE = re.compile(r"\.step-(\d+)\.aside")
 
 
-def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest, decoding=None):
-    """config.json (the model, the training flags, the features' manifest and, for decoding, the words that cannot
-    end a caption) and vocab.json."""
+def write_run_files(run_dir, model_config, train_args, vocab, feature_manifest, decoding=None, labels_sha256=None):
+    """config.json (the model, the training flags, the features' manifest, for decoding the words that cannot end a
+    caption, and the sha256 of each labels file trained on) and vocab.json."""
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DataError(f"{run_dir}: cannot create the run folder ({error.strerror})") from None
     config = {"model": model_config.to_dict(), "train": train_args, "features": feature_manifest,
-              **({"decoding": decoding} if decoding is not None else {})}
+              **({"decoding": decoding} if decoding is not None else {}),
+              **({"labels_sha256": labels_sha256} if labels_sha256 is not None else {})}
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=1, default=str))
     vocab.save(run_dir / "vocab.json")
 

@@ -1,10 +1,13 @@
-"""MLDS HW2-1 layout: labels JSON, id lists, per-video feature files, and the training batches.
+"""MLDS HW2-1 layout: labels JSON, id lists, per-video feature files, the training and validation splits, and the
+training batches.
 
     DATA_DIR/training_label.json   [{"caption": [...], "id": "xxx.avi"}, ...]   (validation_, testing_label.json alike)
     DATA_DIR/training_data/feat/<id>.npy   (frames, dim), float64 or float32   (validation_data, testing_data alike)
     DATA_DIR/testing_id.txt, DATA_DIR/testing_data/id.txt   one id per line
 """
+import hashlib
 import json
+import os
 import sys
 import warnings
 from contextlib import contextmanager
@@ -16,6 +19,7 @@ from util.errors import DataError
 from util.vocab import PAD
 
 NPY_MAGIC = b"\x93NUMPY"
+DEFAULT_VAL_FRACTION = 0.05  # of the training videos, held out for validation
 
 
 def read_json(path, missing="file not found"):
@@ -27,6 +31,12 @@ def read_json(path, missing="file not found"):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not valid JSON ({error})") from None
+
+
+def sha256_of(path):
+    """A file's sha256, as hex."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def load_labels(path):
@@ -223,6 +233,54 @@ def split_off_ids(labels, video_ids, source):
     if unknown:
         raise DataError(f"{source}: {len(unknown)} ids are not in the training labels, e.g. {sorted(unknown)[0]}")
     return ([e for e in labels if e[0] not in wanted], [e for e in labels if e[0] in wanted])
+
+
+def load_splits(data_dir, val_ids=None, val_fraction=None, seed=0, frames=None, features=None):
+    """A data folder's training and validation videos, as train.py's flags choose the validation split: the
+    training videos val_ids (a file of ids) names, else DATA_DIR/validation_label.json with validation_data/feat
+    when the folder has one and no val_fraction is given, else val_fraction (default DEFAULT_VAL_FRACTION) of the
+    training videos drawn with seed. features: "memory", "files" or None (memory when they fit, see
+    features_fit_in_memory). Returns (training, validation or None, description of the validation split, the labels
+    files read), the splits as Split objects."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found")
+    labels_files = [data_dir / "training_label.json"]
+    labels = load_labels(labels_files[0])
+    feat_dir = data_dir / "training_data" / "feat"
+    own_split = data_dir / "validation_label.json"
+    if val_ids:
+        with warnings_as_lines():
+            training, validation = split_off_ids(labels, read_ids(val_ids), val_ids)
+        val_feat_dir, source = feat_dir, f"the training videos listed in {val_ids}"
+    elif own_split.is_file() and val_fraction is None:
+        training, validation = labels, load_labels(own_split)
+        overlap = {video_id for video_id, _ in validation} & {video_id for video_id, _ in training}
+        if overlap:
+            raise DataError(f"{own_split}: {len(overlap)} videos are in the training labels too, e.g. "
+                            f"{sorted(overlap)[0]}; a video is never in both splits")
+        val_feat_dir, source = data_dir / "validation_data" / "feat", str(own_split)
+        labels_files.append(own_split)
+    else:
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+        training, validation = hold_out_videos(labels, fraction, seed)
+        val_feat_dir, source = feat_dir, f"{fraction:g} of the training videos, drawn with seed {seed}"
+    if not training:
+        raise DataError(f"{labels_files[0]}: no training videos left after holding out {len(validation)} for "
+                        f"validation")
+    in_memory = features_fit_in_memory(feat_dir, training, frames) if features is None else features == "memory"
+    train_split = Split(training, feat_dir, frames=frames, in_memory=in_memory)
+    val_split = (Split(validation, val_feat_dir, frames=frames, feature_dim=train_split.features.shape[2],
+                       in_memory=in_memory) if validation else None)
+    return train_split, val_split, source, labels_files
+
+
+def features_fit_in_memory(feat_dir, labels, frames, share=0.25):
+    """Whether the videos' features, as float16, take at most `share` of this machine's memory (judged from the
+    first video's file)."""
+    first = open_feature_file(Path(feat_dir) / f"{labels[0][0]}.npy", frames, mmap=True)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return len(labels) * first.size * 2 <= share * total
 
 
 def feature_moments(features, chunk_videos=16):

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from util.checkpoints import DEFAULT_ROOT, STATE_FILE, latest_checkpoint, newest_run
-from util.data import read_json
+from util.data import read_json, sha256_of
 from util.errors import DataError
 
 DEFAULT_REGISTRY = DEFAULT_ROOT / "releases.json"
@@ -58,11 +58,6 @@ MAX_HEADER_BYTES = 1 << 20  # PAX and GNU long-name headers in all; a release's 
 CHUNK = 1 << 20
 PARTIAL_PREFIX = ".s2vt-fetch."  # DIR/.s2vt-fetch.<name>.<random>.partial: a fetch's work folder
 MARKER_FILE, MARKER_TEXT = ".s2vt-fetch", "tools.release: a fetch's work folder, locked while the fetch runs\n"
-
-
-def sha256_of(path):
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 # ---- choosing a checkpoint ----

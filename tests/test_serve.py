@@ -488,18 +488,18 @@ def test_short_load_of_valid_and_hostile_requests(server, real_clip):
     assert hostile == {"oversized", "overlong", "cut-short", "not-video", "wrong-host"}
 
 
-def test_decoder_cache_keeps_the_most_recently_used(video_run):
-    """A client choosing a new length_penalty each time compiles a decoder each time, but only DECODER_CACHE stay."""
+def test_decoder_cache_keeps_the_most_recently_used(video_run, monkeypatch):
+    """A compiled decoder per beam size, n-best and constraints; only DECODER_CACHE stay."""
     import captioner as captioner_module
+    from decoding import Constraints
 
+    monkeypatch.setattr(captioner_module.backend, "compile_function", lambda models, function: function)
     captioner = Captioner.load(video_run)
-    features = np.random.default_rng(0).normal(size=(captioner.frames, captioner.feature_dim)).astype(np.float32)
-    first = captioner.caption_features(features, beam_size=2, length_penalty=0.0)
-    for penalty in (0.5, 1.0, 1.5, 0.0, 2.0):  # 0.0 used again: kept, the oldest other goes
-        captioner.caption_features(features, beam_size=2, length_penalty=penalty)
+    made = {beam_size: captioner._decoder(beam_size, 1, Constraints()) for beam_size in (2, 3, 4, 5)}
+    assert captioner._decoder(2, 1, Constraints()) is made[2]  # used again: kept, and now the most recent
+    captioner._decoder(6, 1, Constraints())  # the oldest other goes
     assert captioner_module.DECODER_CACHE == 4
-    assert [key[1] for key in captioner._decoders] == [1.0, 1.5, 0.0, 2.0]
-    assert captioner.caption_features(features, beam_size=2, length_penalty=0.0) == first
+    assert [key[0] for key in captioner._decoders] == [4, 5, 2, 6]
 
 
 @pytest.fixture(scope="module")

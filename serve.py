@@ -5,7 +5,7 @@
                     [--max-clip-pixels 8300000] [--time-limit 60] [--max-queue 8] [--read-workers 2]
                     [--upload-time-limit 60] [--upload-min-rate-kb 32] [--max-video-seconds 1800]
                     [--scenes-time-limit 600] [--max-scenes-queue 2] [--min-segment 2] [--max-scenes 1000]
-                    [--scenes-per-turn 8]
+                    [--scenes-per-turn 2]
 
     GET  /                   the page: choose or drop a clip; see its caption, the n-best list and the attention
     GET  /api/info           the checkpoint, its frames and the upload limit
@@ -100,7 +100,7 @@ class Settings:
     max_scenes_queue: int = 2
     min_segment: float = MIN_SCENE
     max_scenes: int = 1000
-    scenes_per_turn: int = 8
+    scenes_per_turn: int = 2
 
 
 class RequestError(Exception):

@@ -2,12 +2,17 @@
 
     from captioner import Captioner
     captioner = Captioner.load("s2vt-demo")      # release name, run folder, checkpoint or URL (None: newest run)
-    captioner.caption("clip.mp4")                # 'a big red ring moves to the left'
-    captioner.caption(["a.avi", "b.avi"], beam_size=5, n_best=3, attention=True)   # [Caption, Caption]
+    captioner.caption("clip.mp4").caption        # 'a big red ring moves to the left' (a Caption's text)
+    captioner.caption(["a.avi", "b.avi"], beam_size=5, n_best=3)   # [Caption, Caption]: n_best, attention, ...
     captioner.caption_features(features)         # (frames, dim) or (videos, frames, dim)
     captioner.caption("clip.mp4", no_repeat_ngram=0, end_rule=False)   # the model's own words, unconstrained
+    captioner.caption_segments("talk.mp4")       # [Cue(start, end, caption, score)]: a long video, scene by scene
     fused = Captioner.load("checkpoints/demo", fuse=[("checkpoints/demo_flow", 0.5)])   # RGB + flow, late fusion
     fused.caption("clip.mp4")                    # each run extracts its own features (RGB frames, optical flow)
+
+Each method returns one kind of result: caption() and caption_features() a Caption per video (one, or a list for
+several), caption_segments() cues; a long video reads as steps a server can run apart, scene_reader (reading),
+scene_batches (batching) and caption_scenes (cues).
 
 Clips are read and run through the CNN recorded in the checkpoint (its feature manifest), built once per Captioner.
 Decoding never writes <UNK>, repeats no bigram (no_repeat_ngram, 2 by default) nor a word right after itself, and
@@ -110,7 +115,7 @@ class Captioner:
             raise ValueError(f"the fused runs' weights must sum to less than 1 (this run weighs the rest), not "
                              f"{sum(weight for _, weight in self.fused)}")
         self._run_cnn = None  # built on first use: a Captioner given only features never builds the CNN
-        self._decoders = OrderedDict()  # (beam_size, length_penalty, n_best, constraints) -> compiled decoder, LRU
+        self._decoders = OrderedDict()  # (beam_size, n_best, constraints) -> compiled decoder, LRU
         self.cannot_end = vocab.ids((run_config.get("decoding") or {}).get("cannot_end", ()))
 
     @classmethod
@@ -149,17 +154,17 @@ class Captioner:
 
     def caption(self, videos, beam_size=1, length_penalty=0.0, n_best=1, attention=False, errors="raise",
                 progress=None, no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
-        """Caption one video or several, batched together.
+        """Caption one video or several, batched together: a Caption per video (its .caption the text).
 
         videos: a clip path; a SampledClip (read_clip); decoded RGB frames (frames, H, W, 3) uint8; features
         (frames, dim) float; or a list of those, or a (videos, frames, H, W, 3) / (videos, frames, dim) array.
-        Returns a string per video, or a Caption when n_best > 1 or attention=True ask for more; a single
-        video gives a single result. An unreadable clip raises VideoError (errors="raise") or, with
-        errors="return", stands as its VideoError in the results. progress(stage, done, total), if given, is
-        called as the work goes on: ("features", frames through the CNN, frames in all), then ("decoding", videos
-        captioned, videos). no_repeat_ngram and end_rule constrain decoding (decoding.Constraints): no n-gram of
-        that many words twice and no word right after itself (0: off); no caption that ends on a word the training
-        captions never end on (a run that records none: off).
+        A single video gives a single Caption, several a list. attention=True also keeps the sampled frames in
+        each Caption (Caption.frames, the attention plot's thumbnails). An unreadable clip raises VideoError
+        (errors="raise") or, with errors="return", stands as its VideoError in the results. progress(stage, done,
+        total), if given, is called as the work goes on: ("features", frames through the CNN, frames in all), then
+        ("decoding", videos captioned, videos). no_repeat_ngram and end_rule constrain decoding
+        (decoding.Constraints): no n-gram of that many words twice and no word right after itself (0: off); no
+        caption that ends on a word the training captions never end on (a run that records none: off).
         """
         if not (isinstance(beam_size, int) and beam_size >= 1 and isinstance(n_best, int)
                 and 1 <= n_best <= beam_size):
@@ -182,13 +187,13 @@ class Captioner:
                               end_rule) if good else []
         results = [failures.get(i) for i in range(len(items))]
         for i, result in zip(good, decoded):
-            results[i] = replace(result, frames=frames.get(i)) if attention or n_best > 1 else result.caption
+            results[i] = replace(result, frames=frames.get(i))
         return results[0] if single else results
 
     def caption_features(self, features, beam_size=1, length_penalty=0.0, n_best=1, attention=False,
                          no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
-        """Caption features (frames, dim) of one video or (videos, frames, dim): a string or Caption per video,
-        as caption() returns."""
+        """Caption features (frames, dim) of one video or (videos, frames, dim): a Caption per video, as caption()
+        returns."""
         features = np.asarray(features)
         if features.ndim not in (2, 3):
             raise ValueError(f"features must be (frames={self.frames}, dim={self.feature_dim}) or (videos, "
@@ -200,63 +205,34 @@ class Captioner:
                          length_penalty=0.0, scene_memory_mb=64, max_seconds=None, max_pixels=None, stop=None,
                          progress=None, no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
         """Caption a long video scene by scene: [Cue(start, end, caption, score)] in order, seconds, adjacent
-        scenes with the same caption merged (util.subtitles.merge_repeats).
+        scenes with the same caption merged (util.subtitles.merge_repeats). The steps, each a method a server can
+        run apart: scene_reader (reading), scene_batches (batching), caption_scenes (cues).
 
-        segments: "auto" cuts where the shots change (util.scenes: PySceneDetect's AdaptiveDetector), at least
-        min_scene seconds apart, and splits a scene longer than max_scene seconds every max_scene seconds; a number
-        cuts fixed windows of that many seconds. A video shorter than one scene gets one cue. The file is decoded
-        once; each scene is sampled and run through the extractor as a clip of its own, every fused run's too, and
-        scenes are captioned in batches of at most scene_memory_mb of sampled frames, so memory does not grow with
-        the video. A tqdm bar runs over the video's duration. A file that cannot be read raises VideoError (a
-        DataError), one longer than max_seconds or with frames over max_pixels util.video.OverLimit (a VideoError);
-        stop(), if given, is asked at every frame and True ends the work with util.video.ReadingStopped.
-        progress(seconds read, seconds in all or None), if given, is called after each scene is read."""
+        segments, min_scene, max_scene, max_seconds, max_pixels and stop as scene_reader takes them; scenes are
+        read in a background thread and captioned in batches of at most scene_memory_mb of sampled frames, so
+        memory does not grow with the video. A tqdm bar runs over the video's duration. progress(seconds read,
+        seconds in all or None), if given, is called after each batch is captioned."""
         import threading
 
         from util.data import prefetched
-        from util.scenes import MAX_SCENE, MIN_SCENE, SceneReader
-        from util.subtitles import Cue, merge_repeats
+        from util.subtitles import merge_repeats
 
-        runs = [self, *(member for member, _ in self.fused)]
-        settings = [run._extractor_settings() for run in runs]
-        flow = [run.source for run, s in zip(runs, settings) if s.stream != "rgb"]
-        if flow:
-            raise DataError(f"{', '.join(map(str, flow))}: reads optical flow; scenes are captioned by RGB-stream "
-                            f"runs only (a scene keeps spaced frames, not the pairs of neighbours flow needs)")
-        keep, size = max(s.frames for s in settings), max(s.image_size for s in settings)
         ended = threading.Event()  # set when this call ends, so that the reading thread ends too
-        reader = SceneReader(path, size, keep, segments, MIN_SCENE if min_scene is None else min_scene,
-                             MAX_SCENE if max_scene is None else max_scene, max_seconds, max_pixels,
-                             stop=lambda: ended.is_set() or (stop is not None and stop()))
-        batch = max(1, min(self.batch_size, scene_memory_mb * 2 ** 20 // (keep * size * size * 3)))
-        cues, waiting = [], []
-
-        def caption_waiting():
-            if stop is not None and stop():
-                raise ReadingStopped(f"{path}: captioning stopped")
-            # each scene's sample, cut to the `keep` frames the runs sample from, is a clip of decoded frames
-            clips = [s.frames[frame_indices(len(s.frames), keep)] for s in waiting]
-            results = self.caption(clips, beam_size, length_penalty, attention=True, no_repeat_ngram=no_repeat_ngram,
-                                   end_rule=end_rule)
-            cues.extend(Cue(s.start, s.end, r.caption, r.n_best[0].score if r.n_best else None)
-                        for s, r in zip(waiting, results))
-            waiting.clear()
-
+        reader = self.scene_reader(path, segments, min_scene, max_scene, max_seconds, max_pixels,
+                                   stop=lambda: ended.is_set() or (stop is not None and stop()))
         total = round(reader.duration, 1) if reader.duration else None
         scenes = prefetched(iter(reader), depth=2)
+        cues = []
         try:
             with tqdm(total=total, desc=f"captioning {Path(path).name}", unit="s", leave=False,
                       bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} s of video [{elapsed}<{remaining}]") as bar:
-                for scene in scenes:
-                    waiting.append(scene)
-                    if len(waiting) == batch:
-                        caption_waiting()
-                    bar.update(min(scene.end, total or scene.end) - bar.n)
-                    bar.set_postfix(scenes=len(cues) + len(waiting))
+                for batch in self.scene_batches(reader, _counted(scenes, bar, total), scene_memory_mb):
+                    if stop is not None and stop():
+                        raise ReadingStopped(f"{path}: captioning stopped")
+                    cues += self.caption_scenes(batch, beam_size, length_penalty, no_repeat_ngram, end_rule)
+                    bar.set_postfix(scenes=len(cues))
                     if progress is not None:
-                        progress(bar.n, total)
-                if waiting:
-                    caption_waiting()
+                        progress(batch[-1].end, total)
         finally:
             ended.set()
             try:  # a reading thread still going stops at its next frame: take what it had queued
@@ -265,6 +241,57 @@ class Captioner:
             except Exception:  # the reading thread's own error, if any, comes second to this call's
                 pass
         return merge_repeats(cues)
+
+    def scene_reader(self, path, segments="auto", min_scene=None, max_scene=None, max_seconds=None, max_pixels=None,
+                     stop=None):
+        """Reading: the util.scenes.SceneReader of a long video with this run's (and its fused runs') frame size
+        and sample, its header checked now. segments: "auto" cuts where the shots change (PySceneDetect's
+        AdaptiveDetector), at least min_scene seconds apart, and splits a scene longer than max_scene seconds every
+        max_scene seconds; a number cuts fixed windows of that many seconds. A video shorter than one scene gets
+        one scene. A file that cannot be read raises VideoError (a DataError), one longer than max_seconds or with
+        frames over max_pixels util.video.OverLimit (a VideoError); stop(), if given, is asked at every frame and
+        True ends the reading with util.video.ReadingStopped."""
+        from util.scenes import MAX_SCENE, MIN_SCENE, SceneReader
+
+        keep, size = self._scene_sample()
+        return SceneReader(path, size, keep, segments, MIN_SCENE if min_scene is None else min_scene,
+                           MAX_SCENE if max_scene is None else max_scene, max_seconds, max_pixels, stop=stop)
+
+    def scene_batches(self, reader, scenes, scene_memory_mb=64, most=None):
+        """Batching: the scenes (read by `reader`, a scene_reader) in lists of at most scene_memory_mb of sampled
+        frames, this Captioner's batch_size and `most` scenes, in order; the last list may be shorter."""
+        per_scene = reader.keep * reader.size * reader.size * 3
+        size = max(1, min(self.batch_size, most or self.batch_size, scene_memory_mb * 2 ** 20 // per_scene))
+        batch = []
+        for scene in scenes:
+            batch.append(scene)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def caption_scenes(self, scenes, beam_size=5, length_penalty=0.0, no_repeat_ngram=NO_REPEAT_NGRAM,
+                       end_rule=True):
+        """Cues: a Cue(start, end, caption, score) per util.scenes.Scene, each scene's sample captioned as a clip
+        of decoded frames, cut to the frames the runs sample from; not merged (util.subtitles.merge_repeats)."""
+        from util.subtitles import Cue
+
+        keep, _ = self._scene_sample()
+        clips = [scene.frames[frame_indices(len(scene.frames), keep)] for scene in scenes]
+        results = self.caption(clips, beam_size, length_penalty, no_repeat_ngram=no_repeat_ngram, end_rule=end_rule)
+        return [Cue(scene.start, scene.end, result.caption, result.n_best[0].score if result.n_best else None)
+                for scene, result in zip(scenes, results)]
+
+    def _scene_sample(self):
+        """(frames, size) a scene keeps for every run to sample from, RGB-stream runs only."""
+        runs = [self, *(member for member, _ in self.fused)]
+        settings = [run._extractor_settings() for run in runs]
+        flow = [run.source for run, s in zip(runs, settings) if s.stream != "rgb"]
+        if flow:
+            raise DataError(f"{', '.join(map(str, flow))}: reads optical flow; scenes are captioned by RGB-stream "
+                            f"runs only (a scene keeps spaced frames, not the pairs of neighbours flow needs)")
+        return max(s.frames for s in settings), max(s.image_size for s in settings)
 
     def decode(self, features, beam_size=1, length_penalty=0.0, n_best=1, report=None, fused_features=(),
                no_repeat_ngram=NO_REPEAT_NGRAM, end_rule=True):
@@ -276,16 +303,17 @@ class Captioner:
                              f"fused runs, not {[len(f) for f in fused_features]}")
         report = report or (lambda stage, done, total: None)
         constraints = Constraints(no_repeat_ngram, self.cannot_end if end_rule else ())
-        decode = self._decoder(beam_size, length_penalty, n_best, constraints)
+        decode = self._decoder(beam_size, n_best, constraints)
+        penalty = np.asarray(length_penalty, np.float32)  # an input, not a constant: no compile per value
         results = []
         report("decoding", 0, len(features))
         for start in tqdm(range(0, len(features), self.batch_size), desc="captioning", unit="batch", leave=False,
                           delay=0.5):
             batches = [np.asarray(f[start:start + self.batch_size], np.float32) for f in (features, *fused_features)]
             if beam_size == 1:
-                (words, attention), hypotheses = backend.to_numpy(decode(*batches)), None
+                (words, attention), hypotheses = backend.to_numpy(decode(penalty, *batches)), None
             else:
-                hypotheses, scores, log_probs, attention = backend.to_numpy(decode(*batches))
+                hypotheses, scores, log_probs, attention = backend.to_numpy(decode(penalty, *batches))
                 words = hypotheses[:, 0]  # (batch, steps): the best hypothesis
             for row, (ids, weights) in enumerate(zip(words, attention)):
                 caption = self.vocab.decode(ids)
@@ -297,9 +325,10 @@ class Captioner:
             report("decoding", len(results), len(features))
         return results
 
-    def _decoder(self, beam_size, length_penalty, n_best, constraints):
-        """The compiled decoding function of every run's features for these settings, made once per Captioner."""
-        key = (beam_size, length_penalty, n_best, constraints)
+    def _decoder(self, beam_size, n_best, constraints):
+        """The compiled decoding function (length_penalty, *every run's features) for these settings, made once per
+        Captioner."""
+        key = (beam_size, n_best, constraints)
         if key in self._decoders:
             self._decoders.move_to_end(key)
         else:
@@ -307,14 +336,14 @@ class Captioner:
             weights = [self.weight, *(weight for _, weight in self.fused)]
             max_len = self.model.config.max_caption_len
 
-            def decode(*features):
+            def decode(length_penalty, *features):
                 members = list(zip(models, features, weights))
                 if beam_size == 1:
                     return decoding.greedy(members, max_len, constraints)
                 return decoding.beam_search(members, beam_size, length_penalty, max_len, n_best, constraints)
 
             self._decoders[key] = backend.compile_function(models, decode)
-            if len(self._decoders) > DECODER_CACHE:  # a client choosing a new length_penalty each time compiles anew
+            if len(self._decoders) > DECODER_CACHE:  # each beam size, n-best and constraints compiles anew
                 self._decoders.popitem(last=False)
         return self._decoders[key]
 
@@ -433,3 +462,10 @@ class Captioner:
             except DataError as error:  # the checkpoint's feature manifest names a CNN that cannot be built again
                 raise DataError(f"{self.source}: {error}") from None
         return self._run_cnn(frames_rgb)
+
+
+def _counted(scenes, bar, total):
+    """The scenes, the tqdm bar moved to each one's end as it is read."""
+    for scene in scenes:
+        bar.update(min(scene.end, total or scene.end) - bar.n)
+        yield scene

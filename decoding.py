@@ -162,7 +162,8 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     greedy().
 
     A hypothesis's log-probability is the sum of its words' (<EOS> included; fused, the weighted sum of the
-    models'), and it is ranked by log_prob / length**length_penalty, the length counting <EOS>. Each step extends
+    models'), and it is ranked by log_prob / length**length_penalty, the length counting <EOS>; length_penalty may
+    be a float or a scalar tensor (data, so that a compiled search serves every value). Each step extends
     every live hypothesis by every word; of each video's 2*beam_size best extensions, those among the first
     beam_size that end in <EOS> join the video's finished pool (its beam_size best by rank), and the beam_size best
     that do not end stay live. A video stops when its pool is full and none of its live hypotheses can still
@@ -192,7 +193,7 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
         """(batch,): the pool is full and no live hypothesis can still rank above its worst. Words only lower a
         log-probability, and a length penalty divides it by at most max_len**length_penalty."""
         full = ops.all(pool["rank"] > NEG_INF, axis=1)
-        best_possible = ops.max(live_scores, axis=1) / float(max_len) ** max(length_penalty, 0.0)
+        best_possible = ops.max(live_scores, axis=1) / ops.power(float(max_len), ops.maximum(length_penalty, 0.0))
         return full & (best_possible <= ops.min(pool["rank"], axis=1))
 
     def step(state, t):

@@ -41,8 +41,9 @@ def extracted_features(clip, tmp_path):
 
 def test_a_clip_its_decoded_frames_and_its_feature_file_give_the_same_caption(captioner, clips, tmp_path):
     clip = clips[0]
-    caption = captioner.caption(clip)
-    assert isinstance(caption, str) and caption
+    plain = captioner.caption(clip)
+    caption = plain.caption
+    assert isinstance(plain, Caption) and isinstance(caption, str) and caption and plain.frames is None
     assert set(caption.split()) <= set(captioner.vocab.words)
     detailed = captioner.caption(str(clip), attention=True)
     assert detailed.caption == caption
@@ -53,7 +54,7 @@ def test_a_clip_its_decoded_frames_and_its_feature_file_give_the_same_caption(ca
                  captioner.caption_features(extracted_features(clip, tmp_path), attention=True)):
         assert same.caption == caption and same.words == detailed.words
         np.testing.assert_allclose(same.attention, detailed.attention, atol=1e-5)
-    assert captioner.caption_features(extracted_features(clip, tmp_path)[None]) == [caption]
+    assert [c.caption for c in captioner.caption_features(extracted_features(clip, tmp_path)[None])] == [caption]
 
 
 def test_videos_batched_with_beam_search_n_best_and_attention(captioner, clips, tmp_path):
@@ -78,14 +79,15 @@ def test_videos_batched_with_beam_search_n_best_and_attention(captioner, clips, 
     assert (tmp_path / "attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plain_strings_unless_more_is_asked_for(captioner, clips):
+def test_one_type_whatever_the_options(captioner, clips):
+    """A Caption per video, whatever is asked for: one for one video, a list for several."""
     # (videos, frames, H, W, 3): the first 20 frames of two clips at one size
     frames = np.stack([[cv2.resize(f, (64, 48)) for f in decode_rgb(clip)[:20]] for clip in clips[:2]])
-    assert isinstance(captioner.caption(clips[0], beam_size=3), str)
+    assert isinstance(captioner.caption(clips[0], beam_size=3), Caption)
     both = captioner.caption(frames)
-    assert isinstance(both, list) and len(both) == 2 and all(isinstance(c, str) for c in both)
-    assert captioner.caption(list(frames)) == both
-    assert isinstance(captioner.caption(clips[0], beam_size=3, n_best=2), Caption)
+    assert isinstance(both, list) and len(both) == 2 and all(isinstance(c, Caption) for c in both)
+    assert [c.caption for c in captioner.caption(list(frames))] == [c.caption for c in both]
+    assert len(captioner.caption(clips[0], beam_size=3, n_best=2).n_best) == 2
     assert captioner.caption(clips[0], attention=True).n_best == ()  # greedy decoding scores nothing
 
 
@@ -95,7 +97,7 @@ def test_unreadable_clip_raises_or_stands_in_the_results(captioner, clips, tmp_p
     with pytest.raises(VideoError, match=f"^{bad}: not a video OpenCV can open$"):
         captioner.caption([clips[0], bad])
     good, failed = captioner.caption([clips[0], bad], errors="return")
-    assert good == captioner.caption(clips[0]) and isinstance(failed, VideoError)
+    assert good.caption == captioner.caption(clips[0]).caption and isinstance(failed, VideoError)
     with pytest.raises(VideoError, match="no such file"):
         captioner.caption(tmp_path / "missing.mp4")
 
@@ -114,7 +116,7 @@ def test_bad_arguments_say_what_is_wrong(captioner, call, message):
 def test_checkpoint_without_feature_extractor_captions_features_only(captioner, video_run, clips):
     config = dict(captioner.run_config, features=None)
     features_only = Captioner(captioner.model, captioner.vocab, config, captioner.source)
-    assert isinstance(features_only.caption(np.zeros((6, 64))), str)
+    assert isinstance(features_only.caption(np.zeros((6, 64))).caption, str)
     with pytest.raises(DataError, match="records no feature extractor"):
         features_only.caption(clips[0])
 
@@ -140,7 +142,7 @@ def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips,
         import captioner, util.releases
         from captioner import Captioner
         print(json.dumps({{"module": captioner.__file__, "releases": sorted(util.releases.load_registry()),
-                           "caption": Captioner.load({str(video_run)!r}).caption({str(clips[0])!r})}}))
+                           "caption": Captioner.load({str(video_run)!r}).caption({str(clips[0])!r}).caption}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     for generic in ("model", "train", "util", "tools", "captioner"):
@@ -153,4 +155,4 @@ def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips,
     found = json.loads(result.stdout.splitlines()[-1])
     assert found["module"] == str(ROOT / "captioner.py")
     assert "s2vt-demo" in found["releases"]  # checkpoints/releases.json, found beside util/, not in the cwd
-    assert found["caption"] == Captioner.load(video_run).caption(clips[0])
+    assert found["caption"] == Captioner.load(video_run).caption(clips[0]).caption

@@ -3,13 +3,16 @@ error, the server still serving and no temporary file left), progress of a reque
 headless Chromium."""
 import asyncio
 import base64
+import errno
 import http.client
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -162,7 +165,7 @@ def test_caption_real_clips(server, video_run, mlds):
         assert body["decoding"] == {"beam_size": 3, "n_best": 2, "length_penalty": 0.0}
         png = body["attention_png"].removeprefix("data:image/png;base64,")
         assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
-        assert set(body["timings"]) == {"upload_s", "decode_s", "queued_s", "caption_s", "plot_s", "total_s"}
+        assert set(body["timings"]) == {"upload_s", "read_s", "queued_s", "caption_s", "plot_s", "total_s"}
         assert body["checkpoint"].startswith("run/best/")
     assert not server.temp_entries()
 
@@ -382,39 +385,47 @@ def test_clip_over_a_limit_is_refused_from_its_header(server, real_clip, tmp_pat
     no_temp_files_left(server)
 
 
+@pytest.fixture(scope="module")
+def shared_captioner(video_run):
+    """One Captioner for the tests that run the app in this process, so that each decoder compiles once."""
+    return Captioner.load(video_run)
+
+
+async def asgi_post(app, path, body, content_type, query=""):
+    """(status, body) of a POST to the ASGI app, in this process (where a test can break OpenCV or the disk),
+    through the app's middleware and routes as over a socket; the client never leaves."""
+    sent, parts = [], [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if parts:
+            return parts.pop()
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode()),
+               (b"content-length", str(len(body)).encode())]
+    await app({"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+               "raw_path": path.encode(), "query_string": query.encode(), "root_path": "", "headers": headers,
+               "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
 def post_in_process(app, uploads):
-    """(status, body) of each (path, (body, content type)) POSTed in turn to the ASGI app, in this process (where a
-    test can break OpenCV), through the app's middleware and routes as over a socket; the client never leaves."""
-    async def post(path, body, content_type):
-        sent, parts = [], [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            if parts:
-                return parts.pop()
-            await asyncio.Event().wait()
-
-        async def send(message):
-            sent.append(message)
-
-        headers = [(b"host", b"127.0.0.1"), (b"content-type", content_type.encode()),
-                   (b"content-length", str(len(body)).encode())]
-        await app({"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
-                   "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
-                   "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}, receive, send)
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
-
+    """(status, body) of each (path, (body, content type)[, query]) POSTed in turn with asgi_post."""
     async def post_all():
-        return [await post(path, *upload) for path, upload in uploads]
+        return [await asgi_post(app, path, *upload, *query) for path, upload, *query in uploads]
 
     return asyncio.run(post_all())
 
 
-def test_a_frame_that_cannot_be_decoded_gets_422(video_run, tmp_path, undecodable_frames):
+def test_a_frame_that_cannot_be_decoded_gets_422(shared_captioner, tmp_path, undecodable_frames):
     """A file whose first frame is found but cannot be decoded is a bad file (422) on both routes, scene by scene
     included (it once gave a 500)."""
     import serve
 
-    app = serve.create_app(Captioner.load(video_run), 20_000_000)
+    app = serve.create_app(shared_captioner, serve.Settings(max_upload_bytes=20_000_000))
     clip = write_clip(tmp_path / "clip.avi", 30, 48, 40)
     answers = post_in_process(app, [(route, multipart("clip.avi", clip.read_bytes()))
                                     for route in ("/api/caption", "/api/scenes")])
@@ -422,19 +433,20 @@ def test_a_frame_that_cannot_be_decoded_gets_422(video_run, tmp_path, undecodabl
            [(422, "clip.avi: frame 0 was found but cannot be decoded")] * 2
 
 
-def test_a_header_hiding_larger_frames_gets_413(video_run, hidden_large_frames):
+def test_a_header_hiding_larger_frames_gets_413(shared_captioner, hidden_large_frames):
     """Decoding stops once frames take far longer than the header's 64x64 explains: 413, not a 422 or 408 later."""
     import serve
 
-    app = serve.create_app(Captioner.load(video_run), 20_000_000)
+    app = serve.create_app(shared_captioner, serve.Settings(max_upload_bytes=20_000_000))
     (status, body), = post_in_process(app, [("/api/caption", multipart("liar.avi", hidden_large_frames.read_bytes()))])
     assert status == 413 and one_json_error(body).startswith("liar.avi: frames take ")
 
 
 @pytest.fixture(scope="module")
 def strict_server(video_run, tmp_path_factory):
-    """serve.py with a queue of one and a 3-second time limit."""
-    yield from start_server(video_run, tmp_path_factory.mktemp("strict"), "--max-queue", "1", "--time-limit", "3")
+    """serve.py with a queue of one, a 3-second time limit, uploads within 4 s at 1 kB/s at least."""
+    yield from start_server(video_run, tmp_path_factory.mktemp("strict"), "--max-queue", "1", "--time-limit", "3",
+                            "--upload-time-limit", "4", "--upload-min-rate-kb", "1")
 
 
 def test_full_queue_gets_503_and_a_stalled_upload_408(strict_server, real_clip):
@@ -455,11 +467,165 @@ def test_full_queue_gets_503_and_a_stalled_upload_408(strict_server, real_clip):
         while b"}" not in reply:
             reply += stalled.recv(65536)
     head, _, answer = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408") and "time limit of 3 s" in one_json_error(answer)
+    assert head.startswith(b"HTTP/1.1 408") and "the upload came slower than 1 kB/s" in one_json_error(answer)
     no_temp_files_left(strict_server, wait=5)
     # the place in the queue is free again (a first caption, compiling the model, may not fit in 3 s)
     status, reply = strict_server.caption("notes.avi", b"not a video\n" * 100)
     assert status == 422 and "not a video" in one_json_error(reply)
+
+
+def slow_upload(server, body, content_type, size, every, give_up=15):
+    """POST body to /api/caption `size` bytes every `every` seconds until the server answers: (status, error,
+    seconds until the answer)."""
+    head = (f"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    started, reply = time.monotonic(), b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=give_up) as sock:
+        sock.sendall(head)
+        for start in range(0, len(body), size):
+            if select.select([sock], [], [], every)[0]:  # the server answered
+                break
+            try:
+                sock.sendall(body[start:start + size])
+            except (BrokenPipeError, ConnectionResetError):  # it answered and closed meanwhile
+                break
+        while b"}" not in reply and (data := sock.recv(65536)):
+            reply += data
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), one_json_error(answer), time.monotonic() - started
+
+
+@pytest.mark.parametrize("size, every, refusal, seconds", [
+    (1, 0.5, "the upload came slower than 1 kB/s", 2.0),  # a byte every half second: under the rate at 2 s
+    (1000, 0.5, "the upload took longer than the limit of 4 s", 4.0),  # 2 kB/s: over the rate, past the deadline
+], ids=["trickle", "past-deadline"])
+def test_a_slow_upload_is_cut_off_and_its_place_freed(strict_server, real_clip, size, every, refusal, seconds):
+    """A client trickling its upload holds the only place in the queue until it falls under --upload-min-rate-kb
+    (after the first 2 s) or passes --upload-time-limit: then 408, and the next request is served."""
+    status, error, took = slow_upload(strict_server, *multipart(real_clip.name, real_clip.read_bytes()), size, every)
+    assert status == 408 and error.startswith(refusal) and seconds - 0.1 < took < seconds + 2
+    no_temp_files_left(strict_server, wait=5)
+    status, reply = strict_server.caption("notes.avi", b"not a video\n" * 100)  # not a 503: the place is free
+    assert status == 422 and "not a video" in one_json_error(reply)
+
+
+def test_a_temporary_folder_that_cannot_be_made_loses_no_place(shared_captioner, real_clip, monkeypatch):
+    """mkdtemp failing (a full disk) --max-queue + 1 times: each of those requests gets 503, and the next valid one
+    is served: no place in the queue was lost."""
+    import serve
+
+    made, failed = tempfile.mkdtemp, []
+
+    def full_disk(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(serve.UPLOAD_PREFIX) and len(failed) < 3:
+            failed.append(prefix)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return made(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full_disk)
+    app = serve.create_app(shared_captioner, serve.Settings(max_upload_bytes=20_000_000, max_queue=2))
+    answers = post_in_process(app, [("/api/caption", multipart(real_clip.name, real_clip.read_bytes()))] * 4)
+    assert [(status, one_json_error(body)) for status, body in answers[:3]] == [
+        (503, "cannot store the upload now (No space left on device); try again later")] * 3
+    assert answers[3][0] == 200 and json.loads(answers[3][1])["caption"] and len(failed) == 3
+
+
+def test_tiny_segments_are_refused_and_the_scene_cap_holds(shared_captioner, tmp_path):
+    """segments=1e-9 once made every frame a scene: segments under --min-segment get 400; a video cut into more
+    than --max-scenes scenes gets 413, from its header (fixed windows) or while it is read (auto)."""
+    import serve
+
+    app = serve.create_app(shared_captioner, serve.Settings(max_upload_bytes=20_000_000, max_scenes=2))
+    short = multipart("short.avi", write_clip(tmp_path / "short.avi", 20, 48, 40, fps=10).read_bytes())
+    long = multipart("long.avi", write_clip(tmp_path / "long.avi", 250, 48, 40, fps=10).read_bytes())  # 25 s
+    answers = post_in_process(app, [("/api/scenes", short, "segments=1e-9"), ("/api/scenes", short, "segments=1.5"),
+                                    ("/api/scenes", short, "segments=2"), ("/api/scenes", long, "segments=5"),
+                                    ("/api/scenes", long, "segments=auto")])
+    errors = [(status, one_json_error(body)) for status, body in answers[:2] + answers[3:]]
+    assert errors == [(400, "segments of 1e-09 s are shorter than this server's minimum of 2 s (--min-segment)"),
+                      (400, "segments of 1.5 s are shorter than this server's minimum of 2 s (--min-segment)"),
+                      (413, "long.avi: more than 2 scenes of 5 s (the limit)"),
+                      (413, "long.avi: more than 2 scenes (the limit)")]  # auto: split every 10 s, 3 scenes
+    assert answers[2][0] == 200 and len(json.loads(answers[2][1])["cues"]) == 1
+
+
+def test_a_caption_is_served_while_a_long_video_is_read(shared_captioner, real_clip, tmp_path):
+    """A scene-by-scene request reads its video in the reading pool and takes the model a turn of scenes at a
+    time: a caption sent meanwhile is answered (no 503) before the video is done, after waiting about one turn."""
+    import serve
+    from tools.long_demo import make_long_video
+
+    make_long_video(tmp_path / "four.avi", minutes=4)
+    app = serve.create_app(shared_captioner, serve.Settings(max_upload_bytes=20_000_000, scenes_per_turn=1))
+    clip = multipart(real_clip.name, real_clip.read_bytes())
+    long = multipart("four.avi", (tmp_path / "four.avi").read_bytes())
+    jobs = app.state.service.jobs
+
+    async def caption_during_scenes():
+        # the one decoder both use (beam 5, 1 best, a batch of one) compiled first
+        assert (await asgi_post(app, "/api/caption", *clip, "n_best=1"))[0] == 200
+        scenes = asyncio.create_task(asgi_post(app, "/api/scenes", *long, "job=long"))
+        while not jobs.get("long", {}).get("done"):  # its first turn is over
+            await asyncio.sleep(0.01)
+        caption = await asgi_post(app, "/api/caption", *clip, "n_best=1")
+        return caption, scenes.done(), await scenes
+
+    (status, body), scenes_done_first, (scenes_status, scenes_body) = asyncio.run(caption_during_scenes())
+    assert status == 200 and scenes_status == 200 and not scenes_done_first
+    waited, scenes = json.loads(body)["timings"]["queued_s"], json.loads(scenes_body)["timings"]
+    turn = scenes["caption_s"] / scenes["turns"]
+    assert scenes["turns"] >= 20 and waited <= 2 * turn + 0.2, (waited, scenes)
+
+
+def test_host_beyond_loopback_warns(video_run, monkeypatch, capsys):
+    """The Host check only stops DNS rebinding: listening beyond loopback says so."""
+    import uvicorn
+
+    import serve
+
+    assert [serve.exposure_warning(host) for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost")] == [None] * 4
+    listened = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, **options: listened.append(host))
+    assert serve.main(["--checkpoint", str(video_run), "--host", "0.0.0.0", "--port", str(free_port())]) == 0
+    warning = capsys.readouterr().err.strip()
+    assert listened == ["0.0.0.0"] and warning == serve.exposure_warning("0.0.0.0")
+    assert warning.startswith("warning: --host 0.0.0.0 answers other machines too") and "DNS rebinding" in warning
+    assert serve.exposure_warning("192.168.1.5") and serve.exposure_warning("example.org")
+
+
+def test_upload_folders_of_killed_servers_go_at_start_and_only_those(shared_captioner, tmp_path, monkeypatch):
+    """At start (the app's lifespan) the upload folders of killed servers go: ours by name and marker file, of a
+    process that has ended; nothing else."""
+    import serve
+    from util.atomic import HOST, owner_tag
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    dead = f"s2vt-{HOST}-{ended.pid}"
+    folders = {f"{serve.UPLOAD_PREFIX}{dead}-killed": serve.MARKER_TEXT,
+               f"{serve.UPLOAD_PREFIX}{owner_tag()}-live": serve.MARKER_TEXT,  # this process's: in use
+               f"{serve.UPLOAD_PREFIX}{dead}-nomarker": None,  # our name, no marker: not known to be ours
+               f"{serve.UPLOAD_PREFIX}{dead}-othermarker": "another program's\n",
+               f"other-{dead}-killed": serve.MARKER_TEXT}  # another program's name
+    for name, marker in folders.items():
+        (tmp_path / name).mkdir()
+        if marker is not None:
+            (tmp_path / name / serve.MARKER_FILE).write_text(marker)
+    (tmp_path / f"{serve.UPLOAD_PREFIX}{dead}-link").symlink_to(tmp_path / f"other-{dead}-killed")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    app = serve.create_app(shared_captioner)
+    events, sent = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}], []
+
+    async def receive():
+        return events.pop(0)
+
+    async def send(message):
+        sent.append(message["type"])
+
+    asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send))
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    kept = [name for name in folders if name != f"{serve.UPLOAD_PREFIX}{dead}-killed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [f"{serve.UPLOAD_PREFIX}{dead}-link"])
 
 
 def test_checkpoint_that_cannot_read_clips_is_refused_at_start(video_run, tmp_path, capsys):
@@ -488,18 +654,43 @@ def test_short_load_of_valid_and_hostile_requests(server, real_clip):
     assert hostile == {"oversized", "overlong", "cut-short", "not-video", "wrong-host"}
 
 
-def test_decoder_cache_keeps_the_most_recently_used(video_run):
-    """A client choosing a new length_penalty each time compiles a decoder each time, but only DECODER_CACHE stay."""
+def test_decoder_cache_keeps_the_most_recently_used(video_run, monkeypatch):
+    """A compiled decoder per beam size, n-best and constraints; only DECODER_CACHE stay."""
     import captioner as captioner_module
+    from decoding import Constraints
 
+    monkeypatch.setattr(captioner_module.backend, "compile_function", lambda models, function: function)
     captioner = Captioner.load(video_run)
-    features = np.random.default_rng(0).normal(size=(captioner.frames, captioner.feature_dim)).astype(np.float32)
-    first = captioner.caption_features(features, beam_size=2, length_penalty=0.0)
-    for penalty in (0.5, 1.0, 1.5, 0.0, 2.0):  # 0.0 used again: kept, the oldest other goes
-        captioner.caption_features(features, beam_size=2, length_penalty=penalty)
+    made = {beam_size: captioner._decoder(beam_size, 1, Constraints()) for beam_size in (2, 3, 4, 5)}
+    assert captioner._decoder(2, 1, Constraints()) is made[2]  # used again: kept, and now the most recent
+    captioner._decoder(6, 1, Constraints())  # the oldest other goes
     assert captioner_module.DECODER_CACHE == 4
-    assert [key[1] for key in captioner._decoders] == [1.0, 1.5, 0.0, 2.0]
-    assert captioner.caption_features(features, beam_size=2, length_penalty=0.0) == first
+    assert [key[0] for key in captioner._decoders] == [4, 5, 2, 6]
+
+
+def test_length_penalty_is_data_not_a_compile(video_run, real_clip, monkeypatch):
+    """Every length_penalty in [0, 10] runs the one compiled beam search (traced once); others get 400."""
+    import decoding
+    import serve
+
+    traced, beam_search = [], decoding.beam_search
+
+    def counted(*args, **kwargs):  # runs once per trace of the compiled decoder
+        traced.append(1)
+        return beam_search(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "beam_search", counted)
+    captioner = Captioner.load(video_run)
+    app = serve.create_app(captioner, serve.Settings(max_upload_bytes=20_000_000))
+    upload = multipart(real_clip.name, real_clip.read_bytes())
+    penalties = ("0", "0.25", "0.7", "1.3", "2", "9.5")
+    answers = post_in_process(app, [("/api/caption", upload, f"beam_size=3&length_penalty={p}") for p in penalties])
+    assert [status for status, _ in answers] == [200] * len(penalties)
+    assert [json.loads(body)["decoding"]["length_penalty"] for _, body in answers] == [float(p) for p in penalties]
+    assert len(traced) == 1 and len(captioner._decoders) == 1
+    refused = post_in_process(app, [("/api/caption", upload, f"length_penalty={p}") for p in ("11", "-1", "nan")])
+    assert [(status, "0 <= length_penalty <= 10" in one_json_error(body)) for status, body in refused] == \
+           [(400, True)] * 3
 
 
 @pytest.fixture(scope="module")

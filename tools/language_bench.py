@@ -133,7 +133,7 @@ def score_run(run_dir, corpus, decodings, choices):
         captioner = Captioner.load(str(checkpoint_of_epoch(run_dir, epoch)))
         features = np.stack([load_feature_file(corpus / "testing_data" / "feat" / f"{v}.npy") for v in ids])
         for name in decodings:
-            captions = captioner.caption_features(features, **DECODING[name])
+            captions = [c.caption for c in captioner.caption_features(features, **DECODING[name])]
             scores = evaluate(dict(zip(ids, captions)), references)
             rows.append({"choice": choice, "epoch": epoch, "decoding": name,
                          **{k: scores[k] for k in ("bleu4", "meteor", "cider")}, **sentence_failures(captions),

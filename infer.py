@@ -149,8 +149,7 @@ def caption_long_video(args, fuse, started):
     return 0
 
 
-@command
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ids_file", nargs="?", help="video ids, one per line (e.g. testing_id.txt)")
     parser.add_argument("out_file", nargs="?", help="where to write `video_id,caption` lines")
@@ -192,6 +191,12 @@ def main(argv=None):
     parser.add_argument("--vtt", help="with --segments: write the cues as WebVTT subtitles here")
     parser.add_argument("--json", help="with --segments: write the cues (start, end, caption, score) as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def parse_args(argv=None):
+    """The flags, checked together; an output that would replace an input or another output is refused here."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.beam_size is None:
         args.beam_size = SEGMENTS_BEAM if args.segments else 1
@@ -220,25 +225,33 @@ def main(argv=None):
                                ("--vtt", args.vtt), ("--json", args.json)],
                               [("IDS_FILE", args.ids_file), ("--labels", args.labels),
                                *(("--video", clip) for clip in args.video or ())])
-    decoding = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best,
-                    no_repeat_ngram=args.no_repeat_ngram, end_rule=not args.no_end_rule)
-    started = time.perf_counter()
-    fuse = [parse_fuse(args.fuse)] if args.fuse else []
-    if args.segments is not None:
-        return caption_long_video(args, fuse, started)
-    if args.video:
-        captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
-        results = captioner.caption([Path(p) for p in args.video], attention=True, errors="return", **decoding)
-        good = [(name, r) for name, r in zip(args.video, results) if not isinstance(r, Exception)]
-        for name, result in zip(args.video, results):
-            if isinstance(result, Exception):
-                print(f"error: {result}", file=sys.stderr)
-            else:
-                print(f"{name},{result.caption}")
-        if args.attention_dir:
-            write_attention_plots([r for _, r in good], [n for n, _ in good], args.attention_dir,
-                                  captioner.frames)
-        return 2 if len(good) < len(results) else 0
+    return args
+
+
+def decoding_options(args):
+    return dict(beam_size=args.beam_size, length_penalty=args.length_penalty, n_best=args.n_best,
+                no_repeat_ngram=args.no_repeat_ngram, end_rule=not args.no_end_rule)
+
+
+def caption_clips(args, fuse):
+    """--video: a `file,caption` line per clip on stdout, an error line per clip that cannot be read (exit 2)."""
+    captioner = Captioner.load(args.checkpoint, args.matmul_dtype, args.batch_size, fuse)
+    results = captioner.caption([Path(p) for p in args.video], attention=True, errors="return",
+                                **decoding_options(args))
+    good = [(name, r) for name, r in zip(args.video, results) if not isinstance(r, Exception)]
+    for name, result in zip(args.video, results):
+        if isinstance(result, Exception):
+            print(f"error: {result}", file=sys.stderr)
+        else:
+            print(f"{name},{result.caption}")
+    if args.attention_dir:
+        write_attention_plots([r for _, r in good], [n for n, _ in good], args.attention_dir, captioner.frames)
+    return 2 if len(good) < len(results) else 0
+
+
+def caption_ids(args, fuse, started):
+    """IDS_FILE OUT_FILE: the captions of features on disk, written whole; n-best, attention plots and scores if
+    asked."""
     with warnings_as_lines():
         video_ids = read_ids(args.ids_file)
     out_dir = Path(args.out_file).resolve().parent
@@ -250,19 +263,10 @@ def main(argv=None):
     feat_dir = Path(args.feat_dir) if args.feat_dir else find_feat_dir(args.ids_file)
     features = read_run_features(feat_dir, video_ids, captioner, "the checkpoint")
     fused_features = [read_run_features(Path(args.fuse_feat_dir) if args.fuse_feat_dir else
-                                        fused_feat_dir(feat_dir, captioner, member), video_ids, member,
-                                        "--fuse")
+                                        fused_feat_dir(feat_dir, captioner, member), video_ids, member, "--fuse")
                       for member, _ in captioner.fused]
-    results = captioner.decode(features, fused_features=fused_features, **decoding)
-    captions = [r.caption for r in results]
-    write_text_atomic(args.out_file, "".join(f"{v},{c}\n" for v, c in zip(video_ids, captions)))
-    if args.n_best > 1:
-        write_text_atomic(f"{args.out_file}.nbest.json", json.dumps(
-            {v: [{"caption": h.caption, "score": h.score, "log_prob": h.log_prob} for h in r.n_best]
-             for v, r in zip(video_ids, results)}, indent=1))
-    if args.attention_dir:
-        write_attention_plots(results, video_ids, args.attention_dir, captioner.frames,
-                              video_dir=args.video_dir or feat_dir.parent / "video")
+    results = captioner.decode(features, fused_features=fused_features, **decoding_options(args))
+    write_outputs(args, video_ids, results, captioner, feat_dir)
     decoder = "greedy" if args.beam_size == 1 else f"beam {args.beam_size}"
     fused = "".join(f" fused with {member.source} (weight {weight:g} against {captioner.weight:g})"
                     for member, weight in captioner.fused)
@@ -271,8 +275,33 @@ def main(argv=None):
     if args.labels:
         wanted = set(video_ids)
         references = {v: refs for v, refs in load_labels(args.labels) if v in wanted}
-        print(format_table(evaluate(dict(zip(video_ids, captions)), references, source=args.out_file)))
+        print(format_table(evaluate({v: r.caption for v, r in zip(video_ids, results)}, references,
+                                    source=args.out_file)))
     return 0
+
+
+def write_outputs(args, video_ids, results, captioner, feat_dir):
+    """OUT_FILE, OUT_FILE.nbest.json (--n-best) and the attention plots (--attention-dir)."""
+    write_text_atomic(args.out_file, "".join(f"{v},{r.caption}\n" for v, r in zip(video_ids, results)))
+    if args.n_best > 1:
+        write_text_atomic(f"{args.out_file}.nbest.json", json.dumps(
+            {v: [{"caption": h.caption, "score": h.score, "log_prob": h.log_prob} for h in r.n_best]
+             for v, r in zip(video_ids, results)}, indent=1))
+    if args.attention_dir:
+        write_attention_plots(results, video_ids, args.attention_dir, captioner.frames,
+                              video_dir=args.video_dir or feat_dir.parent / "video")
+
+
+@command
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    fuse = [parse_fuse(args.fuse)] if args.fuse else []
+    if args.segments is not None:
+        return caption_long_video(args, fuse, started)
+    if args.video:
+        return caption_clips(args, fuse)
+    return caption_ids(args, fuse, started)
 
 
 if __name__ == "__main__":

@@ -174,9 +174,10 @@ def epoch_curves(run_dir, corpus, decoding="no-repeat-2+end"):
     history = pd.read_csv(Path(run_dir) / "history.csv")[["epoch", "val_loss", "val_cider"]]
     test = []
     for epoch in history["epoch"]:
-        captions = Captioner.load(str(checkpoint_of_epoch(run_dir, int(epoch)))).caption_features(
+        results = Captioner.load(str(checkpoint_of_epoch(run_dir, int(epoch)))).caption_features(
             features, **DECODING[decoding])
-        test.append(evaluate(dict(zip(references, captions)), references, use_java=False)["cider"])
+        test.append(evaluate({v: r.caption for v, r in zip(references, results)}, references,
+                             use_java=False)["cider"])
     history["test_cider"] = test
     history.to_csv(Path(run_dir) / "curves.csv", index=False)
     return history

@@ -190,11 +190,7 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
         return log_probs / ops.power(ops.cast(length, "float32"), length_penalty)
 
     def is_done(pool, live_scores):
-        """(batch,): the pool is full and no live hypothesis can still rank above its worst. Words only lower a
-        log-probability, and a length penalty divides it by at most max_len**length_penalty."""
-        full = ops.all(pool["rank"] > NEG_INF, axis=1)
-        best_possible = ops.max(live_scores, axis=1) / ops.power(float(max_len), ops.maximum(length_penalty, 0.0))
-        return full & (best_possible <= ops.min(pool["rank"], axis=1))
+        return search_done(pool["rank"], live_scores, max_len, length_penalty)
 
     def step(state, t):
         states, words, live_scores, pool, history = state
@@ -237,16 +233,31 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     # tokens, parents (max_len, batch, beam); attention (max_len, batch, beam, frames), by the beam extended
     live_scores, pool = end_state[2], end_state[3]
 
-    pool["word"] = ops.full((batch, beam), EOS, "int32")
     live = {"rank": rank(live_scores, steps), "log_prob": live_scores, "end": ops.full((batch, beam), steps - 1, "int32"),
             "parent": ops.take(parents, steps - 1, axis=0), "word": ops.take(tokens, steps - 1, axis=0)}
+    best = _n_best(pool, live, n_best)
+    words, attention = _backtrack(best, tokens, parents, attention)
+    return words, best["rank"], best["log_prob"], attention[:, 0]
+
+
+def _n_best(pool, live, n_best):
+    """The n_best hypotheses of each video: its finished pool's by rank, topped up with its best live ones (dicts of
+    (batch, beam) tensors rank, log_prob, end, parent; live's with its last word too)."""
+    batch, beam = ops.shape(pool["rank"])[0], pool["rank"].shape[1]
+    pool = dict(pool, word=ops.full((batch, beam), EOS, "int32"))
     finished_count = ops.sum(ops.cast(pool["rank"] > NEG_INF, "int32"), 1, keepdims=True)  # (batch, 1)
     place = ops.arange(n_best, dtype="int32")[None]  # (1, n_best)
     pick = ops.where(place < finished_count, place, beam + place - finished_count)  # (batch, n_best)
-    best = {name: backend.batch_gather(ops.concatenate([pool[name], live[name]], 1), pick) for name in pool}
+    return {name: backend.batch_gather(ops.concatenate([pool[name], live[name]], 1), pick) for name in pool}
 
-    words, attention = _backtrack(best, tokens, parents, attention)
-    return words, best["rank"], best["log_prob"], attention[:, 0]
+
+def search_done(pool_ranks, live_scores, max_len, length_penalty):
+    """(batch,): each video's finished pool (batch, beam) is full and none of its live hypotheses can still rank
+    above the pool's worst. Words only lower a log-probability, and a length penalty divides it by at most
+    max_len**length_penalty."""
+    full = ops.all(pool_ranks > NEG_INF, axis=1)
+    best_possible = ops.max(live_scores, axis=1) / ops.power(float(max_len), ops.maximum(length_penalty, 0.0))
+    return full & (best_possible <= ops.min(pool_ranks, axis=1))
 
 
 def _backtrack(hypotheses, tokens, parents, attention):

@@ -16,7 +16,7 @@ start=$(date +%s)
 python -m tools.demo_data "$DATA"
 # 720 training clips; 64 test clips, 16 of them of the 8 (colour, shape, direction) combinations training never shows.
 # Offline there are no ImageNet weights, so the demo uses seeded random VGG16 weights up to block3_pool at 96 px,
-# max-pooled over a 1x1 + 2x2 pyramid (1280-d): measured to keep colour, shape and motion (README, "The demo").
+# max-pooled over a 1x1 + 2x2 pyramid (1280-d): measured to keep colour, shape and motion (docs/demo.md).
 # Clips already extracted (a second run) are skipped.
 for split in training testing; do
   python extract_features.py "$DATA/${split}_data/video" "$DATA/${split}_data/feat" --frames 12 --weights none \

@@ -6,7 +6,7 @@
 Defaults reproduce the MLDS/S2VT features: 80 uniformly sampled frames through VGG16 up to fc2 (fc7, 4096-d)
 with ImageNet weights. `--cnn` also offers vgg19 (fc2, 4096-d), resnet50 and inception_v3 (global average pool,
 2048-d). For VGG, `--layer` picks an earlier layer, run at `--image-size` and `--pool`ed to a pyramid of
-`--grids`; the offline demo uses that (see README). `--stream flow` runs the CNN on images of the optical flow
+`--grids`; the offline demo uses that (see docs/demo.md). `--stream flow` runs the CNN on images of the optical flow
 from each sampled frame to the next decoded one instead of on the frames (S2VT's flow stream, for late fusion in
 infer.py). FEAT_DIR/manifest.json records the settings: a re-run with other settings is refused, clips already
 extracted are skipped, and clips that cannot be read are listed in FEAT_DIR/failed.txt (exit status 1) while the

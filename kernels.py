@@ -1,6 +1,6 @@
 """The speed kernels behind model.py's math, one function each. Each computes what its docstring's formula says;
-tests/test_kernels.py holds the plain version of each (keras.ops, the backend's own gradients) and checks them
-against each other, and tests/test_speed_equivalence.py checks the whole model against a plain step-by-step S2VT.
+tests/test_speed_equivalence.py checks them through the whole model: its StraightforwardS2VT is the plain version
+(keras.ops one step at a time, the backend's own gradients), and the loss, every gradient and the captions agree.
 
 - matmul, sequence_matmul: matmul_dtype="bfloat16" runs the large matmuls in bfloat16 (weights, gates and cell
   states stay float32); about 1.75x faster on CPUs with AVX512-BF16 and on GPU tensor cores.

@@ -24,7 +24,7 @@ from util.errors import command
 
 COLOURS = {"red": (40, 40, 220), "green": (40, 200, 40), "blue": (220, 90, 30), "yellow": (30, 220, 230)}  # BGR
 # Shapes that differ in extent and topology (filled box, hollow ring, thin bar): seeded random VGG features tell
-# them apart far better than square/ring/cross or circle/square/triangle (linear probes, README "The demo").
+# them apart far better than square/ring/cross or circle/square/triangle (linear probes, docs/demo.md).
 SHAPES = ("square", "ring", "bar")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SIZES = {"small": (11, 13), "big": (16, 19)}  # half-width in pixels at FRAME_SIZE

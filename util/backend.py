@@ -281,7 +281,7 @@ def check_tf_config():
     text = os.environ.get("TF_CONFIG")
     if not text:
         raise DataError("TF_CONFIG: not set; --strategy multiworker needs the cluster and this worker's task in it "
-                        "(README, \"Multi-GPU and multi-worker training\")")
+                        "(docs/devices.md)")
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:

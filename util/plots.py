@@ -1,4 +1,4 @@
-"""Figures for training runs and the README, each written atomically as a PNG.
+"""Figures for training runs and the docs, each written atomically as a PNG.
 
     python -m util.plots curves RUN_DIR      (RUN_DIR/curves.png from RUN_DIR/history.csv, as train.py writes it)
 

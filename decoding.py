@@ -37,10 +37,19 @@ class Constraints:
         if not (isinstance(self.no_repeat_ngram, int) and self.no_repeat_ngram >= 0):
             raise ValueError(f"no_repeat_ngram must be a whole number >= 0, not {self.no_repeat_ngram!r}")
 
+    @property
+    def active(self):
+        return bool(self.no_repeat_ngram or self.cannot_end)
+
+    def no_history(self, rows, max_len):
+        """The words written so far, none yet: (rows, max_len) of <PAD>, or (rows, 0) when no constraint reads them,
+        so that unconstrained decoding keeps no record."""
+        return ops.full((rows, max_len if self.active else 0), PAD, "int32")
+
     def apply(self, scores, history, t):
         """scores (rows, vocab) with -inf for the words these constraints forbid at step t, history (rows, max_len)
         holding each row's words written before t (<PAD> after)."""
-        if not self.no_repeat_ngram and not self.cannot_end:
+        if not self.active:
             return scores
         vocab = ops.shape(scores)[-1]
         words = ops.arange(vocab, dtype="int32")[None]  # (1, vocab)
@@ -116,7 +125,7 @@ def greedy(members, max_len, constraints=Constraints()):
                 written(history, t, word)), (word, stepped[0][2])
 
     start = ([member_state for member_state, _ in decoders], ops.full((batch,), BOS, "int32"),
-             ops.zeros((batch,), "bool"), ops.full((batch, max_len), PAD, "int32"))
+             ops.zeros((batch,), "bool"), constraints.no_history(batch, max_len))
     _, (words, attention), _ = backend.scan_until(step, start, max_len, lambda state: ops.all(state[2]))
     attention = ops.where((words == PAD)[:, :, None], 0.0, attention)  # zero after each caption's end, as beam's
     return ops.transpose(words), ops.transpose(attention, (1, 0, 2))
@@ -227,7 +236,7 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     empty_pool = {"rank": ops.full((batch, beam), NEG_INF), "log_prob": ops.full((batch, beam), NEG_INF),
                   "end": ops.zeros((batch, beam), "int32"), "parent": ops.zeros((batch, beam), "int32")}
     start = ([member_state for member_state, _ in decoders], ops.full((batch * beam,), BOS, "int32"), live_scores,
-             empty_pool, ops.full((batch * beam, max_len), PAD, "int32"))
+             empty_pool, constraints.no_history(batch * beam, max_len))
     end_state, (tokens, parents, attention), steps = backend.scan_until(
         step, start, max_len, lambda state: ops.all(is_done(state[3], state[2])))
     # tokens, parents (max_len, batch, beam); attention (max_len, batch, beam, frames), by the beam extended

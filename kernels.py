@@ -3,7 +3,8 @@ tests/test_speed_equivalence.py checks them through the whole model: its Straigh
 (keras.ops one step at a time, the backend's own gradients), and the loss, every gradient and the captions agree.
 
 - matmul, sequence_matmul: matmul_dtype="bfloat16" runs the large matmuls in bfloat16 (weights, gates and cell
-  states stay float32); about 1.75x faster on CPUs with AVX512-BF16 and on GPU tensor cores.
+  states stay float32); large matmuls ran 1.75x faster on a Xeon with AVX512-BF16 (docs/speed.md); GPUs: not
+  measured.
 - lstm_sequence: an LSTM over precomputed input gates with a hand-written backward pass (keras.ops.custom_gradient):
   one recurrent matmul per step, and the recurrent kernel's gradient as one matmul after the loop rather than a
   small one per step.
@@ -27,8 +28,8 @@ def lstm_cell(gates, c):
 
 
 def matmul(a, b, dtype="float32"):
-    """a @ b with both cast to dtype, result float32: bfloat16 runs large matmuls about 1.75x faster on CPUs with
-    AVX512-BF16 (and on GPU tensor cores); gradients flow through the casts."""
+    """a @ b with both cast to dtype, result float32 (bfloat16: faster on CPUs with AVX512-BF16, docs/speed.md);
+    gradients flow through the casts."""
     if dtype == "float32":
         return ops.matmul(a, b)
     return ops.cast(ops.matmul(ops.cast(a, dtype), ops.cast(b, dtype)), "float32")

@@ -61,7 +61,7 @@ class ModelConfig:
     feature_noise: float = field(default=0.1, metadata={
         "help": "training adds uniform(-noise, +noise) to every feature"})
     matmul_dtype: str = field(default="float32", metadata={
-        "help": "precision of the large matmuls: bfloat16 is about 1.6x faster on CPUs with AVX512-BF16 (weights, "
+        "help": "precision of the large matmuls: bfloat16 is faster on CPUs with AVX512-BF16 (docs/speed.md; weights, "
                 "gates and cell states stay float32)", "choices": MATMUL_DTYPES})
     model: str = field(default="s2vt", metadata={
         "help": "s2vt, or meanpool: the frame features' mean feeds an LSTM decoder (model.MeanPool)",

@@ -4,6 +4,7 @@
                     [--device cpu|gpu] [--matmul-dtype float32|bfloat16] [--runs 5] [--objective xe|scst]
     python bench.py --what startup-memory [--videos 1450]
     python bench.py --what feature-files [--videos 6513] [--batch-size 50] [--data-dir DIR]
+    python bench.py --what extract --encoder NAME [--weights DIR] [--batch-size 8]
 
 Runs on the Keras backend of KERAS_BACKEND (tensorflow, the default, or jax). Each figure is the median of --runs
 timed runs after --warmup untimed ones; the first warm-up call is reported apart (first_*_s: compilation
@@ -18,6 +19,11 @@ reports the peak resident memory of train.py over one short epoch of a small mod
 standardising them, validating, saving. feature-files trains on --videos videos (MSR-VTT's 6513) of float16
 features read from their files (--features files) and on 100 videos in memory, with the same model and batch, and
 reports each run's peak anonymous memory (RssAnon: not the page cache) and its second epoch's samples/s.
+extract --encoder times an extract_features.py encoder on --batch-size random frames, computing in float32 and in
+bfloat16: a keras-hub one from its preset folder --weights, else with random weights at its real sizes
+(util.encoders.random_preset), mobilenet_v2 with its installed ImageNet weights; beside frames/s, GFLOP per frame
+(the convolutions' and matmuls' multiply-adds x 2) and the share of this machine's float32 matmul rate (a 1024 x
+1024 matmul, timed the same way) that reaches.
 """
 import argparse
 import json
@@ -162,11 +168,70 @@ def bench_infer(args):
 def bench_extract(args):
     import extract_features
 
+    if args.encoder:
+        return bench_encoder(args)
+
     settings = extract_features.FeatureSettings(weights="none", seed=0, random_weights="numpy")  # VGG16 fc2
     run_cnn, _ = extract_features.build_extractor(settings)
     frames = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
     seconds, first = timed(lambda: run_cnn(frames), max(1, args.runs // 2), 1)
     return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32", "first_cnn_call_s": first}
+
+
+def bench_encoder(args):
+    import tempfile
+
+    import extract_features
+    from util import encoders
+
+    result = {"encoder": args.encoder, "frames_per_call": args.batch_size}
+    with tempfile.TemporaryDirectory() as folder:
+        weights = args.weights
+        if weights is None and encoders.ENCODERS[args.encoder].backbone != encoders.TORCHVISION:
+            weights = encoders.random_preset(args.encoder, folder)
+            result["weights"] = "random, real sizes"
+        for dtype in ("float32", "bfloat16"):
+            settings = extract_features.encoder_settings(args.encoder, weights, compute_dtype=dtype)
+            run_encoder, dim = extract_features.build_extractor(settings)
+            size = settings.read_size
+            frames = np.random.default_rng(0).integers(0, 256, (args.batch_size, size, size, 3), dtype=np.uint8)
+            seconds, first = timed(lambda: run_encoder(frames), args.runs, args.warmup)
+            result.update({f"{dtype}_frames_per_s": args.batch_size / seconds, f"{dtype}_first_call_s": first})
+    result.update(feature_dim=dim, gflop_per_frame=encoder_gflop(args.encoder, settings))
+    result["matmul_gflop_per_s"] = matmul_rate(args.runs, args.warmup)
+    for dtype in ("float32", "bfloat16"):
+        achieved = result["gflop_per_frame"] * result[f"{dtype}_frames_per_s"]
+        result[f"{dtype}_share_of_fp32_matmul_rate"] = achieved / result["matmul_gflop_per_s"]
+    return result
+
+
+def encoder_gflop(name, settings):
+    """Multiply-adds x 2 per frame: of each convolution (output positions x kernel size) for mobilenet_v2; for a
+    ViT of each layer's projections and MLP (tokens x 4d^2 + 2dm) and attention (tokens^2 x 2d), and the patch
+    embedding. The pooling heads (under 1%) are left out."""
+    from util import encoders, mobilenet_v2
+
+    if name == "mobilenet_v2":
+        network = mobilenet_v2.build(settings.image_size)
+        convs = [layer for layer in network.layers if type(layer).__name__ in ("Conv2D", "DepthwiseConv2D")]
+        return sum(2 * np.prod(layer.output.shape[1:3]) * np.prod(layer.kernel.shape) for layer in convs) / 1e9
+    arch = encoders.ENCODERS[name].architecture
+    d, m, patches = arch["hidden_dim"], arch["intermediate_dim"], (settings.image_size // arch["patch_size"]) ** 2
+    tokens = patches + (0 if name.startswith("siglip") else 1)  # SigLIP has no class token
+    layer = 2 * tokens * (4 * d * d + 2 * d * m) + 2 * 2 * tokens * tokens * d
+    return (arch["num_layers"] * layer + 2 * patches * 3 * arch["patch_size"] ** 2 * d) / 1e9
+
+
+def matmul_rate(runs, warmup, n=1024):
+    """GFLOP/s of a float32 n x n matmul on this backend, compiled as the encoders are."""
+    import keras
+
+    from util import backend
+
+    a, b = (np.random.default_rng(i).standard_normal((n, n)).astype(np.float32) for i in (0, 1))
+    matmul = backend.compile_function([], lambda x, y: keras.ops.matmul(x, y))
+    seconds, _ = timed(lambda: backend.to_numpy(matmul(a, b)), max(runs, 5), max(warmup, 1))
+    return 2 * n ** 3 / seconds / 1e9
 
 
 def write_synthetic_corpus(root, videos, frames=80, feature_dim=4096, dtype="float32", captions=3, seed=0):
@@ -263,6 +328,8 @@ def bench_feature_files(args):
 
 
 def main(argv=None):
+    from util.encoders import ENCODERS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--what", choices=("train", "infer", "extract", "startup-memory", "feature-files"),
                         help="default: train, infer and extract")
@@ -279,6 +346,9 @@ def main(argv=None):
     parser.add_argument("--objective", choices=("xe", "scst"), default="xe",
                         help="train: scst times the self-critical step beside the cross-entropy one")
     parser.add_argument("--scst-samples", type=int, default=5)
+    parser.add_argument("--encoder", choices=sorted(ENCODERS),
+                        help="extract: time this extract_features.py --encoder instead of VGG16")
+    parser.add_argument("--weights", help="extract --encoder: its preset folder (default: random weights)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)

@@ -2,6 +2,8 @@
 
     python extract_features.py VIDEO_DIR FEAT_DIR [--frames 80] [--cnn vgg16] [--weights imagenet|none|PATH]
                                [--stream rgb|flow] [--batch-size 32] [--dtype float32] [--ids FILE] [--shard i/n]
+    python extract_features.py VIDEO_DIR FEAT_DIR --encoder NAME [--weights DIR|FILE] [--layer OUTPUT]
+                               [--compute-dtype float32|bfloat16] ...
 
 Defaults reproduce the MLDS/S2VT features: 80 uniformly sampled frames through VGG16 up to fc2 (fc7, 4096-d)
 with ImageNet weights. `--cnn` also offers vgg19 (fc2, 4096-d), resnet50 and inception_v3 (global average pool,
@@ -11,6 +13,13 @@ from each sampled frame to the next decoded one instead of on the frames (S2VT's
 infer.py). FEAT_DIR/manifest.json records the settings: a re-run with other settings is refused, clips already
 extracted are skipped, and clips that cannot be read are listed in FEAT_DIR/failed.txt (exit status 1) while the
 rest go on.
+
+`--encoder` takes today's frame encoders instead of a keras.applications CNN (util/encoders.py, docs/encoders.md):
+clip_vit_base_patch32 and clip_vit_base_patch16 (the projected image embedding), siglip2_base_patch16_224 (the
+pooled embedding), dinov2_small and dinov2_base (`--layer cls`, or `cls+patch_mean`), from the keras-hub preset
+folder given as --weights DIR, each with its preset's preprocessing; and mobilenet_v2 with torchvision's ImageNet
+weights (installed with pip, or a .pth given as --weights FILE). The manifest records the encoder, the weights'
+sha256 and the preprocessing.
 """
 import argparse
 import json
@@ -29,12 +38,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from util import encoders
 from util.atomic import atomic_path, write_text_atomic
 from util.data import manifest_differences, prefetched, read_feature_manifest, read_ids, warnings_as_lines
 from util.errors import DataError, command
 from util.flags import positive_int
-from util.video import (NO_LIMITS, VIDEO_SUFFIXES, VideoError, flow_pair_indices, frame_indices, read_frame_pairs,
-                        read_frames)
+from util.video import (NO_LIMITS, VIDEO_SUFFIXES, VideoError, central_square, flow_pair_indices, frame_indices,
+                        read_frame_pairs, read_frames)
 
 MANIFEST = "manifest.json"
 FC_LAYERS = ("fc1", "fc2")
@@ -51,18 +61,32 @@ FLOW_SCALE = 8.0
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """Everything that decides what a feature file holds; stored as FEAT_DIR/manifest.json."""
-    cnn: str = "vgg16"
-    layer: str = "fc2"
+    """Everything that decides what a feature file holds; stored as FEAT_DIR/manifest.json. Fields added later
+    default to None, which is what a manifest written before them means."""
+    cnn: Optional[str] = "vgg16"  # a keras.applications CNN; None with an encoder
+    layer: str = "fc2"  # the CNN's layer, or the encoder's output
     image_size: int = 224
     pool: Optional[str] = None  # VGG conv layers only
     grids: Optional[Tuple[int, ...]] = None  # VGG conv layers only
-    weights: str = "imagenet"  # imagenet, none or a weights file path
+    weights: str = "imagenet"  # imagenet, none or a weights file path; an encoder's preset folder or .pth file
     seed: Optional[int] = None  # weights "none" only
     random_weights: Optional[str] = None  # weights "none" only: "numpy", drawn the same way on every backend
     frames: int = 80
     dtype: str = "float32"
     stream: str = "rgb"  # rgb: the sampled frames; flow: images of the optical flow from each one (flow_images)
+    encoder: Optional[str] = None  # a util.encoders.ENCODERS name instead of the CNN
+    weights_sha256: Optional[str] = None  # the encoder's weights (util.encoders.weights_sha256)
+    preprocessing: Optional[dict] = None  # the encoder's (util.encoders), JSON-ready; image_size is its center_crop
+    compute_dtype: Optional[str] = None  # the encoder's computation, None meaning float32
+
+    @property
+    def read_size(self):
+        """The side of the square frames read_clip gives: the encoder's resize, else image_size."""
+        return self.preprocessing["resize"] if self.preprocessing else self.image_size
+
+    @property
+    def square_crop(self):
+        return bool(self.preprocessing and self.preprocessing["crop_to_square"])
 
     def manifest(self, feature_dim):
         return {**asdict(self), "grids": list(self.grids) if self.grids else None, "feature_dim": feature_dim}
@@ -95,29 +119,34 @@ def flow_images(pairs):
 def read_clip(path, settings, limits=NO_LIMITS, stop=None):
     """What the CNN sees of one clip: its sampled RGB frames, or with settings.stream "flow" their flow images;
     (frames, size, size, 3) uint8. limits and stop as for util.video.read_frames."""
+    size, crop = settings.read_size, settings.square_crop
     if settings.stream == "flow":
-        return flow_images(read_frame_pairs(path, settings.frames, settings.image_size, limits, stop))
-    return read_frames(path, settings.frames, settings.image_size, limits, stop)
+        return flow_images(read_frame_pairs(path, settings.frames, size, limits, stop, crop))
+    return read_frames(path, settings.frames, size, limits, stop, crop)
 
 
 def sample_decoded(frames_rgb, settings):
     """read_clip for frames already decoded (all of a clip's, RGB, any size)."""
-    size = (settings.image_size, settings.image_size)
+    size = (settings.read_size, settings.read_size)
     if settings.stream == "flow":
         picked = flow_pair_indices(len(frames_rgb), settings.frames)
     else:
         picked = frame_indices(len(frames_rgb), settings.frames)
-    resized = np.stack([cv2.resize(frames_rgb[i], size, interpolation=cv2.INTER_AREA) for i in picked.reshape(-1)])
+    square = central_square if settings.square_crop else (lambda frame: frame)
+    resized = np.stack([cv2.resize(square(frames_rgb[i]), size, interpolation=cv2.INTER_AREA)
+                        for i in picked.reshape(-1)])
     return flow_images(resized.reshape(*picked.shape, *resized.shape[1:])) if settings.stream == "flow" else resized
 
 
 def build_extractor(settings):
-    """The CNN from keras.applications as one compiled function: uint8 frames (n, size, size, 3) -> numpy features
-    (n, dim).
+    """The CNN from keras.applications, or the encoder (util.encoders.build), as one compiled function: uint8 frames
+    (n, size, size, 3) as read_clip gives them -> numpy features (n, dim); and dim.
 
     A VGG conv layer's map is pooled (avg, max or both) to each g x g grid in `grids` and the flattened grids are
     concatenated: a spatial pyramid, so coarse grids keep what the object is and fine ones where it is.
     """
+    if settings.encoder:
+        return encoders.build(settings)
     import keras
 
     from util import backend
@@ -293,6 +322,14 @@ def extract(video_paths, settings, run_cnn, batch_size, on_clip, skip=lambda pat
 
 
 def settings_from_args(args, parser):
+    if args.encoder:
+        if args.cnn or args.image_size:
+            parser.error("--cnn and --image-size are not for --encoder (its preset gives its image size)")
+        return encoder_settings(args.encoder, args.weights, args.layer, args.compute_dtype, frames=args.frames,
+                                dtype=args.dtype, stream=args.stream)
+    if args.compute_dtype != "float32":
+        parser.error("--compute-dtype is for --encoder")
+    args.cnn = args.cnn or "vgg16"
     _, _, default_layer, native_size = CNNS[args.cnn]
     layer = args.layer or default_layer
     if layer == default_layer:
@@ -307,7 +344,7 @@ def settings_from_args(args, parser):
         pool, image_size = args.pool, args.image_size or native_size
     else:
         parser.error(f"--layer is for vgg16/vgg19; {args.cnn} gives its {default_layer} output")
-    weights = args.weights
+    weights = args.weights or "imagenet"
     if weights not in ("imagenet", "none"):
         if not Path(weights).is_file():
             parser.error(f"--weights {weights}: no such weights file")
@@ -316,6 +353,20 @@ def settings_from_args(args, parser):
                            seed=args.seed if weights == "none" else None,
                            random_weights="numpy" if weights == "none" else None, frames=args.frames, dtype=args.dtype,
                            stream=args.stream)
+
+
+def encoder_settings(name, weights=None, layer=None, compute_dtype="float32", **fields):
+    """FeatureSettings of --encoder NAME (fields: frames, dtype, stream): its weights resolved and hashed, its
+    preprocessing from its preset. DataError, one line, for a layer it does not have or weights not found."""
+    outputs = encoders.ENCODERS[name].outputs
+    layer = layer or outputs[0]
+    if layer not in outputs:
+        raise DataError(f"--layer of --encoder {name}: {' or '.join(outputs)}, not {layer}")
+    weights = encoders.resolve_weights(name, weights)
+    preprocessing = encoders.preprocessing(name, weights)
+    return FeatureSettings(cnn=None, layer=layer, image_size=preprocessing["center_crop"], weights=weights,
+                           encoder=name, weights_sha256=encoders.weights_sha256(weights), preprocessing=preprocessing,
+                           compute_dtype=None if compute_dtype == "float32" else compute_dtype, **fields)
 
 
 def parse_shard(text):
@@ -335,9 +386,12 @@ def main(argv=None):
     parser.add_argument("feat_dir")
     parser.add_argument("--ids", help="extract only the clips listed in this file, one name per line")
     parser.add_argument("--frames", type=positive_int, default=80, help="frames sampled uniformly per clip")
-    parser.add_argument("--cnn", choices=sorted(CNNS), default="vgg16")
-    parser.add_argument("--weights", default="imagenet", help="imagenet, none (seeded random) or a weights file")
-    parser.add_argument("--layer", help="VGG layer (default fc2) e.g. block3_pool; others use their avg pool")
+    parser.add_argument("--cnn", choices=sorted(CNNS), help="a keras.applications CNN (default vgg16)")
+    parser.add_argument("--encoder", choices=sorted(encoders.ENCODERS), help="an encoder instead of the CNN")
+    parser.add_argument("--weights", help="--cnn: imagenet (default), none (seeded random) or a weights file; "
+                        "--encoder: its keras-hub preset folder, or mobilenet_v2's .pth (default: the installed one)")
+    parser.add_argument("--layer", help="VGG layer (default fc2) e.g. block3_pool; other CNNs use their avg pool; "
+                        "dinov2 encoders: cls (default) or cls+patch_mean")
     parser.add_argument("--image-size", type=positive_int, help="input size for VGG conv layers")
     parser.add_argument("--pool", choices=("avg", "max", "avg+max"), default="avg",
                         help="pooling of a VGG conv layer's map (avg+max: both, concatenated)")
@@ -346,7 +400,9 @@ def main(argv=None):
                         help="rgb: the CNN sees the sampled frames; flow: images of the optical flow from each to the "
                              "next decoded frame")
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="the stored features'")
+    parser.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="--encoder: the dtype it computes in")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this run's part of the clips")
     parser.add_argument("--seed", type=int, default=0, help="with --weights none: the random weights' seed")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -120,6 +120,17 @@ def manifest_differences(recorded, wanted):
     return {k: (recorded.get(k), v) for k, v in wanted.items() if recorded.get(k) != v}
 
 
+def check_same_extraction(feat_dir, other_dir):
+    """Refuse features in other_dir made with other extraction settings (another CNN or encoder, other weights) than
+    feat_dir's, when both folders have a manifest."""
+    first, other = read_feature_manifest(feat_dir), read_feature_manifest(other_dir)
+    differing = manifest_differences(first, other) if first is not None and other is not None else {}
+    if differing:
+        detail = "; ".join(f"{k}: {here!r} here, {there!r} in {feat_dir}" for k, (there, here) in differing.items())
+        raise DataError(f"{Path(other_dir) / 'manifest.json'}: features made otherwise than the training ones "
+                        f"({detail})")
+
+
 def open_feature_file(path, frames=None, feature_dim=None, mmap=False):
     """One (frames, dim) float feature array, never unpickling, its shape checked; with mmap, memory-mapped: its
     header and size are checked and no data is read."""
@@ -268,6 +279,8 @@ def load_splits(data_dir, val_ids=None, val_fraction=None, seed=0, frames=None, 
     if not training:
         raise DataError(f"{labels_files[0]}: no training videos left after holding out {len(validation)} for "
                         f"validation")
+    if val_feat_dir != feat_dir:
+        check_same_extraction(feat_dir, val_feat_dir)
     in_memory = features_fit_in_memory(feat_dir, training, frames) if features is None else features == "memory"
     train_split = Split(training, feat_dir, frames=frames, in_memory=in_memory)
     val_split = (Split(validation, val_feat_dir, frames=frames, feature_dim=train_split.features.shape[2],

@@ -167,37 +167,39 @@ def flow_pair_indices(frame_count, frames):
     return np.stack([first, np.minimum(first + 1, frame_count - 1)], 1)
 
 
-def read_frames(path, frames, image_size, limits=NO_LIMITS, stop=None):
+def read_frames(path, frames, image_size, limits=NO_LIMITS, stop=None, square_crop=False):
     """Decode `frames` uniformly sampled RGB frames of `path`, resized to image_size: (frames, size, size, 3) uint8.
 
     The frames are chosen before decoding and only they are converted and kept, so memory does not grow with the
     clip's length. They are chosen from the container's frame count (CAP_PROP_FRAME_COUNT), which decoding then
     checks: headers often lie, and when this one did the clip is decoded a second time with the true count.
     limits (ClipLimits) caps the clip (OverLimit); stop(), if given, is asked between frames and True ends decoding
-    with ReadingStopped.
+    with ReadingStopped. square_crop: each frame's central square is resized rather than the whole frame.
     """
-    return _read_picked(path, lambda count: frame_indices(count, frames), image_size, limits, stop)
+    return _read_picked(path, lambda count: frame_indices(count, frames), image_size, limits, stop, square_crop)
 
 
-def read_frame_pairs(path, frames, image_size, limits=NO_LIMITS, stop=None):
+def read_frame_pairs(path, frames, image_size, limits=NO_LIMITS, stop=None, square_crop=False):
     """Like read_frames, each sampled frame with the decoded frame after it (flow_pair_indices):
     (frames, 2, size, size, 3) uint8 RGB; only these 2 * frames frames are kept."""
-    picked = _read_picked(path, lambda count: flow_pair_indices(count, frames).reshape(-1), image_size, limits, stop)
+    picked = _read_picked(path, lambda count: flow_pair_indices(count, frames).reshape(-1), image_size, limits, stop,
+                          square_crop)
     return picked.reshape(frames, 2, *picked.shape[1:])
 
 
-def _read_picked(path, indices_for, image_size, limits, stop):
+def _read_picked(path, indices_for, image_size, limits, stop, square_crop=False):
     """Decode the frames at indices_for(frame count) of `path`, resized: (len(indices), size, size, 3) uint8 RGB."""
     with open_video(path, limits) as video:
         header_count = video.frame_count
-        picked = _decode_picked(video, indices_for(header_count) if header_count > 0 else [], image_size, stop)
+        picked = _decode_picked(video, indices_for(header_count) if header_count > 0 else [], image_size, stop,
+                                square_crop)
     if video.decoded != header_count:
         with open_video(path, limits) as again:
-            picked = _decode_picked(again, indices_for(video.decoded), image_size, stop)
+            picked = _decode_picked(again, indices_for(video.decoded), image_size, stop, square_crop)
     return picked[..., ::-1]  # OpenCV decodes BGR; keras.applications preprocessing expects RGB
 
 
-def _decode_picked(video, indices, image_size, stop):
+def _decode_picked(video, indices, image_size, stop, square_crop=False):
     """Decode every frame of the video, keeping those at `indices` (repeats allowed), each resized at once so a
     high-resolution clip never holds full-size frames: (len(indices), size, size, 3) BGR. Only the kept frames are
     converted (retrieve)."""
@@ -207,5 +209,14 @@ def _decode_picked(video, indices, image_size, stop):
     picked = np.zeros((len(indices), image_size, image_size, 3), np.uint8)
     for index in video.frames(stop):
         if index in wanted:
-            picked[wanted[index]] = cv2.resize(video.retrieve(), (image_size, image_size), interpolation=cv2.INTER_AREA)
+            frame = central_square(video.retrieve()) if square_crop else video.retrieve()
+            picked[wanted[index]] = cv2.resize(frame, (image_size, image_size), interpolation=cv2.INTER_AREA)
     return picked
+
+
+def central_square(image):
+    """The largest square at the centre of an (h, w, ...) image: what encoders trained on centre crops see."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return image[top:top + side, left:left + side]

@@ -1,3 +1,4 @@
+import fcntl
 import json
 import os
 import sys
@@ -24,9 +25,14 @@ import extract_features  # noqa: E402 (needs ROOT on sys.path)
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(request, tmp_path_factory):
     """Eager JAX recompiles each scan at every call: reuse the programs compiled before, kept in pytest's cache
-    folder (.pytest_cache; pytest --cache-clear empties it) from one session to the next."""
-    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
-    backend.cache_compilations(cache.mkdir("xla_cache") if cache else tmp_path_factory.mktemp("xla_cache"))
+    folder (.pytest_cache; pytest --cache-clear empties it) from one session to the next. The JAX child processes
+    of the tests (pytest included) inherit the folder through JAX's environment variables and share it."""
+    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not folder:
+        cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+        folder = cache.mkdir("xla_cache") if cache else tmp_path_factory.mktemp("xla_cache")
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=str(folder), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    backend.cache_compilations(folder)
 
 
 # what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
@@ -93,10 +99,42 @@ def train_video_run(root, settings=VIDEO_SETTINGS, seed=0):
     return run_dir
 
 
+def under_xdist(config):
+    """Whether this process is a pytest -n worker (pytest-xdist gives those their worker input)."""
+    return hasattr(config, "workerinput")
+
+
+def made_once(request, tmp_path_factory, name, make):
+    """make(folder) for the whole test run: under pytest -n, the first worker to ask makes it while the others wait
+    for it (a lock file in the workers' common temporary folder), and all use that one folder."""
+    root = tmp_path_factory.getbasetemp()
+    if under_xdist(request.config):
+        root = root.parent  # <basetemp>/popen-gw<n>: the folder above is the run's
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes
+        if not done.exists():
+            folder.mkdir()
+            made = make(folder)
+            done.write_text(str(made))
+    return Path(done.read_text())
+
+
 @pytest.fixture(scope="session")
-def video_run(tmp_path_factory):
+def video_run(request, tmp_path_factory):
     """A tiny trained run whose features claim to come from VIDEO_SETTINGS, so it captions raw clips."""
-    return train_video_run(tmp_path_factory.mktemp("video_run"))
+    return made_once(request, tmp_path_factory, "video_run", train_video_run)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest -n (--dist loadgroup), each test file runs on one worker, so its module fixtures are made once;
+    test_backends.py's tests, child processes each, are shared out one by one."""
+    if not under_xdist(config):
+        return
+    for item in items:
+        if item.path.name != "test_backends.py":
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 def checkpoint_weights(checkpoint):

@@ -1,8 +1,8 @@
 """One S2VT (and its variants) on TensorFlow and on JAX: the same loss, gradients and captions from the same weights
 and random draws;
 runs trained on one backend caption byte-identically on the other; the JAX path runs with TensorFlow made
-unimportable; the backend-neutral test files pass on JAX too. A Keras process has one backend, so each backend
-runs in child processes (KERAS_BACKEND=tensorflow|jax)."""
+unimportable; the backend-neutral test files pass on JAX too. A Keras process has one backend: each check computes
+on the tests' backend in this process and on the other in one child process (KERAS_BACKEND=tensorflow|jax)."""
 import json
 import os
 import re
@@ -14,10 +14,15 @@ import keras
 import numpy as np
 import pytest
 
+import infer
+import train
 from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
-from model import ModelConfig, build_model
+from model import ModelConfig, build_model, caption_loss
+from util import backend
 
 BACKENDS = ("tensorflow", "jax")
+HERE = backend.BACKEND
+OTHER = "jax" if HERE == "tensorflow" else "tensorflow"
 CONFIG = dict(vocab_size=13, feature_dim=10, frames=7, hidden=16,
               max_caption_len=6)
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}
@@ -32,28 +37,56 @@ def run(backend, argv, timeout=300, env=None, check=True):
     return result.returncode, result.stdout, result.stderr
 
 
-# for each job of the JSON list in argv[2], the loss, gradients and decoded captions of the model in job["weights"]
-# (config job["config"]) with the batch and draws of job["draws"], written to job["out"]
-COMPUTE = """
-import json, sys
+# runs each [module, argv] of the JSON list in argv[2] through module.main(argv) in turn, in one process, and prints
+# [exit status, what it printed] of each as JSON; matmuls in full float32, as in the tests' process
+MAINS = """
+import contextlib, importlib, io, json, sys
 sys.path.insert(0, sys.argv[1])
-import numpy as np
-from model import ModelConfig, build_model, caption_loss
 from util import backend
 backend.full_float32_matmuls()
-for job in json.loads(open(sys.argv[2]).read()):
-    model = build_model(ModelConfig(**json.loads(open(job["config"]).read())))
-    model.load_weights(job["weights"])
-    data = dict(np.load(job["draws"]))
-    features, captions, training = data.pop("features"), data.pop("captions"), bool(data.pop("training"))
-    draws = dict({"noise": None, "encoder_mask": None, "backward_mask": None, "h1_mask": None, "h2_mask": None}, **data)
-    loss, gradients = backend.loss_and_gradients(
-        model, lambda: caption_loss(model(features, captions, training=training, draws=draws)[0], captions))
-    greedy, _ = model.greedy(features)
-    beam, _, log_probs, attention = model.beam_search(features, 3, n_best=3)
-    out = {"loss": loss, "greedy": greedy, "beam": beam, "log_probs": log_probs, "beam_attention": attention}
-    out.update({f"gradient_{i}": g for i, g in enumerate(gradients)})
-    np.savez(job["out"], **backend.to_numpy(out))
+results = []
+for module, argv in json.loads(sys.argv[2]):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = importlib.import_module(module).main(argv)
+    results.append([code, printed.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def mains_on(keras_backend, calls, env=None):
+    """[(exit status, stdout)] of each (module, argv) run through module.main(argv), in turn, in one child process
+    on keras_backend: the command lines as their scripts run them, without a Keras start-up each."""
+    calls = [[module, [str(a) for a in argv]] for module, argv in calls]
+    _, out, _ = run(keras_backend, ["-c", MAINS, ROOT, json.dumps(calls)], timeout=600, env=env)
+    return [tuple(result) for result in json.loads(out.strip().splitlines()[-1])]
+
+
+def compute(jobs):
+    """For each job, the loss, gradients and decoded captions of the model in job["weights"] (config job["config"])
+    with the batch and draws of job["draws"], written to job["out"]."""
+    for job in jobs:
+        model = build_model(ModelConfig(**json.loads(Path(job["config"]).read_text())))
+        model.load_weights(job["weights"])
+        data = dict(np.load(job["draws"]))
+        features, captions, training = data.pop("features"), data.pop("captions"), bool(data.pop("training"))
+        draws = dict({"noise": None, "encoder_mask": None, "backward_mask": None, "h1_mask": None, "h2_mask": None},
+                     **data)
+        loss, gradients = backend.loss_and_gradients(
+            model, lambda: caption_loss(model(features, captions, training=training, draws=draws)[0], captions))
+        greedy, _ = model.greedy(features)
+        beam, _, log_probs, attention = model.beam_search(features, 3, n_best=3)
+        out = {"loss": loss, "greedy": greedy, "beam": beam, "log_probs": log_probs, "beam_attention": attention}
+        out.update({f"gradient_{i}": g for i, g in enumerate(gradients)})
+        np.savez(job["out"], **backend.to_numpy(out))
+
+
+# compute() of the JSON list of jobs in argv[2], on the backend of the child
+COMPUTE = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from test_backends import compute
+compute(json.loads(open(sys.argv[2]).read()))
 """
 
 
@@ -105,12 +138,13 @@ def test_loss_gradients_and_captions_agree_across_backends(tmp_path):
             jobs.append({"attention": " ".join([attention, *variant.values()]), "case": case, "weights": str(weights),
                          "config": str(config_file), "draws": str(draws),
                          "out": str(tmp_path / f"{weights.name.split('.')[0]}-{draws.stem}-BACKEND.npz")})
-    for backend in BACKENDS:
-        jobs_file = tmp_path / f"jobs-{backend}.json"
-        jobs_file.write_text(json.dumps([dict(job, out=job["out"].replace("BACKEND", backend)) for job in jobs]))
-        run(backend, ["-c", COMPUTE, ROOT, jobs_file])
+    on = lambda keras_backend: [dict(job, out=job["out"].replace("BACKEND", keras_backend)) for job in jobs]
+    jobs_file = tmp_path / f"jobs-{OTHER}.json"
+    jobs_file.write_text(json.dumps(on(OTHER)))
+    run(OTHER, ["-c", COMPUTE, ROOT, jobs_file])
+    compute(on(HERE))
     for job in jobs:
-        tf_out, jax_out = (dict(np.load(job["out"].replace("BACKEND", backend))) for backend in BACKENDS)
+        tf_out, jax_out = (dict(np.load(job["out"].replace("BACKEND", name))) for name in BACKENDS)
         gradients = sorted(k for k in tf_out if k.startswith("gradient_"))
         worst = max(float(np.max(np.abs(tf_out[k] - jax_out[k])) / max(np.max(np.abs(tf_out[k])), 1e-8))
                     for k in gradients)
@@ -131,19 +165,26 @@ TINY = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate
 
 
 def test_a_run_trained_on_one_backend_captions_byte_identically_on_the_other(tmp_path):
+    """Each backend trains a run (this one in this process, the other in a child) and both caption both runs,
+    greedily and by beam search."""
     data = write_tiny_mlds(tmp_path / "data")
+    runs = {name: tmp_path / f"run-{name}" for name in BACKENDS}
+    decodings = {"1": ["--beam-size", "1"], "3": ["--beam-size", "3", "--n-best", "2"]}
+    out = lambda trained_on, captioned_on, beam: tmp_path / f"{trained_on}-{captioned_on}-{beam}.txt"
+    captioning = lambda captioned_on: [("infer", [data / "testing_id.txt", out(trained_on, captioned_on, beam),
+                                                  "--checkpoint", runs[trained_on], *decoding])
+                                       for trained_on in BACKENDS for beam, decoding in decodings.items()]
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(runs[HERE]), *TINY]) == 0
+    results = mains_on(OTHER, [("train", ["--data-dir", data, "--ckpt-dir", runs[OTHER], *TINY]),
+                               *captioning(OTHER)])
+    assert [code for code, _ in results] == [0] * 5, results
+    for _, argv in captioning(HERE):
+        assert infer.main([str(a) for a in argv]) == 0
     for trained_on in BACKENDS:
-        run_dir = tmp_path / f"run-{trained_on}"
-        run(trained_on, [ROOT / "train.py", "--data-dir", data, "--ckpt-dir", run_dir, *TINY])
-        outputs = {}
-        for captioned_on in BACKENDS:
-            for decoding in (["--beam-size", "1"], ["--beam-size", "3", "--n-best", "2"]):
-                out = tmp_path / f"{trained_on}-{captioned_on}-{decoding[1]}.txt"
-                run(captioned_on, [ROOT / "infer.py", data / "testing_id.txt", out, "--checkpoint", run_dir, *decoding])
-                outputs[captioned_on, decoding[1]] = out.read_bytes()
-        for beam in ("1", "3"):
-            assert outputs["tensorflow", beam] == outputs["jax", beam], (trained_on, beam)
-        captions = [line.split(",", 1)[1] for line in outputs["jax", "1"].decode().splitlines()]
+        for beam in decodings:
+            assert out(trained_on, "tensorflow", beam).read_bytes() == out(trained_on, "jax", beam).read_bytes(), \
+                (trained_on, beam)
+        captions = [line.split(",", 1)[1] for line in out(trained_on, "jax", "1").read_text().splitlines()]
         print(f"\ntrained on {trained_on}: greedy captions on both backends {sorted(set(captions))}")
         assert all(captions) and len(set(captions)) > 1  # real captions, told apart by the features
 
@@ -173,11 +214,12 @@ def test_the_jax_path_trains_and_captions_without_tensorflow(tmp_path, mlds):
     for split in ("training", "testing"):
         (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
     run_dir, out = tmp_path / "run", tmp_path / "out.txt"
-    _, trained, _ = run("jax", [ROOT / "train.py", "--data-dir", data, "--ckpt-dir", run_dir, *TINY[:-4],
-                                "--epochs", "2"], env=env)
-    run("jax", [ROOT / "infer.py", data / "testing_id.txt", out, "--checkpoint", run_dir, "--beam-size", "2"], env=env)
     clip = sorted((mlds / "testing_data" / "video").iterdir())[0]
-    _, captioned, _ = run("jax", [ROOT / "infer.py", "--video", clip, "--checkpoint", run_dir], env=env)
+    results = mains_on("jax", [("train", ["--data-dir", data, "--ckpt-dir", run_dir, *TINY[:-4], "--epochs", "2"]),
+                               ("infer", [data / "testing_id.txt", out, "--checkpoint", run_dir, "--beam-size", "2"]),
+                               ("infer", ["--video", clip, "--checkpoint", run_dir])], env=env)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    (_, trained), _, (_, captioned) = results
     log = tmp_path / "attempts.log"
     importers = [importer(stack) for stack in log.read_text().split("----")[:-1]] if log.exists() else []
     ours = [path for path in importers if path.startswith(f"{ROOT}/") and "site-packages" not in path]
@@ -200,16 +242,20 @@ def test_requirement_files_pin_the_same_versions():
     assert all(jax_only[name] == version for name, version in default.items() if name in jax_only)
 
 
-# the test files written with keras.ops, numpy and util.backend alone
-NEUTRAL_TESTS = ["test_model.py", "test_beam.py", "test_speed_equivalence.py", "test_roundtrip.py", "test_data.py",
-                 "test_validation.py", "test_captioner.py", "test_variants.py", "test_constraints.py"]
+# the test files written with keras.ops, numpy and util.backend alone, whose code runs on Keras (test_data.py, numpy
+# alone, is not run again), in groups of about equal length that run side by side under pytest -n; less the
+# `pip install -e` of the checkout, which the TensorFlow pass may be running at the same moment
+NEUTRAL_TESTS = [["test_model.py", "test_beam.py", "test_constraints.py"], ["test_speed_equivalence.py"],
+                 ["test_roundtrip.py", "test_validation.py"], ["test_captioner.py", "test_variants.py"]]
+NOT_ON_JAX = "tests/test_captioner.py::test_pip_install_editable_puts_no_generic_name_on_the_path"
 
 
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") == "jax", reason="this run is on JAX already")
-def test_the_backend_neutral_tests_pass_on_jax():
-    code, out, err = run("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 *(f"tests/{name}" for name in NEUTRAL_TESTS)], timeout=900, check=False)
-    print(f"\nKERAS_BACKEND=jax pytest {' '.join(NEUTRAL_TESTS)}: {out.strip().splitlines()[-1]}")
+@pytest.mark.parametrize("files", NEUTRAL_TESTS, ids=lambda files: "+".join(name[5:-3] for name in files))
+def test_the_backend_neutral_tests_pass_on_jax(files):
+    code, out, err = run("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--deselect", NOT_ON_JAX,
+                                 *(f"tests/{name}" for name in files)], timeout=900, check=False)
+    print(f"\nKERAS_BACKEND=jax pytest {' '.join(files)}: {out.strip().splitlines()[-1]}")
     assert code == 0, out[-5000:] + err[-2000:]
 
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,13 +20,13 @@ def test_bench_prints_every_figure_as_json():
     assert figures["matmul_dtype"] == "bfloat16" and figures["beam_size"] == 2
 
 
-def test_feature_files_benchmark_scaled_down(tmp_path):
+def test_feature_files_benchmark_scaled_down(tmp_path, capsys):
     """The MSR-VTT-size benchmark (bench.py --what feature-files) at the demo's feature size and 150 videos."""
-    result = subprocess.run([sys.executable, "bench.py", "--what", "feature-files", "--config", "demo", "--videos",
-                             "150", "--batch-size", "16", "--data-dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    # in this process: bench.py times train.py in child processes
+    assert bench.main(["--what", "feature-files", "--config", "demo", "--videos", "150", "--batch-size", "16",
+                       "--data-dir", str(tmp_path)]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     print(f"\nfeature-files, scaled down: {figures}")
     for name in ("in_memory", "from_files"):
         assert figures[f"{name}_rss_anon_peak_mib"] > 0 and figures[f"{name}_samples_per_s"] > 0

@@ -9,6 +9,7 @@ import pytest
 import extract_features
 import infer
 import train
+from conftest import made_once
 from tools.demo_data import COLOURS, DIRECTIONS, SHAPES, attribute_accuracy, make_corpus, parse_caption
 from util.bleu import corpus_bleu1, read_captions
 from util.data import load_labels
@@ -20,15 +21,19 @@ TRAINING = ["--hidden", "96", "--batch-size", "32", "--learning-rate", "3e-3", "
             "linear", "--teacher-forcing-end", "0.7"]
 
 
-@pytest.fixture(scope="module")
-def demo_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+def make_demo_corpus(root):
     make_corpus(root, train_videos=192, test_seen=8, seed=1, test_unseen=8)
     for split in ("training", "testing"):
         code = extract_features.main([str(root / f"{split}_data" / "video"), str(root / f"{split}_data" / "feat"),
                                       "--frames", "8", *FEATURES])
         assert code == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(request, tmp_path_factory):
+    """Made once, whichever worker asks first under pytest -n."""
+    return made_once(request, tmp_path_factory, "demo_corpus", make_demo_corpus)
 
 
 def test_demo_corpus_holds_unseen_combinations_and_parseable_captions(demo_corpus):

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -90,24 +91,49 @@ def test_shards_partition_the_collection(mlds):
     assert first == {p.name for p in extract_features.list_videos(video_dir, shard=(0, 2))}  # deterministic
 
 
-def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path):
+# extract_features.py in a child that SIGKILLs itself half-way through writing its fifth feature file, four whole
+KILLED_WRITING_THE_FIFTH_FILE = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import extract_features
+from util import backend
+
+backend.full_float32_matmuls()  # as the tests' process computes
+real_save, saved = np.save, []
+
+
+def save_then_die(file, array, *args, **kwargs):
+    if len(saved) == 4:
+        real_save(file, array[:len(array) // 2], *args, **kwargs)
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(file, array, *args, **kwargs)
+    saved.append(file)
+
+
+np.save = save_then_die
+sys.exit(extract_features.main(sys.argv[2:]))
+"""
+
+
+def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path, capsys):
+    """Killed at a set point (while a feature file is half written), not when a timer fires, which a busy machine
+    lets the run outlast. Four clips of 40 frames are 10 whole CNN batches of 16, so the restart's batches are the
+    first run's and its features equal them to the last bit: a frame's features can differ in the last bit with the
+    size of its batch (a last, partial one), which made the files differ when the kill fell after an odd count."""
     make_corpus(tmp_path / "corpus", train_videos=24, test_seen=0, seed=3, test_unseen=8)
     video_dir = tmp_path / "corpus" / "training_data" / "video"
-    command = [sys.executable, str(ROOT / "extract_features.py"), str(video_dir)]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    subprocess.run(command + [str(clean), *FAST, "--frames", "40"], check=True, capture_output=True)
-    process = subprocess.Popen(command + [str(killed), *FAST, "--frames", "40"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while len(list(killed.glob("*.avi.npy"))) < 3 and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    partial = len(list(killed.glob("*.avi.npy")))
-    assert partial < 24, "the run finished before it could be killed"
-    result = subprocess.run(command + [str(killed), *FAST, "--frames", "40"], capture_output=True, text=True)
-    assert result.returncode == 0
-    assert f"skipped {partial}" in result.stdout
+    assert extract_features.main([str(video_dir), str(clean), *FAST, "--frames", "40"]) == 0
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITING_THE_FIFTH_FILE, str(ROOT), str(video_dir),
+                             str(killed), *FAST, "--frames", "40"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert len(list(killed.glob("*.avi.npy"))) == 4
+    assert [p for p in killed.iterdir() if p.name.startswith(".")]  # the half-written file, under its temporary name
+    capsys.readouterr()
+    assert extract_features.main([str(video_dir), str(killed), *FAST, "--frames", "40"]) == 0
+    assert "skipped 4" in capsys.readouterr().out
     names = sorted(p.name for p in clean.glob("*.npy"))
     assert names == sorted(p.name for p in killed.glob("*.npy")) and len(names) == 24
     assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temp file left behind

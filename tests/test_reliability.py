@@ -27,8 +27,8 @@ import infer
 import sampling
 import train
 from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, checkpoint_weights, optimizer_iterations, write_tiny_mlds
-from tools import release
-from util import bleu, evaluate
+from tools import convert_run, release
+from util import backend, bleu, evaluate
 from util.checkpoints import latest_checkpoint, read_state
 
 # a tiny run with dropout, feature noise and scheduled sampling all on; 23 videos (one held out for validation)
@@ -403,6 +403,15 @@ def backend_run(backend_name, argv):
                           env={**os.environ, "KERAS_BACKEND": backend_name})
 
 
+def convert_on_tensorflow(argv, capsys):
+    """(exit status, stdout, stderr) of `python -m tools.convert_run ARGV` on TensorFlow: its main(argv) in this
+    process when the tests run on TensorFlow, else a child process."""
+    if backend.BACKEND == "tensorflow":
+        return run_cli(convert_run.main, argv, capsys)
+    result = backend_run("tensorflow", ["-m", "tools.convert_run", *argv])
+    return result.returncode, result.stdout, result.stderr
+
+
 def error_lines(stderr):
     """The `error: ` lines of a child's stderr, which also holds TensorFlow's C++ start-up log; no traceback."""
     assert "Traceback" not in stderr, stderr[-3000:]
@@ -430,10 +439,9 @@ def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path,
     weights_only = tmp_path / "old-weights-only"
     for source, target, epoch in ((old, new, 2), (weights_only, tmp_path / "old-weights-only-converted", None)):
         # the second without NEW_RUN: OLD_RUN-converted beside it
-        converted = backend_run("tensorflow", ["-m", "tools.convert_run", source,
-                                               *([target] if target == new else [])])
-        assert converted.returncode == 0, converted.stderr[-3000:]
-        assert converted.stdout.strip().splitlines()[-1] == f"converted {source} -> {target}"
+        code, out_text, err = convert_on_tensorflow([source, *([target] if target == new else [])], capsys)
+        assert code == 0, err[-3000:]
+        assert out_text.strip().splitlines()[-1] == f"converted {source} -> {target}"
         assert sorted(p.name for p in target.iterdir()) == ["best", "config.json", "history.csv", "vocab.json"]
         (checkpoint,) = (target / "best").iterdir()
         assert sorted(p.name for p in checkpoint.iterdir()) == ["model.weights.h5", "state.json"]  # no optimizer
@@ -447,12 +455,11 @@ def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path,
 
     # converting onto an existing folder, or where the folder cannot be, is refused in one line, leaving it be
     before = folder_state(new)
-    again = backend_run("tensorflow", ["-m", "tools.convert_run", old, new])
-    assert again.returncode == 2 and error_lines(again.stderr) == [
-        f"error: {new}: already exists; choose another folder"]
-    nowhere = backend_run("tensorflow", ["-m", "tools.convert_run", old, tmp_path / "no" / "such" / "run"])
-    assert nowhere.returncode == 2
-    (line,) = error_lines(nowhere.stderr)
+    code, _, err = convert_on_tensorflow([old, new], capsys)
+    assert code == 2 and error_lines(err) == [f"error: {new}: already exists; choose another folder"]
+    code, _, err = convert_on_tensorflow([old, tmp_path / "no" / "such" / "run"], capsys)
+    assert code == 2
+    (line,) = error_lines(err)
     assert line.startswith(f"error: {tmp_path / 'no' / 'such' / 'run'}: ")
     # JAX cannot read tf.train checkpoints
     on_jax = backend_run("jax", ["-m", "tools.convert_run", old, tmp_path / "other"])

@@ -66,9 +66,9 @@ def error_lines(err):
     return [line for line in err.splitlines() if line.startswith(("error:", "Traceback"))]
 
 
-def test_a_second_train_py_into_a_folder_in_use_is_refused_and_the_first_run_is_intact(tmp_path):
+def test_a_second_train_py_into_a_folder_in_use_is_refused_and_the_first_run_is_intact(tmp_path, capsys):
     """The first train.py is stopped (SIGSTOP) once it holds its folder, so that it is still running however fast
-    the machine, until the second has been refused."""
+    the machine, until the second (its main(), in this process) has been refused."""
     data, run_dir = write_tiny_mlds(tmp_path / "data"), tmp_path / "run"
     command = [sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--ckpt-dir", str(run_dir)]
     with open(tmp_path / "first.err", "w") as err:
@@ -80,10 +80,11 @@ def test_a_second_train_py_into_a_folder_in_use_is_refused_and_the_first_run_is_
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()[-3000:]
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)
-        second = subprocess.run([*command, *TINY, "--epochs", "3", "--hidden", "16"], capture_output=True, text=True,
-                                timeout=120)
-        assert second.returncode == 2 and second.stdout == "", second.stderr[-3000:]
-        (line,) = error_lines(second.stderr)
+        capsys.readouterr()
+        assert run_train(data, run_dir, "--epochs", "3", "--hidden", "16") == 2
+        out, err = capsys.readouterr()
+        assert out == "", err[-3000:]
+        (line,) = error_lines(err)
         assert line.startswith(refusal(run_dir, first.pid)), line
         assert line.endswith("wait for it to end, or give another --ckpt-dir")
     finally:

@@ -231,13 +231,14 @@ def test_the_jax_path_trains_and_captions_without_tensorflow(tmp_path, mlds):
 
 
 def test_requirement_files_pin_the_same_versions():
-    """requirements-jax.txt is requirements.txt less TensorFlow and TensorBoard, plus JAX."""
+    """requirements-jax.txt is requirements.txt less TensorFlow, TensorBoard, tensorflow-text and keras-hub (which
+    the JAX install takes with --no-deps: its metadata requires tensorflow-text, hence TensorFlow), plus JAX."""
     def pins(name):
         lines = (ROOT / name).read_text().splitlines()
         return dict(re.split(r"(?=[=<>])", line, 1) for line in lines if line and not line.startswith(("#", "-")))
 
     default, jax_only = pins("requirements.txt"), pins("requirements-jax.txt")
-    assert set(default) - set(jax_only) == {"tensorflow", "tensorboard"}
+    assert set(default) - set(jax_only) == {"tensorflow", "tensorboard", "tensorflow-text", "keras-hub"}
     assert set(jax_only) - set(default) == {"jax", "jaxlib"}
     assert all(jax_only[name] == version for name, version in default.items() if name in jax_only)
 

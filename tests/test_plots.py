@@ -133,3 +133,23 @@ def test_caption_grid(tmp_path):
     assert width == 4 * 3 * DPI and height > 2 * 2.2 * DPI  # 4 columns of 3 in, 2 rows of 2.2 in images
     with pytest.raises(ValueError):
         caption_grid([], tmp_path / "empty.png")
+
+
+def test_curves_are_drawn_at_a_sessions_first_and_final_epochs_and_every_30_s_between(tmp_path, monkeypatch):
+    from util import run_folder
+
+    clock, drawn = [0.0], []
+    monkeypatch.setattr(run_folder.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(run_folder, "plot_training_curves",
+                        lambda history_csv, out_png, metric: drawn.append(len(pd.read_csv(history_csv))))
+    run = run_folder.RunFolder(tmp_path, claim=object(), select_metric="loss")
+    history = []
+    for epoch, seconds in enumerate([5, 5, 25, 5, 5, 5], start=1):  # an epoch ends at 5, 10, 35, 40, 45, 50 s
+        clock[0] += seconds
+        history.append({"epoch": epoch, "teacher_forcing_prob": 1.0, "train_loss": 1.0 / epoch})
+        run.record_epoch(history, final=epoch == 6)
+        assert len(pd.read_csv(tmp_path / "history.csv")) == epoch  # history.csv every epoch
+    assert drawn == [1, 3, 6]  # the first; 30 s after it; the final
+    other_worker = run_folder.RunFolder(tmp_path / "worker", claim=None, select_metric="loss")
+    other_worker.record_epoch(history, final=True)
+    assert drawn == [1, 3, 6] and not (tmp_path / "worker").exists()

@@ -29,6 +29,9 @@ from util.errors import DataError
 from util.plots import plot_training_curves
 
 RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
+# curves.png is drawn again after this many seconds at most: a drawing takes about half a CPU second, which a plot
+# per epoch spent over and over in runs of short epochs
+CURVES_EVERY_S = 30
 LOCK_FILE = ".lock"
 
 
@@ -252,9 +255,10 @@ class RunFolder:
     """What the chief writes into the run folder (the other workers write nothing): config.json, vocab.json,
     val_ids.txt, checkpoints in last/ and best/, history.csv, curves.png, TensorBoard scalars.
 
-    At the end of an epoch its files are written in this order, each whole: history.csv (and curves.png, TensorBoard),
-    then best/ (when the epoch improved), then last/. The last/ checkpoint is the commit: a process killed before it
-    is resumed from the previous one, and reconcile_best / read_history drop or adopt what went further."""
+    At the end of an epoch its files are written in this order, each whole: history.csv (with TensorBoard's scalars
+    and, when due, curves.png), then best/ (when the epoch improved), then last/. The last/ checkpoint is the
+    commit: a process killed before it is resumed from the previous one, and reconcile_best / read_history drop or
+    adopt what went further."""
 
     def __init__(self, path, claim, select_metric, keep_last=3):
         """claim: this process's Claim on the folder, None on the workers other than the chief."""
@@ -262,6 +266,7 @@ class RunFolder:
         self.chief = claim is not None
         self.history_path = self.path / "history.csv"
         self.write_scalars = None
+        self.curves_drawn_at = None  # time.monotonic() of this session's last drawing
 
     def start(self, config, run_settings, vocab, trained_on, cannot_end):
         """A new run: move a run there aside (--overwrite), then write the run's files."""
@@ -301,19 +306,23 @@ class RunFolder:
         """summary_writer: util.backend's (no Keras here), which makes none on JAX."""
         self.write_scalars = summary_writer(self.path / "tensorboard") if self.chief else None
 
-    def record_epoch(self, history):
-        """The newest epoch's row as TensorBoard scalars, then history.csv and curves.png."""
+    def record_epoch(self, history, final=False):
+        """The newest epoch's row as TensorBoard scalars, then history.csv, then curves.png: at the session's first
+        epoch and its final one (the last, or an early stop), and in between once CURVES_EVERY_S have passed."""
         if self.write_scalars:
             row = history[-1]
             self.write_scalars(row["epoch"], {k: v for k, v in row.items() if isinstance(v, float)})
         self.write_history(history)
+        now = time.monotonic()
+        if self.chief and (final or self.curves_drawn_at is None or now - self.curves_drawn_at >= CURVES_EVERY_S):
+            plot_training_curves(self.history_path, self.path / "curves.png", self.select_metric)
+            self.curves_drawn_at = now
 
     def write_history(self, history):
         if not self.chief:
             return
         with atomic_path(self.history_path) as tmp:
             pd.DataFrame(history).to_csv(tmp, index=False)
-        plot_training_curves(self.history_path, self.path / "curves.png", self.select_metric)
 
     def save_checkpoint(self, folder, step, model, state, optimizer=None, keep=3):
         """The chief's checkpoint of now in folder (last or best), or None on the other workers."""

@@ -128,6 +128,7 @@ def draws_file(tmp_path, name, training, teacher_forcing_prob):
     return path
 
 
+@pytest.mark.slow
 def test_loss_gradients_and_captions_agree_across_backends(tmp_path):
     jobs = []
     for attention, variant in (("none", {}), ("bahdanau", {}), ("luong", {}), ("luong", {"encoder": "bidirectional"}),
@@ -164,6 +165,7 @@ TINY = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate
         "--epochs", "8", "--schedule", "constant", "--teacher-forcing-start", "0.9"]
 
 
+@pytest.mark.slow
 def test_a_run_trained_on_one_backend_captions_byte_identically_on_the_other(tmp_path):
     """Each backend trains a run (this one in this process, the other in a child) and both caption both runs,
     greedily and by beam search."""
@@ -204,6 +206,7 @@ def importer(stack):
     return files[-1] if files else "?"
 
 
+@pytest.mark.slow
 def test_the_jax_path_trains_and_captions_without_tensorflow(tmp_path, mlds):
     blocker = tmp_path / "blocked" / "tensorflow"
     blocker.mkdir(parents=True)
@@ -251,6 +254,7 @@ NEUTRAL_TESTS = [["test_model.py", "test_beam.py", "test_constraints.py"], ["tes
 NOT_ON_JAX = "tests/test_captioner.py::test_pip_install_editable_puts_no_generic_name_on_the_path"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") == "jax", reason="this run is on JAX already")
 @pytest.mark.parametrize("files", NEUTRAL_TESTS, ids=lambda files: "+".join(name[5:-3] for name in files))
 def test_the_backend_neutral_tests_pass_on_jax(files):

@@ -1,14 +1,16 @@
 """train.py -> checkpoint -> resume -> infer.py on a tiny configuration."""
+import json
 import os
 import signal
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import infer
 from decoding import NO_REPEAT_NGRAM, Constraints
 import train
-from conftest import checkpoint_weights, optimizer_iterations
+from conftest import checkpoint_weights, optimizer_iterations, write_tiny_mlds
 from util import backend
 from model import load_model
 from util.checkpoints import latest_checkpoint, read_state
@@ -40,11 +42,21 @@ def interrupt_after(steps, monkeypatch):
     monkeypatch.setattr(backend, "make_train_step", make_interrupting_step)
 
 
-def test_train_resume_continues_exactly_and_infer_writes_captions(tiny_data, tmp_path, capsys, monkeypatch):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    flags = ["--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5"]
+FLAGS = ["--epochs", "3", "--schedule", "constant", "--teacher-forcing-start", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data, run): a run trained straight through on tiny data, which the tests read and never change."""
+    data = write_tiny_mlds(tmp_path_factory.mktemp("roundtrip") / "data")
+    assert run_train(data, data.parent / "straight", *FLAGS) == 0
+    return data, data.parent / "straight"
+
+
+def test_train_resume_continues_exactly_and_infer_writes_captions(trained, tmp_path, capsys, monkeypatch):
+    tiny_data, straight = trained
+    resumed, flags = tmp_path / "resumed", FLAGS
     steps_per_epoch = -(-69 // 8)  # 23 videos x 3 captions (one video held out for validation), batch 8
-    assert run_train(tiny_data, straight, *flags) == 0
     with monkeypatch.context() as patch:
         interrupt_after(steps_per_epoch + 3, patch)
         assert run_train(tiny_data, resumed, *flags) == 130  # Ctrl-C in epoch 2
@@ -94,37 +106,34 @@ def folder_state(folder):
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
 
 
-def test_resume_refuses_changed_training_flags_naming_each_and_writes_nothing(tiny_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    assert run_train(tiny_data, run_dir, "--epochs", "1") == 0
+def test_resume_refuses_changed_training_flags_naming_each_and_writes_nothing(trained, capsys):
+    tiny_data, run_dir = trained
     before = folder_state(run_dir)
     capsys.readouterr()
     changed = {"--batch-size": ("8", "6"), "--seed": ("0", "3"), "--pairs": ("all", "sample"),
-               "--epochs": ("1", "4"), "--schedule": ("linear", "inverse_sigmoid"),
-               "--teacher-forcing-end": ("0.8", "0.2"), "--learning-rate": ("0.01", "0.02"),
+               "--epochs": ("3", "4"), "--schedule": ("constant", "inverse_sigmoid"),
+               "--teacher-forcing-start": ("0.5", "1.0"), "--teacher-forcing-end": ("0.8", "0.2"),
+               "--learning-rate": ("0.01", "0.02"),
                "--clip-norm": ("5.0", "1.0"), "--dropout": ("0.5", "0.1"), "--feature-noise": ("0.1", "0.0"),
                "--val-fraction": ("None", "0.2"), "--select-metric": ("loss", "cider"),
                "--matmul-dtype": ("float32", "bfloat16"), "--model": ("s2vt", "meanpool"),
                "--encoder": ("unidirectional", "bidirectional"), "--init-from": ("None", "elsewhere")}
     for flag, (old, new) in changed.items():
-        argv = ["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, "--epochs", "1", flag, new,
-                "--resume"]
+        argv = ["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, *FLAGS, flag, new, "--resume"]
         assert train.main(argv) == 2, flag
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {run_dir}: cannot resume with changed training settings")
         assert f"{flag}: {old} saved, {new} asked" in err[0], err[0]
     # several at once: one line naming each
-    assert train.main(["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, "--epochs", "1",
+    assert train.main(["--data-dir", str(tiny_data), "--ckpt-dir", str(run_dir), *TINY, *FLAGS,
                        "--hidden", "32", "--seed", "5", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--hidden: 16 saved, 32 asked; --seed: 0 saved, 5 asked" in err
     assert folder_state(run_dir) == before
 
 
-def test_infer_refuses_an_unknown_id(tiny_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    assert run_train(tiny_data, run_dir, "--epochs", "1") == 0
-    capsys.readouterr()
+def test_infer_refuses_an_unknown_id(trained, tmp_path, capsys):
+    tiny_data, run_dir = trained
     ids = tmp_path / "ids.txt"
     ids.write_text("testing_000.avi\nno_such_video.avi\n")
     out = tmp_path / "out.txt"
@@ -136,11 +145,8 @@ def test_infer_refuses_an_unknown_id(tiny_data, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_infer_beam_search_n_best_and_attention_plots(tiny_data, tmp_path):
-    import json
-
-    run_dir = tmp_path / "run"
-    assert run_train(tiny_data, run_dir, "--epochs", "2") == 0
+def test_infer_beam_search_n_best_and_attention_plots(trained, tmp_path):
+    tiny_data, run_dir = trained
     ids_file = tiny_data / "testing_id.txt"
     greedy_out, beam_out = tmp_path / "greedy.txt", tmp_path / "beam.txt"
     assert infer.main([str(ids_file), str(greedy_out), "--checkpoint", str(run_dir)]) == 0

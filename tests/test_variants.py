@@ -217,10 +217,11 @@ def test_a_run_saved_before_the_variants_resumes(tiny_data, tmp_path, capsys):
 
 # ---- --init-from ----
 
-@pytest.fixture
-def image_run(tmp_path):
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
     """A run on one-frame "videos" whose captions hold a word the video data has not ("kitten") and lack some of
-    its words."""
+    its words; trained once, never changed by the tests."""
+    tmp_path = tmp_path_factory.mktemp("init_from")
     images = write_tiny_mlds(tmp_path / "images", frames=1, dim=12, seed=5)
     labels = json.loads((images / "training_label.json").read_text())
     for entry in labels:

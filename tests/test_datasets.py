@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -533,9 +534,10 @@ def test_unknown_dataset_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_prepared_msvd_runs_through_extract_train_infer_evaluate(tmp_path, capsys):
+def test_prepared_msvd_runs_through_extract_train_infer_evaluate(tmp_path, capsys, monkeypatch):
     """The chain on a small MSVD-format set with real clips. Written against today's train.py (it validates on
-    the testing split); adapt when train.py takes validation_label.json."""
+    the testing split); adapt when train.py takes validation_label.json. util.evaluate runs without Java here
+    (METEOR's start-up alone takes 10 s of CPU; tests/test_evaluate.py runs it)."""
     rng = np.random.default_rng(0)
     plan = [("red", "square", "left"), ("blue", "ring", "up"), ("green", "bar", "right"), ("yellow", "square", "down"),
             ("red", "ring", "down"), ("blue", "bar", "left"), ("green", "square", "up"), ("yellow", "ring", "right")]
@@ -567,5 +569,6 @@ def test_prepared_msvd_runs_through_extract_train_infer_evaluate(tmp_path, capsy
     assert [line.split(",")[0] for line in captions.read_text().splitlines()] == ["clip1301_0_2.avi",
                                                                                   "clip1302_0_2.avi"]
     capsys.readouterr()
+    monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
     assert evaluate.main([str(captions), "--labels", str(data / "testing_label.json")]) == 0
     assert "videos: 2" in capsys.readouterr().out

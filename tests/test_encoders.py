@@ -53,11 +53,19 @@ def mobilenet_weights():
 
 
 def test_real_mobilenet_v2_sees_academic_dress_in_grace_hopper_from_a_video_and_from_the_photo(tmp_path,
-                                                                                             mobilenet_weights):
+                                                                                             mobilenet_weights,
+                                                                                             monkeypatch):
     photo = grace_hopper_rgb()
     (tmp_path / "video").mkdir()
     write_still_video(tmp_path / "video" / "hopper.avi", photo)
     out = tmp_path / "feat"
+    built, build = [], extract_features.build_extractor
+
+    def kept(settings):  # MobileNetV2 builds once: the photo below goes through the extractor the command built
+        built.append((settings, build(settings)))
+        return built[-1][1]
+
+    monkeypatch.setattr(extract_features, "build_extractor", kept)
     assert extract_features.main([str(tmp_path / "video"), str(out), "--encoder", "mobilenet_v2", "--frames",
                                   "2"]) == 0
     from_video = np.load(out / "hopper.avi.npy")
@@ -71,7 +79,8 @@ def test_real_mobilenet_v2_sees_academic_dress_in_grace_hopper_from_a_video_and_
     assert manifest["weights_sha256"].startswith("b0353104")  # torchvision names the file after its sha256
     # the photo as decoded frames (what Captioner and the long-video path do) gives the video's features
     settings = extract_features.FeatureSettings.from_manifest(manifest)
-    run_encoder, _ = extract_features.build_extractor(settings)
+    ((built_for, (run_encoder, _)),) = built
+    assert built_for == settings
     from_photo = run_encoder(extract_features.sample_decoded(photo[None], settings))
     np.testing.assert_allclose(from_photo[0], from_video[0], atol=1e-5)
 
@@ -198,7 +207,7 @@ def clip_run(tiny_presets, tmp_path_factory):
         assert extract(root / f"{split}_data" / "video", root / f"{split}_data" / "feat", "clip_vit_base_patch32",
                        tiny_presets["clip_vit_base_patch32"]) == 0
     assert train.main(["--data-dir", str(root), "--ckpt-dir", str(root / "run"), "--frames", "3", "--hidden", "16",
-                       "--batch-size", "16", "--epochs", "1", "--min-word-count", "1"]) == 0
+                       "--batch-size", "16", "--epochs", "1", "--min-word-count", "1", "--val-fraction", "0"]) == 0
     return root, root / "run"
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,10 +16,9 @@ import pytest
 
 import extract_features
 import infer
-import train
 from conftest import ROOT
 from tools.demo_data import make_corpus
-from util import video
+from util import backend, video
 from util.checkpoints import latest_checkpoint
 from util.errors import DataError
 
@@ -35,17 +35,36 @@ def write_clip(path, values, size=(48, 40), fourcc="MJPG"):
     writer.release()
 
 
-def test_real_clips_give_80_by_4096_features(mlds, tmp_path):
+def test_real_clips_give_80_by_4096_features(mlds, tmp_path, monkeypatch):
+    """The defaults sample 80 frames a clip through VGG16 up to fc2 (4096-d): a real clip goes through the whole
+    network at full size with --frames 2, and the defaults' run, the CNN stubbed, gives 80 rows and the same
+    manifest but for its frame count (80 frames of VGG16 at 224 px take half a minute of CPU)."""
     video_dir = mlds / "testing_data" / "video"
     ids = tmp_path / "ids.txt"
     ids.write_text(sorted(os.listdir(video_dir))[0] + "\n")
     out = tmp_path / "feat"
-    assert extract_features.main([str(video_dir), str(out), "--weights", "none", "--ids", str(ids)]) == 0
+    assert extract_features.main([str(video_dir), str(out), "--weights", "none", "--ids", str(ids), "--frames",
+                                  "2"]) == 0
     (feature_file,) = out.glob("*.avi.npy")
     features = np.load(feature_file)
-    assert features.shape == (80, 4096) and features.dtype == np.float32 and np.isfinite(features).all()
+    assert features.shape == (2, 4096) and features.dtype == np.float32 and np.isfinite(features).all()
+    assert features.std() > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cnn"] == "vgg16" and manifest["layer"] == "fc2" and manifest["feature_dim"] == 4096
+    assert manifest["image_size"] == 224 and manifest["frames"] == 2
+
+    built = []
+
+    def stub_cnn(settings):  # the settings the defaults give, and a CNN of VGG16 fc2's output size
+        built.append(settings)
+        return (lambda frames_rgb: np.zeros((len(frames_rgb), 4096), np.float32)), 4096
+
+    monkeypatch.setattr(extract_features, "build_extractor", stub_cnn)
+    defaults = tmp_path / "defaults"
+    assert extract_features.main([str(video_dir), str(defaults), "--weights", "none", "--ids", str(ids)]) == 0
+    assert np.load(defaults / feature_file.name).shape == (80, 4096)
+    assert built == [extract_features.FeatureSettings.from_manifest(dict(manifest, frames=80))]
+    assert json.loads((defaults / "manifest.json").read_text()) == dict(manifest, frames=80)
 
 
 def test_real_clips_decode_and_sample_uniformly(mlds):
@@ -122,7 +141,7 @@ def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path, capsys):
     lets the run outlast. Four clips of 40 frames are 10 whole CNN batches of 16, so the restart's batches are the
     first run's and its features equal them to the last bit: a frame's features can differ in the last bit with the
     size of its batch (a last, partial one), which made the files differ when the kill fell after an odd count."""
-    make_corpus(tmp_path / "corpus", train_videos=24, test_seen=0, seed=3, test_unseen=8)
+    make_corpus(tmp_path / "corpus", train_videos=8, test_seen=0, seed=3, test_unseen=8)
     video_dir = tmp_path / "corpus" / "training_data" / "video"
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert extract_features.main([str(video_dir), str(clean), *FAST, "--frames", "40"]) == 0
@@ -135,7 +154,7 @@ def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path, capsys):
     assert extract_features.main([str(video_dir), str(killed), *FAST, "--frames", "40"]) == 0
     assert "skipped 4" in capsys.readouterr().out
     names = sorted(p.name for p in clean.glob("*.npy"))
-    assert names == sorted(p.name for p in killed.glob("*.npy")) and len(names) == 24
+    assert names == sorted(p.name for p in killed.glob("*.npy")) and len(names) == 8
     assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temp file left behind
     for name in names:
         np.testing.assert_array_equal(np.load(clean / name), np.load(killed / name))
@@ -200,27 +219,35 @@ def test_random_weights_are_drawn_by_numpy_from_the_seed():
             assert not value.any() and not different.any()
 
 
-# extract_features.py --weights none in a child process under one Keras backend
+# extract_features.py --weights none in a child process under the other Keras backend
 EXTRACT_ON = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import extract_features
+from util import backend
+backend.full_float32_matmuls()  # as the tests' process computes
 sys.exit(extract_features.main(sys.argv[2:]))
 """
 
 
-def test_random_weight_features_are_the_same_on_tensorflow_and_jax(tmp_path):
-    """The random CNN is drawn by numpy, so a FEAT_DIR extracted on one backend goes on with the other."""
+def test_random_weight_features_are_the_same_on_tensorflow_and_jax(tmp_path, capsys):
+    """The random CNN is drawn by numpy, so a FEAT_DIR extracted on one backend goes on with the other: extracted
+    on the tests' backend here and on the other in a child process."""
+    here = backend.BACKEND
+    other = "jax" if here == "tensorflow" else "tensorflow"
     write_clip(tmp_path / "a.avi", range(0, 240, 30))
     write_clip(tmp_path / "b.avi", [200 - 20 * (i % 5) for i in range(12)], size=(64, 48))
+    capsys.readouterr()
+    assert extract_features.main([str(tmp_path), str(tmp_path / f"feat_{here}"), *FAST, "--frames", "4"]) == 0
+    assert "extracted 2" in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-c", EXTRACT_ON, str(ROOT), str(tmp_path),
+                             str(tmp_path / f"feat_{other}"), *FAST, "--frames", "4"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "KERAS_BACKEND": other})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "extracted 2" in result.stdout
     features = {}
     for name in ("tensorflow", "jax"):
         out = tmp_path / f"feat_{name}"
-        result = subprocess.run([sys.executable, "-c", EXTRACT_ON, str(ROOT), str(tmp_path), str(out), *FAST,
-                                 "--frames", "4"], capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "KERAS_BACKEND": name})
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert "extracted 2" in result.stdout
         features[name] = {clip: np.load(out / f"{clip}.npy") for clip in ("a.avi", "b.avi")}
         assert json.loads((out / "manifest.json").read_text())["random_weights"] == "numpy"
     assert (tmp_path / "feat_tensorflow" / "manifest.json").read_text() == \
@@ -234,44 +261,37 @@ def test_random_weight_features_are_the_same_on_tensorflow_and_jax(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_video_run(tmp_path_factory):
-    """A tiny model trained on features extract_features.py made from demo clips."""
-    root = tmp_path_factory.mktemp("videos")
-    make_corpus(root, train_videos=16, test_seen=0, seed=2, test_unseen=8)
-    for split in ("training", "testing"):
-        assert extract_features.main([str(root / f"{split}_data" / "video"), str(root / f"{split}_data" / "feat"),
-                                      *FAST, "--frames", "4"]) == 0
-    run_dir = root / "run"
-    assert train.main(["--data-dir", str(root), "--ckpt-dir", str(run_dir), "--frames", "4", "--hidden", "16",
-                       "--batch-size", "16", "--epochs", "1", "--min-word-count", "1"]) == 0
-    return root, run_dir
+def clips(tmp_path_factory):
+    """Two short clips for the session's video_run (tests/conftest.py) to caption."""
+    folder = tmp_path_factory.mktemp("clips")
+    write_clip(folder / "a.avi", range(0, 200, 20))
+    write_clip(folder / "b.avi", [250 - 20 * (i % 6) for i in range(12)], size=(64, 48))
+    return sorted(folder.iterdir())
 
 
-def test_infer_captions_raw_video_files(tiny_video_run, capsys):
-    root, run_dir = tiny_video_run
-    clips = sorted((root / "testing_data" / "video").iterdir())[:2]
+def test_infer_captions_raw_video_files(video_run, clips, capsys):
     capsys.readouterr()
-    assert infer.main(["--video", *map(str, clips), "--checkpoint", str(run_dir)]) == 0
+    assert infer.main(["--video", *map(str, clips), "--checkpoint", str(video_run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(",", 1)[0] for line in lines] == [str(c) for c in clips]
     assert all(line.split(",", 1)[1].strip() for line in lines)
 
 
-def test_infer_video_reports_missing_and_broken_clips(tiny_video_run, tmp_path, capsys):
-    root, run_dir = tiny_video_run
-    good = sorted((root / "testing_data" / "video").iterdir())[0]
+def test_infer_video_reports_missing_and_broken_clips(video_run, clips, tmp_path, capsys):
+    good = clips[0]
     broken = tmp_path / "broken.avi"
     broken.write_text("not a video")
     capsys.readouterr()
-    code = infer.main(["--video", str(good), str(broken), str(tmp_path / "missing.mp4"), "--checkpoint", str(run_dir)])
+    code = infer.main(["--video", str(good), str(broken), str(tmp_path / "missing.mp4"), "--checkpoint",
+                       str(video_run)])
     captured = capsys.readouterr()
     assert code == 2
     assert captured.out.startswith(f"{good},")
     assert "broken.avi: not a video" in captured.err and "missing.mp4: no such file" in captured.err
 
 
-def test_infer_refuses_features_made_with_other_settings(tiny_video_run, tmp_path, capsys):
-    root, run_dir = tiny_video_run
+def test_infer_refuses_features_made_with_other_settings(video_run, tmp_path, capsys):
+    root, run_dir = video_run.parent / "data", video_run
     feat_dir = tmp_path / "feat"
     shutil.copytree(root / "testing_data" / "feat", feat_dir)
     manifest = json.loads((feat_dir / "manifest.json").read_text())
@@ -285,34 +305,36 @@ def test_infer_refuses_features_made_with_other_settings(tiny_video_run, tmp_pat
     assert "manifest.json" in err and "resnet50" in err
 
 
-# extract a short clip (so TensorFlow and the CNN are in memory), then a long one, and report how much the
-# process's peak resident memory (VmHWM) grew for the long one
-LONG_CLIP_PEAK = """
-import re, sys
-sys.path.insert(0, sys.argv[1])
-import extract_features
-peak = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-settings = ["--weights", "none", "--layer", "block1_pool", "--image-size", "160", "--pool", "max", "--grids", "1",
-            "--frames", "80", "--batch-size", "16"]
-assert extract_features.main([sys.argv[2], sys.argv[3], *settings]) == 0
-before = peak()
-assert extract_features.main([sys.argv[4], sys.argv[5], *settings]) == 0
-print(peak() - before)
-"""
+def peak_kib():
+    """This process's peak resident memory (VmHWM) in KiB."""
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/self/status"), reason="reads peak memory from Linux's /proc")
-def test_a_long_clip_keeps_only_its_sampled_frames(tmp_path):
-    """20,000 frames at 64x64: only the 80 sampled frames (at 160 px, 6 MB) are kept, not all 20,000 (1.5 GB)."""
+def test_a_long_clip_keeps_only_its_sampled_frames(tmp_path, monkeypatch):
+    """20,000 frames at 64x64: only the 80 sampled frames (at 160 px, 6 MB) are kept, not all 20,000 (1.5 GB). The
+    peak resident memory restarts from the current one (writing 5 to /proc/self/clear_refs), a short clip is
+    extracted, then the long one with the same CNN: how much further the peak goes."""
+    cnns, build = {}, extract_features.build_extractor
+
+    def built_once(settings):  # both clips through one CNN, as one run over both would
+        if settings not in cnns:
+            cnns[settings] = build(settings)
+        return cnns[settings]
+
+    monkeypatch.setattr(extract_features, "build_extractor", built_once)
     short_dir, long_dir = tmp_path / "short", tmp_path / "long"
     short_dir.mkdir()
     long_dir.mkdir()
     write_clip(short_dir / "short.avi", range(0, 250, 10), size=(64, 64))
     write_clip(long_dir / "long.avi", [i * 250 // 20000 for i in range(20000)], size=(64, 64))
-    result = subprocess.run([sys.executable, "-c", LONG_CLIP_PEAK, str(ROOT), str(short_dir), str(tmp_path / "f1"),
-                             str(long_dir), str(tmp_path / "f2")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    growth_mib = int(result.stdout.split()[-1]) / 1024
+    settings = ["--weights", "none", "--layer", "block1_pool", "--image-size", "160", "--pool", "max", "--grids", "1",
+                "--frames", "80", "--batch-size", "16"]
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    assert extract_features.main([str(short_dir), str(tmp_path / "f1"), *settings]) == 0
+    before = peak_kib()
+    assert extract_features.main([str(long_dir), str(tmp_path / "f2"), *settings]) == 0
+    growth_mib = (peak_kib() - before) / 1024
     all_frames_mib = 20000 * 160 * 160 * 3 / 2**20
     print(f"a 20,000-frame clip: peak memory grew {growth_mib:.0f} MiB (all its frames at 160 px: "
           f"{all_frames_mib:.0f} MiB)")
@@ -348,17 +370,16 @@ def test_an_unexpected_error_in_the_decoding_thread_ends_the_run(tmp_path, capsy
     assert sorted(p.name for p in out.glob("*.npy")) == ["a.avi.npy", "b.avi.npy"]  # finished clips are kept
 
 
-def test_a_run_on_random_features_of_an_older_s2vt_refuses_raw_video(tiny_video_run, tmp_path, capsys):
+def test_a_run_on_random_features_of_an_older_s2vt_refuses_raw_video(video_run, clips, tmp_path, capsys):
     """Its manifest has weights "none" without random_weights: TensorFlow drew that CNN, which no backend draws
     again, so captioning a clip would give features the model never saw."""
-    root, run_dir = tiny_video_run
+    root, run_dir = video_run.parent / "data", video_run
     run = shutil.copytree(run_dir, tmp_path / "run")
     config = json.loads((run / "config.json").read_text())
     del config["features"]["random_weights"]
     (run / "config.json").write_text(json.dumps(config))
-    clip = sorted((root / "testing_data" / "video").iterdir())[0]
     capsys.readouterr()
-    assert infer.main(["--video", str(clip), "--checkpoint", str(run)]) == 2
+    assert infer.main(["--video", str(clips[0]), "--checkpoint", str(run)]) == 2
     out, err = capsys.readouterr()
     lines = [line.rsplit("\r", 1)[-1] for line in err.split("\n") if line.rsplit("\r", 1)[-1].strip()]
     checkpoint = run / "best" / latest_checkpoint(run_dir / "best").name

@@ -1,5 +1,6 @@
 """tools.release and util.releases: export a tiny trained run, serve it from a local HTTP server, fetch it back
 (or refuse it)."""
+import csv
 import fcntl
 import functools
 import gzip
@@ -19,22 +20,17 @@ import h5py
 import pytest
 
 import infer
-import train
-from conftest import write_tiny_mlds
+from conftest import TINY_RUN_FLAGS
 from model import S2VT, ModelConfig, load_model
 from tools.release import export_release, main
 from util import releases
-from util.checkpoints import latest_checkpoint
+from util.checkpoints import latest_checkpoint, read_state
 from util.errors import DataError
 from util.releases import MARKER_FILE, MARKER_TEXT, PARTIAL_PREFIX, remove_stale_partials, resolve_checkpoint, \
     sha256_of
 
 # as every caller fetches: each release loaded into its model before it is put in place
 fetch_release = functools.partial(releases.fetch_release, check_run=load_model)
-
-TINY = [  # as in test_roundtrip.py
-    "--hidden", "16", "--frames", "6", "--batch-size", "8", "--learning-rate", "0.01", "--min-word-count", "1"]
-
 
 class Server:
     """A local HTTP server on 127.0.0.1 serving bytes by path, counting the requests for each path."""
@@ -86,15 +82,12 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """A tiny run trained for one epoch and exported: data, run (folders), bundle (path), sha256."""
-    root = tmp_path_factory.mktemp("release")
-    data = write_tiny_mlds(root / "data")
-    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(root / "run"), *TINY, "--epochs", "1"]) == 0
-    bundle = root / "tiny.tar.gz"
-    digest, size, _ = export_release(root / "run", bundle)
+def release(video_run, tmp_path_factory):
+    """The session's tiny trained run (tests/conftest.py), exported: data, run (folders), bundle (path), sha256."""
+    bundle = tmp_path_factory.mktemp("release") / "tiny.tar.gz"
+    digest, size, _ = export_release(video_run, bundle)
     assert (digest, size) == (sha256_of(bundle), bundle.stat().st_size)
-    return SimpleNamespace(data=data, run=root / "run", bundle=bundle, sha256=digest)
+    return SimpleNamespace(data=video_run.parent / "data", run=video_run, bundle=bundle, sha256=digest)
 
 
 def bundle_files(bundle):
@@ -142,10 +135,13 @@ def test_export_bundle_layout(release):
     assert json.loads(files["feature_manifest.json"]) == json.loads(files["config.json"])["features"]
     assert json.loads(files["MANIFEST.json"]) == json.loads(with_manifest(files)["MANIFEST.json"])
     metrics = json.loads(files["metrics.json"])
-    assert metrics["last"]["epoch"] == 1 and metrics["epoch"] == 1
+    assert metrics["last"]["epoch"] == int(TINY_RUN_FLAGS[TINY_RUN_FLAGS.index("--epochs") + 1])
+    assert metrics["epoch"] == read_state(best)["epoch"]
     # a tiny run's few validation videos choose by the validation loss (validation.MIN_VALIDATION_VIDEOS)
     assert metrics["select_metric"] == "loss" and metrics["split"] == "validation"
-    assert metrics["best_val_loss"] == metrics["last"]["val_loss"]
+    with open(release.run / "history.csv", newline="") as history:
+        val_losses = {int(row["epoch"]): float(row["val_loss"]) for row in csv.DictReader(history)}
+    assert metrics["best_val_loss"] == min(val_losses.values()) == val_losses[metrics["epoch"]]
 
 
 def test_export_holds_no_optimizer_state(release, tmp_path):

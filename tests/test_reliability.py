@@ -362,38 +362,44 @@ def test_resume_without_a_last_checkpoint(tiny, tmp_path, capsys):
     assert folder_state(run) == before
 
 
-# runs of the TensorFlow-only s2vt, made under TensorFlow whatever the tests run on: the config.json and vocab.json
-# of a run, and weights (here: that run's best) in a tf.train checkpoint (best/checkpoint, best/ckpt-1.index,
-# best/ckpt-1.data-00000-of-00001): in OLD as its train.py saved them, with the optimizer and the loop's counters,
-# in OLD-weights-only the model alone; prints the greedy captions those weights give the videos of an ids file, as JSON
-OLD_FORMAT_RUN = """
-import json, shutil, sys
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-import keras
-import numpy as np
-import tensorflow as tf
-from model import ModelConfig, build_model
-from util.checkpoints import latest_checkpoint, load_vocab, read_run_config
-from util.data import load_features, read_ids
+def write_old_format_runs(run, old_run, ids_file, feat_dir):
+    """Runs of the TensorFlow-only s2vt (needs TensorFlow): the config.json and vocab.json of a run, and weights
+    (here: that run's best) in a tf.train checkpoint (best/checkpoint, best/ckpt-1.index,
+    best/ckpt-1.data-00000-of-00001): in old_run as its train.py saved them, with the optimizer and the loop's
+    counters, in old_run-weights-only the model alone. Returns the greedy captions those weights give the videos of
+    an ids file."""
+    import keras
+    import tensorflow as tf
 
-run, old_run, ids_file, feat_dir = map(Path, sys.argv[2:6])
-model = build_model(ModelConfig.from_dict(read_run_config(run)["model"]))
-model.load_weights(latest_checkpoint(run / "best") / "model.weights.h5")
-optimizer = keras.optimizers.Adam(1e-3)
-optimizer.build(model.trainable_variables)
-counters = {"epoch": tf.Variable(2, dtype=tf.int64), "batch_in_epoch": tf.Variable(0, dtype=tf.int64),
-            "best_score": tf.Variable(0.5, dtype=tf.float64), "best_epoch": tf.Variable(2, dtype=tf.int64)}
-for folder, saved in ((old_run, dict(model=model, optimizer=optimizer, **counters)),
-                      (old_run.with_name(old_run.name + "-weights-only"), dict(model=model))):
-    (folder / "best").mkdir(parents=True)
-    for name in ("config.json", "vocab.json", "history.csv"):
-        shutil.copy(run / name, folder / name)
-    tf.train.Checkpoint(**saved).save(str(folder / "best" / "ckpt"))
-ids = read_ids(ids_file)
-words = model.greedy(load_features(feat_dir, ids, dtype=np.float32))[0].numpy()
-vocab = load_vocab(run)
-print(json.dumps({video_id: vocab.decode(row) for video_id, row in zip(ids, words)}))
+    from model import ModelConfig, build_model
+    from util.checkpoints import load_vocab, read_run_config
+    from util.data import load_features, read_ids
+
+    run, old_run = Path(run), Path(old_run)
+    model = build_model(ModelConfig.from_dict(read_run_config(run)["model"]))
+    model.load_weights(latest_checkpoint(run / "best") / "model.weights.h5")
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    counters = {"epoch": tf.Variable(2, dtype=tf.int64), "batch_in_epoch": tf.Variable(0, dtype=tf.int64),
+                "best_score": tf.Variable(0.5, dtype=tf.float64), "best_epoch": tf.Variable(2, dtype=tf.int64)}
+    for folder, saved in ((old_run, dict(model=model, optimizer=optimizer, **counters)),
+                          (old_run.with_name(old_run.name + "-weights-only"), dict(model=model))):
+        (folder / "best").mkdir(parents=True)
+        for name in ("config.json", "vocab.json", "history.csv"):
+            shutil.copy(run / name, folder / name)
+        tf.train.Checkpoint(**saved).save(str(folder / "best" / "ckpt"))
+    ids = read_ids(ids_file)
+    words = model.greedy(load_features(feat_dir, ids, dtype=np.float32))[0].numpy()
+    vocab = load_vocab(run)
+    return {video_id: vocab.decode(row) for video_id, row in zip(ids, words)}
+
+
+# write_old_format_runs in a child process on TensorFlow, its captions printed as JSON
+OLD_FORMAT_RUN = """
+import json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+import test_reliability
+print(json.dumps(test_reliability.write_old_format_runs(*sys.argv[2:6])))
 """
 
 
@@ -424,9 +430,12 @@ def test_run_of_tensorflow_checkpoints_is_refused_then_converted(tiny, tmp_path,
     data, run_dir = tiny
     old, new = tmp_path / "old", tmp_path / "new"
     ids, feat_dir = data / "testing_id.txt", data / "testing_data" / "feat"
-    made = backend_run("tensorflow", ["-c", OLD_FORMAT_RUN, ROOT, run_dir, old, ids, feat_dir])
-    assert made.returncode == 0, made.stderr[-3000:]
-    old_captions = json.loads(made.stdout.strip().splitlines()[-1])
+    if backend.BACKEND == "tensorflow":
+        old_captions = write_old_format_runs(run_dir, old, ids, feat_dir)
+    else:
+        made = backend_run("tensorflow", ["-c", OLD_FORMAT_RUN, ROOT, run_dir, old, ids, feat_dir])
+        assert made.returncode == 0, made.stderr[-3000:]
+        old_captions = json.loads(made.stdout.strip().splitlines()[-1])
     assert sorted(p.name for p in (old / "best").iterdir()) == ["checkpoint", "ckpt-1.data-00000-of-00001",
                                                                "ckpt-1.index"]
     out = tmp_path / "out.txt"

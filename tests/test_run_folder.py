@@ -21,8 +21,10 @@ from util import run_folder
 from util.checkpoints import latest_checkpoint, read_state
 from util.data import sha256_of
 
-# 24 videos x 3 captions, batches of 24: 3 steps an epoch; VALIDATED holds one video out for validation
-VALIDATED = ["--hidden", "8", "--frames", "6", "--batch-size", "24", "--learning-rate", "0.01", "--min-word-count", "1"]
+# 24 videos x 3 captions, batches of 24: 3 steps an epoch; VALIDATED holds one video out for validation. MeanPool,
+# whose training step compiles in half S2VT's time: these tests are about the run folder, not the model
+VALIDATED = ["--hidden", "8", "--frames", "6", "--batch-size", "24", "--learning-rate", "0.01", "--min-word-count", "1",
+             "--model", "meanpool"]
 TINY = [*VALIDATED, "--val-fraction", "0"]
 RUN_FILES = ["best", "config.json", "curves.png", "history.csv", "last", "val_ids.txt", "vocab.json"]
 # a process that holds a run folder as train.py does, until its stdin closes; it imports no Keras, so it starts fast
@@ -99,9 +101,22 @@ def test_a_second_train_py_into_a_folder_in_use_is_refused_and_the_first_run_is_
     assert sorted(os.listdir(tmp_path)) == ["data", "first.err", "run"]  # the second wrote nothing beside it
 
 
-def test_resume_or_overwrite_into_a_folder_a_live_process_holds_is_refused(tmp_path, capsys):
-    data, run_dir = write_tiny_mlds(tmp_path / "data"), tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Tiny data and a run trained on it for one epoch, for the tests to copy: (data, run)."""
+    root = tmp_path_factory.mktemp("finished")
+    data, run_dir = write_tiny_mlds(root / "data"), root / "run"
     assert run_train(data, run_dir, "--epochs", "1") == 0
+    return data, run_dir
+
+
+def copy_of(finished, folder):
+    """A copy of a module fixture's (data, run) in folder, for a test to change."""
+    return tuple(shutil.copytree(source, folder / source.name) for source in finished)
+
+
+def test_resume_or_overwrite_into_a_folder_a_live_process_holds_is_refused(finished_run, tmp_path, capsys):
+    data, run_dir = copy_of(finished_run, tmp_path)
     process = holder(run_dir)
     try:
         before = folder_state(run_dir)
@@ -116,9 +131,8 @@ def test_resume_or_overwrite_into_a_folder_a_live_process_holds_is_refused(tmp_p
     assert run_train(data, run_dir, "--epochs", "1", "--resume") == 0
 
 
-def test_a_lock_left_by_a_killed_process_does_not_block_resume(tmp_path):
-    data, run_dir = write_tiny_mlds(tmp_path / "data"), tmp_path / "run"
-    assert run_train(data, run_dir, "--epochs", "1") == 0
+def test_a_lock_left_by_a_killed_process_does_not_block_resume(finished_run, tmp_path):
+    data, run_dir = copy_of(finished_run, tmp_path)
     process = holder(run_dir)
     process.kill()  # SIGKILL: no clean-up runs; the kernel lets go of the lock
     process.wait()
@@ -148,12 +162,20 @@ def with_own_validation_split(data):
     return data
 
 
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory):
+    """Tiny data with a validation split of its own and a run trained on it for one epoch: (data, run)."""
+    root = tmp_path_factory.mktemp("validated")
+    data, run_dir = with_own_validation_split(write_tiny_mlds(root / "data")), root / "run"
+    assert run_train(data, run_dir, "--epochs", "1", flags=VALIDATED) == 0
+    return data, run_dir
+
+
 @pytest.mark.parametrize("labels", ["training_label.json", "validation_label.json"])
-def test_resume_refuses_changed_labels_naming_the_file(tmp_path, capsys, labels):
+def test_resume_refuses_changed_labels_naming_the_file(validated_run, tmp_path, capsys, labels):
     """Same ids, same features, one caption changed: refused; a run older than the labels' record resumes as
     before."""
-    data, run_dir = with_own_validation_split(write_tiny_mlds(tmp_path / "data")), tmp_path / "run"
-    assert run_train(data, run_dir, "--epochs", "1", flags=VALIDATED) == 0
+    data, run_dir = copy_of(validated_run, tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["labels_sha256"] == {name: sha256_of(data / name)
                                        for name in ("training_label.json", "validation_label.json")}

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -128,6 +129,38 @@ def start_server(video_run, root, *flags):
     log.close()
 
 
+class InProcessServer(Server):
+    """serve.py's app under uvicorn in a thread of this process: its upload folders are this process's."""
+
+    def temp_entries(self):
+        from serve import UPLOAD_PREFIX
+        from util.atomic import owner_tag
+
+        return sorted(p.name for p in self.tmp.glob(f"{UPLOAD_PREFIX}{owner_tag()}-*"))
+
+
+def serve_in_process(captioner, *flags):
+    """The app serve.py's flags make around an already loaded captioner, under uvicorn in a thread of this process
+    (a serve.py child spends seconds starting Keras): yields the Server once it answers. The serve.py command line
+    itself runs in the `server` fixture's child."""
+    import uvicorn
+
+    import serve
+
+    port = free_port()
+    app = serve.create_app(captioner, serve.settings_of(serve.parse_args(["--port", str(port), *flags])))
+    uvicorn_server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uvicorn_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield InProcessServer(port, Path(tempfile.gettempdir()), None, None)
+    uvicorn_server.should_exit = True
+    thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(video_run, tmp_path_factory):
     yield from start_server(video_run, tmp_path_factory.mktemp("serve"), "--max-upload-mb", str(LIMIT_MB),
@@ -150,8 +183,8 @@ def test_info_names_the_checkpoint_and_the_limits_but_no_path(server, video_run)
     assert info["max_upload_bytes"] == LIMIT_MB * 1_000_000 and info["max_clip_frames"] == MAX_FRAMES
 
 
-def test_caption_real_clips(server, video_run, mlds):
-    captioner = Captioner.load(video_run)
+def test_caption_real_clips(server, shared_captioner, mlds):
+    captioner = shared_captioner
     for clip in sorted((mlds / "testing_data" / "video").glob("*.avi"))[:2]:
         status, raw = server.caption(clip.name, clip.read_bytes(), "?beam_size=3&n_best=2&plot=1")
         assert status == 200, raw
@@ -291,7 +324,7 @@ def headless_chromium(tmp_path, height=1000):
 
 @pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
                     reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver")
-def test_page_in_headless_chromium(server, video_run, real_clip, tmp_path):
+def test_page_in_headless_chromium(server, shared_captioner, real_clip, tmp_path):
     """Choose a clip on the page, with beam size 3, and read its caption, n-best list and attention picture; then
     a bad file."""
     from selenium.webdriver.common.by import By
@@ -301,7 +334,7 @@ def test_page_in_headless_chromium(server, video_run, real_clip, tmp_path):
     try:
         driver.get(f"http://127.0.0.1:{server.port}/")
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "frames").text == "6")
-        expected = Captioner.load(video_run).caption(real_clip, beam_size=3, n_best=3)
+        expected = shared_captioner.caption(real_clip, beam_size=3, n_best=3)
         driver.find_element(By.ID, "beam").clear()
         driver.find_element(By.ID, "beam").send_keys("3")
         driver.find_element(By.ID, "file").send_keys(str(real_clip))
@@ -443,10 +476,10 @@ def test_a_header_hiding_larger_frames_gets_413(shared_captioner, hidden_large_f
 
 
 @pytest.fixture(scope="module")
-def strict_server(video_run, tmp_path_factory):
-    """serve.py with a queue of one, a 3-second time limit, uploads within 4 s at 1 kB/s at least."""
-    yield from start_server(video_run, tmp_path_factory.mktemp("strict"), "--max-queue", "1", "--time-limit", "3",
-                            "--upload-time-limit", "4", "--upload-min-rate-kb", "1")
+def strict_server(shared_captioner):
+    """serve.py's app with a queue of one, a 3-second time limit, uploads within 4 s at 1 kB/s at least."""
+    yield from serve_in_process(shared_captioner, "--max-queue", "1", "--time-limit", "3", "--upload-time-limit", "4",
+                                "--upload-min-rate-kb", "1")
 
 
 def test_full_queue_gets_503_and_a_stalled_upload_408(strict_server, real_clip):
@@ -703,9 +736,9 @@ def long_video(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    """serve.py with the shipped s2vt-demo release, videos captioned scene by scene capped at 40 s."""
-    yield from start_server("s2vt-demo", tmp_path_factory.mktemp("serve_demo"), "--max-video-seconds", "40")
+def demo_server():
+    """serve.py's app with the shipped s2vt-demo release, videos captioned scene by scene capped at 40 s."""
+    yield from serve_in_process(Captioner.load("s2vt-demo"), "--max-video-seconds", "40")
 
 
 def test_long_video_scene_by_scene_over_the_api(demo_server, long_video, tmp_path):

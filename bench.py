@@ -17,8 +17,9 @@ peak_gpu_memory_mib the device's.
 startup-memory writes a synthetic corpus of --videos videos of 80 x 4096 float32 features (MSVD has 1450) and
 reports the peak resident memory of train.py over one short epoch of a small model on it: loading the features,
 standardising them, validating, saving. feature-files trains on --videos videos (MSR-VTT's 6513) of float16
-features read from their files (--features files) and on 100 videos in memory, with the same model and batch, and
-reports each run's peak anonymous memory (RssAnon: not the page cache) and its second epoch's samples/s.
+features read from their files (--features files) and on 100 videos (at most --videos) in memory, with the same
+model and batch, and reports each run's peak anonymous memory (RssAnon: not the page cache) and its second epoch's
+samples/s.
 extract --encoder times an extract_features.py encoder on --batch-size random frames, computing in float32 and in
 bfloat16: a keras-hub one from its preset folder --weights, else with random weights at its real sizes
 (util.encoders.random_preset), mobilenet_v2 with its installed ImageNet weights; beside frames/s, GFLOP per frame
@@ -41,6 +42,7 @@ CONFIGS = {  # model sizes; vocabulary 3000 is MSVD's order of magnitude
     "reference": dict(feature_dim=4096, frames=80, hidden=600, vocab_size=3000),
     "demo": dict(feature_dim=1280, frames=12, hidden=128, vocab_size=40),
 }
+EXTRACT_FRAMES = 32  # VGG16 fc2's batch in --what extract
 
 
 def caption_batch(rng, batch_size, vocab_size, max_len=50):
@@ -173,9 +175,10 @@ def bench_extract(args):
 
     settings = extract_features.FeatureSettings(weights="none", seed=0, random_weights="numpy")  # VGG16 fc2
     run_cnn, _ = extract_features.build_extractor(settings)
-    frames = np.random.default_rng(0).integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
+    frames = np.random.default_rng(0).integers(0, 256, (EXTRACT_FRAMES, 224, 224, 3), dtype=np.uint8)
     seconds, first = timed(lambda: run_cnn(frames), max(1, args.runs // 2), 1)
-    return {"frames_per_s": 32 / seconds, "cnn": "vgg16 fc2, batch 32", "first_cnn_call_s": first}
+    return {"frames_per_s": EXTRACT_FRAMES / seconds, "cnn": f"vgg16 fc2, batch {EXTRACT_FRAMES}",
+            "first_cnn_call_s": first}
 
 
 def bench_encoder(args):
@@ -301,8 +304,8 @@ def peak_anonymous_memory(command):
 
 def bench_feature_files(args):
     """train.py on --videos videos (MSR-VTT: 6513) of float16 features (80 x 4096 at --config reference) read from
-    their files, against 100 videos in memory, same model (hidden 256 at reference size) and batch: peak anonymous
-    memory and the second epoch's samples/s."""
+    their files, against 100 videos (at most --videos) in memory, same model (hidden 256 at reference size) and
+    batch: peak anonymous memory and the second epoch's samples/s."""
     import tempfile
     from pathlib import Path
 
@@ -314,7 +317,8 @@ def bench_feature_files(args):
     model_flags = ["--hidden", str(hidden), "--frames", str(sizes["frames"]), "--batch-size", str(args.batch_size),
                    "--epochs", "2", "--val-fraction", "0.01"]
     result = {"config": args.config, "videos": args.videos, "batch_size": args.batch_size, "hidden": hidden}
-    for name, videos, flags in (("in_memory", 100, ["--features", "memory", "--pairs", "all"]),
+    in_memory = min(100, args.videos)  # a scaled-down --videos scales both runs down
+    for name, videos, flags in (("in_memory", in_memory, ["--features", "memory", "--pairs", "all"]),
                                 ("from_files", args.videos, ["--features", "files", "--pairs", "sample"])):
         data = root / f"{videos}-videos-{args.config}"
         feature_bytes = write_synthetic_corpus(data, videos, sizes["frames"], sizes["feature_dim"], "float16", 20)

@@ -121,6 +121,7 @@ def test_checkpoint_without_feature_extractor_captions_features_only(captioner, 
         features_only.caption(clips[0])
 
 
+@pytest.mark.slow
 def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips, tmp_path):
     """A throwaway venv that sees this one's packages gets `pip install -e .`: it installs no module named model,
     train or util; a script in an unrelated folder with the checkout on PYTHONPATH imports the API, finds

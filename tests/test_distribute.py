@@ -157,6 +157,7 @@ def test_each_worker_gathers_its_own_slices_of_the_single_device_batches():
             whole[1])
 
 
+@pytest.mark.slow
 def test_tensorflow_mirrored_steps_equal_single_device_steps():
     report = run_mirrored_steps("tensorflow")
     single, mirrored = report["single"], report["mirrored"]
@@ -164,6 +165,7 @@ def test_tensorflow_mirrored_steps_equal_single_device_steps():
     assert mirrored["shapes"][-1][0] == [0, 1]  # the empty slice has no rows, one caption step
 
 
+@pytest.mark.slow
 def test_jax_mirrored_shards_the_batch_over_two_devices_as_one_device_would_train(tmp_path):
     """Two host devices: the steps equal one device's, each device computes half of a step, and train.py
     --strategy mirrored trains an epoch on them."""
@@ -171,7 +173,7 @@ def test_jax_mirrored_shards_the_batch_over_two_devices_as_one_device_would_trai
     run = tmp_path / "run"
     report = run_mirrored_steps("jax", "--data-dir", str(data), "--ckpt-dir", str(run),
                                 *TINY_RUN, "--epochs", "1", JAX_PLATFORMS="cpu",
-                                XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2")
     single, mirrored = report["single"], report["mirrored"]
     flops_share = mirrored["flops"] / single["flops"]
     print(f"  FLOPs of a step on each device: {single['flops']:.3g} on one device, {mirrored['flops']:.3g} on each "

@@ -36,6 +36,7 @@ def demo_corpus(request, tmp_path_factory):
     return made_once(request, tmp_path_factory, "demo_corpus", make_demo_corpus)
 
 
+@pytest.mark.slow
 def test_demo_corpus_holds_unseen_combinations_and_parseable_captions(demo_corpus):
     splits = {split: load_labels(demo_corpus / f"{split}_label.json") for split in ("training", "testing")}
     triples = {split: [parse_caption(caps[0]) for _, caps in labels] for split, labels in splits.items()}
@@ -76,6 +77,7 @@ def test_trained_demo_model_beats_the_most_frequent_caption(demo_corpus, tmp_pat
     assert accuracy["colour"] >= 0.75  # a constant caption gets 1 colour in 4 right
 
 
+@pytest.mark.slow
 def test_pre_training_on_images_beats_training_from_scratch(demo_corpus, tmp_path):
     """The NAACL 2015 transfer: a model trained on images (each training clip's first frame, a one-frame video) and
     then on the videos (train.py --init-from) is ahead, after one short epoch on the videos (a caption per video), of

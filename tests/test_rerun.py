@@ -71,6 +71,7 @@ exec PYTHON "$@"
 """
 
 
+@pytest.mark.slow
 def test_demo_sh_runs_twice_and_says_it_moved_the_earlier_run_aside(tmp_path):
     """The real demo.sh in a checkout of links (its corpus, run and captions land there), with 1 epoch on a small
     corpus; `java` is not on PATH (the fallback tokenizer: no Java start-up)."""
@@ -178,6 +179,7 @@ def run_summary(run_dir):
             "best_step": int(best.name.split("-")[1]), "best_checkpoint_epoch": read_state(best)["epoch"]}
 
 
+@pytest.mark.slow
 def test_kill_9_at_each_point_of_the_end_of_epoch_saves_then_resume_agrees(tmp_path):
     data = write_tiny_mlds(tmp_path / "data")
     result = subprocess.run([sys.executable, "-c", KILL_AND_RESUME, str(ROOT), str(data), str(tmp_path),

@@ -133,6 +133,7 @@ def scst_flags(data, run_dir, xe):
             "scst", "--init-from", str(xe), "--scst-samples", "3", "--max-caption-len", "8"]
 
 
+@pytest.mark.slow
 def test_resumed_scst_run_equals_an_uninterrupted_one(xe_run, tmp_path, monkeypatch):
     data, xe = xe_run
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

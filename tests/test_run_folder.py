@@ -145,7 +145,8 @@ def test_a_lock_left_by_a_killed_process_does_not_block_resume(finished_run, tmp
 def test_two_default_named_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     data, root = write_tiny_mlds(tmp_path / "data"), tmp_path / "checkpoints"
     monkeypatch.setattr(run_folder, "DEFAULT_ROOT", root)
-    monkeypatch.setattr(run_folder, "time", SimpleNamespace(strftime=lambda form: "20250102-030405"))  # one second
+    monkeypatch.setattr(run_folder, "time", SimpleNamespace(strftime=lambda form: "20250102-030405",
+                                                            monotonic=time.monotonic))  # one second
     for _ in range(2):
         assert train.main(["--data-dir", str(data), *TINY, "--epochs", "1"]) == 0
     names = sorted(os.listdir(root))

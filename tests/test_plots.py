@@ -1,4 +1,5 @@
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -139,7 +140,7 @@ def test_curves_are_drawn_at_a_sessions_first_and_final_epochs_and_every_30_s_be
     from util import run_folder
 
     clock, drawn = [0.0], []
-    monkeypatch.setattr(run_folder.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(run_folder, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(run_folder, "plot_training_curves",
                         lambda history_csv, out_png, metric: drawn.append(len(pd.read_csv(history_csv))))
     run = run_folder.RunFolder(tmp_path, claim=object(), select_metric="loss")

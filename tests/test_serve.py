@@ -184,12 +184,11 @@ def test_info_names_the_checkpoint_and_the_limits_but_no_path(server, video_run)
 
 
 def test_caption_real_clips(server, shared_captioner, mlds):
-    captioner = shared_captioner
     for clip in sorted((mlds / "testing_data" / "video").glob("*.avi"))[:2]:
         status, raw = server.caption(clip.name, clip.read_bytes(), "?beam_size=3&n_best=2&plot=1")
         assert status == 200, raw
         body = json.loads(raw)
-        want = captioner.caption(clip, beam_size=3, n_best=2, attention=True)
+        want = shared_captioner.caption(clip, beam_size=3, n_best=2, attention=True)
         assert body["file"] == clip.name and body["caption"] == want.caption
         assert [h["caption"] for h in body["n_best"]] == [h.caption for h in want.n_best]
         assert [h["score"] for h in body["n_best"]] == pytest.approx([h.score for h in want.n_best], abs=1e-3)

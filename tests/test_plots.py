@@ -136,7 +136,7 @@ def test_caption_grid(tmp_path):
         caption_grid([], tmp_path / "empty.png")
 
 
-def test_curves_are_drawn_at_a_sessions_first_and_final_epochs_and_every_30_s_between(tmp_path, monkeypatch):
+def test_curves_are_drawn_every_30_s_and_at_a_sessions_final_epoch(tmp_path, monkeypatch):
     from util import run_folder
 
     clock, drawn = [0.0], []
@@ -145,12 +145,12 @@ def test_curves_are_drawn_at_a_sessions_first_and_final_epochs_and_every_30_s_be
                         lambda history_csv, out_png, metric: drawn.append(len(pd.read_csv(history_csv))))
     run = run_folder.RunFolder(tmp_path, claim=object(), select_metric="loss")
     history = []
-    for epoch, seconds in enumerate([5, 5, 25, 5, 5, 5], start=1):  # an epoch ends at 5, 10, 35, 40, 45, 50 s
+    for epoch, seconds in enumerate([5, 5, 25, 5, 30, 5], start=1):  # an epoch ends at 5, 10, 35, 40, 70, 75 s
         clock[0] += seconds
         history.append({"epoch": epoch, "teacher_forcing_prob": 1.0, "train_loss": 1.0 / epoch})
         run.record_epoch(history, final=epoch == 6)
         assert len(pd.read_csv(tmp_path / "history.csv")) == epoch  # history.csv every epoch
-    assert drawn == [1, 3, 6]  # the first; 30 s after it; the final
+    assert drawn == [3, 5, 6]  # 30 s after the session began; 30 s after that drawing; the final
     other_worker = run_folder.RunFolder(tmp_path / "worker", claim=None, select_metric="loss")
     other_worker.record_epoch(history, final=True)
-    assert drawn == [1, 3, 6] and not (tmp_path / "worker").exists()
+    assert drawn == [3, 5, 6] and not (tmp_path / "worker").exists()

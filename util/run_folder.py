@@ -266,7 +266,7 @@ class RunFolder:
         self.chief = claim is not None
         self.history_path = self.path / "history.csv"
         self.write_scalars = None
-        self.curves_drawn_at = None  # time.monotonic() of this session's last drawing
+        self.curves_drawn_at = time.monotonic()  # this session's start, then its last drawing
 
     def start(self, config, run_settings, vocab, trained_on, cannot_end):
         """A new run: move a run there aside (--overwrite), then write the run's files."""
@@ -307,14 +307,15 @@ class RunFolder:
         self.write_scalars = summary_writer(self.path / "tensorboard") if self.chief else None
 
     def record_epoch(self, history, final=False):
-        """The newest epoch's row as TensorBoard scalars, then history.csv, then curves.png: at the session's first
-        epoch and its final one (the last, or an early stop), and in between once CURVES_EVERY_S have passed."""
+        """The newest epoch's row as TensorBoard scalars, then history.csv, then curves.png: once CURVES_EVERY_S have
+        passed since the session began or last drew it, and at the session's final epoch (the last, or an early
+        stop)."""
         if self.write_scalars:
             row = history[-1]
             self.write_scalars(row["epoch"], {k: v for k, v in row.items() if isinstance(v, float)})
         self.write_history(history)
         now = time.monotonic()
-        if self.chief and (final or self.curves_drawn_at is None or now - self.curves_drawn_at >= CURVES_EVERY_S):
+        if self.chief and (final or now - self.curves_drawn_at >= CURVES_EVERY_S):
             plot_training_curves(self.history_path, self.path / "curves.png", self.select_metric)
             self.curves_drawn_at = now
 

@@ -239,6 +239,14 @@ def check_manifest(feat_dir, manifest):
                             "use another FEAT_DIR")
 
 
+def extracted_before(feat_dir, videos, settings, output_path):
+    """Whether every clip's features are in feat_dir already, made with these settings: a re-run then has nothing
+    to do, and builds no CNN (seconds of Keras start-up) to learn its feature dimension."""
+    manifest = read_feature_manifest(feat_dir)
+    return (manifest is not None and all(output_path(path).exists() for path in videos)
+            and not manifest_differences(manifest, settings.manifest(manifest.get("feature_dim"))))
+
+
 def make_folder(path):
     """mkdir -p, a failure (e.g. a file of that name) as a DataError naming the path."""
     try:
@@ -414,6 +422,9 @@ def main(argv=None):
     with warnings_as_lines():
         videos = list_videos(args.video_dir, args.ids, args.shard)
     make_folder(feat_dir)
+    if extracted_before(feat_dir, videos, settings, output_path):
+        print(f"extracted 0, skipped {len(videos)} (already there), failed 0; features in {feat_dir}")
+        return 0
     run_cnn, feature_dim = build_extractor(settings)
     check_manifest(feat_dir, settings.manifest(feature_dim))
     done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,

@@ -136,7 +136,7 @@ sys.exit(extract_features.main(sys.argv[2:]))
 """
 
 
-def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path, capsys):
+def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path, capsys, monkeypatch):
     """Killed at a set point (while a feature file is half written), not when a timer fires, which a busy machine
     lets the run outlast. Four clips of 40 frames are 10 whole CNN batches of 16, so the restart's batches are the
     first run's and its features equal them to the last bit: a frame's features can differ in the last bit with the
@@ -158,6 +158,14 @@ def test_a_killed_run_restarts_and_gives_the_same_files(tmp_path, capsys):
     assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temp file left behind
     for name in names:
         np.testing.assert_array_equal(np.load(clean / name), np.load(killed / name))
+    # a third run finds every clip there, made with its settings: it builds no CNN; other settings are still refused
+    building = extract_features.build_extractor
+    monkeypatch.setattr(extract_features, "build_extractor", lambda settings: pytest.fail("a CNN built for nothing"))
+    assert extract_features.main([str(video_dir), str(killed), *FAST, "--frames", "40"]) == 0
+    assert "extracted 0, skipped 8 (already there)" in capsys.readouterr().out
+    monkeypatch.setattr(extract_features, "build_extractor", building)
+    assert extract_features.main([str(video_dir), str(killed), *FAST, "--frames", "20"]) == 2
+    assert "features there were made with other settings (frames: 40 there, 20 asked)" in capsys.readouterr().err
 
 
 def test_broken_files_are_reported_and_the_rest_complete(mlds, tmp_path, capsys):

@@ -121,10 +121,12 @@ def test_all_equal_rewards_give_no_gradient():
 
 @pytest.fixture(scope="module")
 def xe_run(tmp_path_factory):
+    """(data, run): one cross-entropy epoch, unvalidated: a start for SCST, which validates on its own (and which
+    test_resumed_scst_run_equals_an_uninterrupted_one checks moves the weights on from it)."""
     data = write_tiny_mlds(tmp_path_factory.mktemp("scst") / "data")
     run = data.parent / "xe"
-    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run), *TINY_RUN_FLAGS, "--epochs", "2",
-                       "--val-fraction", "0"]) == 0  # a start for SCST, which validates on its own
+    assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run), *TINY_RUN_FLAGS, "--epochs", "1",
+                       "--val-fraction", "0"]) == 0
     return data, run
 
 
@@ -162,6 +164,9 @@ def test_resumed_scst_run_equals_an_uninterrupted_one(xe_run, tmp_path, monkeypa
     got = checkpoint_weights(latest_checkpoint(resumed / "last"))
     assert expected.keys() == got.keys() and expected
     assert max(float(np.max(np.abs(expected[k] - got[k]))) for k in expected) <= 1e-6
+    start = checkpoint_weights(latest_checkpoint(xe / "best"))
+    assert start.keys() == expected.keys()
+    assert max(float(np.max(np.abs(expected[k] - start[k]))) for k in expected) > 1e-4  # SCST did change the weights
 
 
 def test_scst_needs_a_cross_entropy_run(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """The evaluation protocol: validation videos held out of the training labels choose the checkpoint and stop
 training early; train.py never reads the test split; the decoder never writes <UNK>; training does not wait for
 the device every step."""
+import io
 import json
 import shutil
 import sys
 import threading
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ import pytest
 import train
 import validation
 from decoding import NEVER_WRITTEN
+from conftest import write_tiny_mlds
 from test_model import batch, make_model
 from util import backend
 from util.checkpoints import read_state
@@ -46,15 +49,45 @@ OPENED, RECORDING = [], threading.Event()
 sys.addaudithook(lambda event, args: OPENED.append(str(args[0])) if event == "open" and RECORDING.is_set() else None)
 
 
-def test_train_never_opens_the_test_split_and_validates_on_held_out_training_videos(tiny_data, tmp_path):
-    run_dir = tmp_path / "run"
+def train_printing(data, run_dir, *extra):
+    """run_train, and what it printed: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = run_train(data, run_dir, *extra)
+    return code, out.getvalue(), err.getvalue()
+
+
+# Each train.main call costs seconds of tracing however tiny the run: the runs below are made once, for the tests
+# that read them (none changes them)
+HELD_OUT = ["--epochs", "3", "--val-fraction", "0.25", "--learning-rate", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Two runs of one training, validated on 6 of the 24 training videos (--val-fraction 0.25), 3 epochs: `memory`,
+    its features in memory, with the files it opened (opened); `files`, its features read from their files, trained
+    on a copy of the data that has no test split at all (no_test)."""
+    root = tmp_path_factory.mktemp("held_out")
+    data = write_tiny_mlds(root / "data")
     OPENED.clear()
     RECORDING.set()
     try:
-        assert run_train(tiny_data, run_dir, "--epochs", "2", "--val-fraction", "0.25") == 0
+        memory = train_printing(data, root / "memory", *HELD_OUT, "--features", "memory")
     finally:
         RECORDING.clear()
-    opened_data = [path for path in map(Path, OPENED) if path.resolve().is_relative_to(tiny_data.resolve())]
+    opened = list(OPENED)
+    no_test = root / "no_test"
+    shutil.copytree(data, no_test, ignore=shutil.ignore_patterns("testing_*"))
+    files = train_printing(no_test, root / "files", *HELD_OUT, "--features", "files")
+    return SimpleNamespace(data=data, no_test=no_test, opened=opened,
+                           memory=SimpleNamespace(path=root / "memory", code=memory[0], out=memory[1], err=memory[2]),
+                           files=SimpleNamespace(path=root / "files", code=files[0], out=files[1], err=files[2]))
+
+
+def test_train_never_opens_the_test_split_and_validates_on_held_out_training_videos(held_out):
+    tiny_data, run_dir = held_out.data, held_out.memory.path
+    assert held_out.memory.code == 0
+    opened_data = [path for path in map(Path, held_out.opened) if path.resolve().is_relative_to(tiny_data.resolve())]
     assert [p for p in opened_data if "testing" in str(p)] == []  # (Keras may open TensorFlow's absl/testing/...)
     assert any(p.name == "training_label.json" for p in opened_data)
     held = (run_dir / "val_ids.txt").read_text().split()
@@ -63,20 +96,53 @@ def test_train_never_opens_the_test_split_and_validates_on_held_out_training_vid
     assert history["example"].str.split(":").str[0].isin(held).all()  # the epoch's example caption is a held-out one
     assert history["val_bleu1"].notna().all()
 
-    # the same run from a data folder that has no test split at all
-    shutil.rmtree(tiny_data / "testing_data")
-    (tiny_data / "testing_label.json").unlink()
-    assert run_train(tiny_data, tmp_path / "no_test", "--epochs", "2", "--val-fraction", "0.25") == 0
-    assert (tmp_path / "no_test" / "val_ids.txt").read_text().split() == held
-    again = pd.read_csv(tmp_path / "no_test" / "history.csv")
+    # the same run from a data folder that has no test split at all (its features read from their files, which
+    # test_features_read_from_files_train_exactly_as_in_memory shows trains exactly as in memory)
+    assert not list(held_out.no_test.glob("testing*")) and held_out.files.code == 0
+    assert (held_out.files.path / "val_ids.txt").read_text().split() == held
+    again = pd.read_csv(held_out.files.path / "history.csv")
     np.testing.assert_allclose(again["val_bleu1"], history["val_bleu1"])
 
 
-def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny_data, tmp_path, capsys):
+def test_features_read_from_files_train_exactly_as_in_memory(held_out):
+    """--features files leaves the features in their files and reads a batch's worth at a time: the same training."""
+    assert held_out.memory.code == 0 and held_out.files.code == 0
+    assert "features in memory" in held_out.memory.out and "features read from their files" in held_out.files.out
+    histories = {mode: pd.read_csv(getattr(held_out, mode).path / "history.csv") for mode in ("memory", "files")}
+    for column in ("train_loss", "val_loss", "val_bleu1"):
+        np.testing.assert_array_equal(histories["files"][column], histories["memory"][column])
+
+
+@pytest.fixture(scope="module")
+def own_split(tmp_path_factory):
+    """A run on a data folder with its own validation split (validation_label.json and validation_data, as
+    tools.datasets prepare writes them) of 6 videos, choosing its checkpoint by CIDEr (--select-metric), 1 epoch:
+    (data, run folder, exit status, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("own_split")
+    data = write_tiny_mlds(root / "data")
+    labels = json.loads((data / "testing_label.json").read_text())
+    (data / "validation_label.json").write_text(json.dumps(labels[:6]))
+    shutil.copytree(data / "testing_data", data / "validation_data")
+    return (data, root / "run", *train_printing(data, root / "run", "--epochs", "1", "--select-metric", "cider"))
+
+
+@pytest.fixture(scope="module")
+def stalled(tmp_path_factory):
+    """A run validated on the 2 training videos a --val-ids file names, whose learning rate of 0 never changes the
+    captions, so the metric (--select-metric bleu1) never improves after epoch 1; --patience 2 of --epochs 6:
+    (run folder, exit status, stdout, stderr)."""
+    root = tmp_path_factory.mktemp("stalled")
+    data = write_tiny_mlds(root / "data")
+    ids = root / "val.txt"
+    ids.write_text("training_003.avi\ntraining_010.avi\n")
+    return (root / "run", *train_printing(data, root / "run", "--epochs", "6", "--learning-rate", "0", "--patience",
+                                          "2", "--select-metric", "bleu1", "--val-ids", str(ids)))
+
+
+def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(held_out, own_split, capsys):
     # 6 validation videos: under validation.MIN_VALIDATION_VIDEOS, the caption metrics are too noisy to choose by
-    run_dir = tmp_path / "run"
-    assert run_train(tiny_data, run_dir, "--epochs", "3", "--val-fraction", "0.25", "--learning-rate", "0.05") == 0
-    out = capsys.readouterr().out
+    run_dir, out = held_out.memory.path, held_out.memory.out
+    assert held_out.memory.code == 0
     assert "validation: 6 videos are too few to choose a checkpoint by a caption metric (fewer than 50): choosing " \
            "by the validation loss" in out
     assert json.loads((run_dir / "config.json").read_text())["train"]["select_metric"] == "loss"
@@ -85,24 +151,26 @@ def test_few_validation_videos_choose_the_checkpoint_by_the_validation_loss(tiny
     assert read_state(best)["best_epoch"] == history["epoch"][history["val_loss"].idxmin()]
     assert read_state(best)["best_score"] == pytest.approx(-history["val_loss"].min())
 
-    # a caption metric asked for by name is used, with a warning
-    assert run_train(tiny_data, tmp_path / "cider", "--epochs", "1", "--val-fraction", "0.25", "--select-metric",
-                     "cider") == 0
-    assert "warning: 6 validation videos are too few to choose a checkpoint by CIDEr" in capsys.readouterr().err
+    # a caption metric asked for by name is used, with a warning (6 validation videos of the folder's own split)
+    _, own_run, code, _, err = own_split
+    assert code == 0
+    assert "warning: 6 validation videos are too few to choose a checkpoint by CIDEr" in err
+    assert json.loads((own_run / "config.json").read_text())["train"]["select_metric"] == "cider"
     # enough validation videos: the MLDS BLEU@1, as before, and nothing said
+    capsys.readouterr()
     assert validation.select_metric(None, "xe", validation.MIN_VALIDATION_VIDEOS) == "bleu1"
     validation.say_if_too_few(None, "bleu1", validation.MIN_VALIDATION_VIDEOS)
     assert capsys.readouterr() == ("", "")
     assert validation.select_metric(None, "scst", 4) == "cider"
 
 
-def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp_path, capsys):
-    ids = tmp_path / "val.txt"
-    ids.write_text("training_003.avi\ntraining_010.avi\n")
-    assert run_train(tiny_data, tmp_path / "by_ids", "--epochs", "1", "--val-ids", str(ids)) == 0
-    assert (tmp_path / "by_ids" / "val_ids.txt").read_text().split() == ["training_003.avi", "training_010.avi"]
-    assert "validation: 2 videos" in capsys.readouterr().out
+def test_validation_ids_file_and_the_folders_own_validation_split(stalled, own_split, tiny_data, tmp_path, capsys):
+    by_ids, code, out, _ = stalled  # --val-ids training_003.avi training_010.avi
+    assert code == 0
+    assert (by_ids / "val_ids.txt").read_text().split() == ["training_003.avi", "training_010.avi"]
+    assert "validation: 2 videos" in out
 
+    ids = tmp_path / "val.txt"
     ids.write_text("training_003.avi\nnot_a_training_video.avi\n")
     assert run_train(tiny_data, tmp_path / "bad_ids", "--epochs", "1", "--val-ids", str(ids)) == 2
     err = capsys.readouterr().err.strip()
@@ -110,32 +178,29 @@ def test_validation_ids_file_and_the_folders_own_validation_split(tiny_data, tmp
     assert not (tmp_path / "bad_ids").exists()
 
     # a data folder with validation_label.json (as tools.datasets prepare writes it) validates on that split
-    labels = json.loads((tiny_data / "testing_label.json").read_text())
-    (tiny_data / "validation_label.json").write_text(json.dumps(labels[:4]))
-    shutil.copytree(tiny_data / "testing_data", tiny_data / "validation_data")
-    assert run_train(tiny_data, tmp_path / "own", "--epochs", "1") == 0
-    assert (tmp_path / "own" / "val_ids.txt").read_text().split() == [e["id"] for e in labels[:4]]
+    own_data, own_run, code, _, _ = own_split
+    labels = json.loads((own_data / "testing_label.json").read_text())
+    assert code == 0
+    assert (own_run / "val_ids.txt").read_text().split() == [e["id"] for e in labels[:6]]
     # ... and refuses one that shares a video with the training split
     training = json.loads((tiny_data / "training_label.json").read_text())
     (tiny_data / "validation_label.json").write_text(json.dumps(labels[:4] + training[:1]))
+    shutil.copytree(tiny_data / "testing_data", tiny_data / "validation_data")
     assert run_train(tiny_data, tmp_path / "overlap", "--epochs", "1") == 2
     assert "a video is never in both splits" in capsys.readouterr().err
 
 
-def test_patience_stops_when_the_validation_metric_stalls(tiny_data, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    # a learning rate of 0 never changes the captions, so the metric never improves after epoch 1
-    assert run_train(tiny_data, run_dir, "--epochs", "6", "--learning-rate", "0", "--patience", "2",
-                     "--select-metric", "bleu1") == 0
-    out = capsys.readouterr().out
+def test_patience_stops_when_the_validation_metric_stalls(stalled):
+    run_dir, code, out, _ = stalled  # a learning rate of 0: the metric never improves after epoch 1
+    assert code == 0
     assert "early stop: validation BLEU@1 (MLDS) has not improved for 2 epochs since epoch 1" in out
     assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3]
     assert "trained 3 epochs" in out
 
 
-def test_the_selected_metric_is_named_where_the_best_checkpoint_is_reported(tiny_data, tmp_path, capsys):
-    assert run_train(tiny_data, tmp_path / "run", "--epochs", "2", "--select-metric", "cider") == 0
-    out = capsys.readouterr().out
+def test_the_selected_metric_is_named_where_the_best_checkpoint_is_reported(own_split):
+    _, _, code, out, _ = own_split  # --select-metric cider
+    assert code == 0
     assert "*best CIDEr*" in out and "best validation CIDEr" in out and "BLEU@1 (MLDS)*" not in out
 
 
@@ -255,15 +320,3 @@ def test_decoder_scans_cast_no_kernel_per_step():
     assert casts  # the scans do run bfloat16 matmuls
     for path, shape in casts:
         assert len(shape) == 2 and shape[0] in (5, 10), (path, shape)  # batch 5, or 5 videos x 2 beams
-
-
-def test_features_read_from_files_train_exactly_as_in_memory(tiny_data, tmp_path, capsys):
-    """--features files leaves the features in their files and reads a batch's worth at a time: the same training."""
-    histories = {}
-    for mode in ("memory", "files"):
-        assert run_train(tiny_data, tmp_path / mode, "--epochs", "2", "--features", mode) == 0
-        histories[mode] = pd.read_csv(tmp_path / mode / "history.csv")
-    out = capsys.readouterr().out
-    assert "features in memory" in out and "features read from their files" in out
-    for column in ("train_loss", "val_loss", "val_bleu1"):
-        np.testing.assert_array_equal(histories["files"][column], histories["memory"][column])

@@ -249,8 +249,8 @@ def test_requirement_files_pin_the_same_versions():
 # the test files written with keras.ops, numpy and util.backend alone, whose code runs on Keras (test_data.py, numpy
 # alone, is not run again), in groups of about equal length that run side by side under pytest -n; less the
 # `pip install -e` of the checkout, which the TensorFlow pass may be running at the same moment
-NEUTRAL_TESTS = [["test_model.py", "test_beam.py", "test_constraints.py"], ["test_speed_equivalence.py"],
-                 ["test_roundtrip.py", "test_validation.py"], ["test_captioner.py", "test_variants.py"]]
+NEUTRAL_TESTS = [["test_model.py", "test_beam.py", "test_constraints.py", "test_speed_equivalence.py"],
+                 ["test_roundtrip.py", "test_validation.py", "test_captioner.py", "test_variants.py"]]
 NOT_ON_JAX = "tests/test_captioner.py::test_pip_install_editable_puts_no_generic_name_on_the_path"
 
 

@@ -183,6 +183,23 @@ def test_fusion_refuses_another_vocabulary_and_bad_weights():
 
 
 @pytest.fixture
+def loaded_once(monkeypatch):
+    """From now on in this test, Captioner.load (infer.main's too) loads a run once per arguments (the run, its
+    matmul dtype and batch size, the fused runs and their weights) and hands that Captioner to every later call
+    asking the same: loading two runs and compiling their fused decoder costs seconds a call. Arguments other than
+    a test's own Captioner.load's still load anew, so infer.main must ask for the same runs and weights."""
+    load, loaded = Captioner.load, {}
+
+    def load_once(checkpoint=None, matmul_dtype=None, batch_size=100, fuse=()):
+        key = (checkpoint and Path(checkpoint), matmul_dtype, batch_size, tuple((Path(run), w) for run, w in fuse))
+        if key not in loaded:
+            loaded[key] = load(checkpoint, matmul_dtype, batch_size, fuse)
+        return loaded[key]
+
+    monkeypatch.setattr(Captioner, "load", staticmethod(load_once))
+
+
+@pytest.fixture
 def fused_layout(video_run, flow_run, tmp_path):
     """The RGB run's test features in testing_data/feat and the flow run's beside them in testing_data/feat_flow."""
     for run, name in ((video_run, "feat"), (flow_run, "feat_flow")):
@@ -191,7 +208,8 @@ def fused_layout(video_run, flow_run, tmp_path):
     return tmp_path
 
 
-def test_infer_fuses_a_run_reading_its_features_beside_the_checkpoint_s(video_run, flow_run, fused_layout, capsys):
+def test_infer_fuses_a_run_reading_its_features_beside_the_checkpoint_s(video_run, flow_run, fused_layout, capsys,
+                                                                      loaded_once):
     ids, out = fused_layout / "testing_id.txt", fused_layout / "out.txt"
     code, printed, _ = run_cli(infer.main, [ids, out, "--checkpoint", video_run, "--fuse", f"{flow_run}:0.4",
                                             "--beam-size", "3", "--n-best", "2"], capsys)
@@ -239,7 +257,7 @@ def test_infer_fuse_bad_input_is_one_line(video_run, flow_run, fused_layout, cap
                                           other], capsys), other / "best", "its vocabulary (")
 
 
-def test_infer_video_with_fuse_extracts_both_streams(video_run, flow_run, tmp_path, capsys):
+def test_infer_video_with_fuse_extracts_both_streams(video_run, flow_run, tmp_path, capsys, loaded_once):
     """The fused caption of a clip is the one of its RGB features and its flow features as extract_features.py
     writes them."""
     videos = tmp_path / "videos"

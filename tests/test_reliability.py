@@ -26,6 +26,7 @@ import extract_features
 import infer
 import sampling
 import train
+from captioner import Captioner
 from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, checkpoint_weights, optimizer_iterations, write_tiny_mlds
 from tools import convert_run, release
 from util import backend, bleu, evaluate
@@ -90,6 +91,30 @@ def tiny(tmp_path_factory):
     run_dir = root / "straight"
     assert train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), *TRAIN]) == 0
     return data, run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_captioners():
+    """{Captioner.load's arguments: the Captioner of tiny's run}, for the whole module (see loaded_once)."""
+    return {}
+
+
+@pytest.fixture
+def loaded_once(tiny, tiny_captioners, monkeypatch):
+    """tiny, its run loaded once for the module by Captioner.load (infer.main's), per arguments: loading the run
+    and compiling its decoder costs about a second a call, and the tests taking this fixture are about what
+    infer.main reads and writes, not how it loads a run (the checkpoint tests load changed copies, loaded anew)."""
+    run_dir, load = tiny[1], Captioner.load
+
+    def load_once(checkpoint=None, *args):
+        if checkpoint is None or Path(checkpoint) != run_dir:
+            return load(checkpoint, *args)
+        if repr(args) not in tiny_captioners:
+            tiny_captioners[repr(args)] = load(checkpoint, *args)
+        return tiny_captioners[repr(args)]
+
+    monkeypatch.setattr(Captioner, "load", staticmethod(load_once))
+    return tiny
 
 
 @pytest.fixture
@@ -205,16 +230,16 @@ def test_feature_folder_mixing_dimensions(data, tmp_path, capsys):
                      f"differs from training_000.avi.npy's (6, {FEATURE_DIM}); the folder mixes features")
 
 
-def test_empty_ids_file(tiny, tmp_path, capsys):
-    data, run_dir = tiny
+def test_empty_ids_file(loaded_once, tmp_path, capsys):
+    data, run_dir = loaded_once
     ids = tmp_path / "ids.txt"
     ids.write_text("\n  \r\n")
     assert_one_error(run_cli(infer.main, [ids, tmp_path / "out.txt", "--checkpoint", run_dir,
                                           "--feat-dir", data / "testing_data" / "feat"], capsys), ids, "no ids")
 
 
-def test_ids_with_windows_line_ends_work(tiny, tmp_path, capsys):
-    data, run_dir = tiny
+def test_ids_with_windows_line_ends_work(loaded_once, tmp_path, capsys):
+    data, run_dir = loaded_once
     ids = tmp_path / "ids.txt"
     ids.write_bytes(b"testing_001.avi\r\ntesting_000.avi \r\n\r\n")
     out = tmp_path / "out.txt"
@@ -224,8 +249,8 @@ def test_ids_with_windows_line_ends_work(tiny, tmp_path, capsys):
     assert [line.split(",")[0] for line in out.read_text().splitlines()] == ["testing_001.avi", "testing_000.avi"]
 
 
-def test_duplicate_ids_are_captioned_once_with_a_warning(tiny, tmp_path, capsys):
-    data, run_dir = tiny
+def test_duplicate_ids_are_captioned_once_with_a_warning(loaded_once, tmp_path, capsys):
+    data, run_dir = loaded_once
     ids = tmp_path / "ids.txt"
     ids.write_text("testing_000.avi\ntesting_001.avi\ntesting_000.avi\n")
     out = tmp_path / "out.txt"
@@ -235,8 +260,8 @@ def test_duplicate_ids_are_captioned_once_with_a_warning(tiny, tmp_path, capsys)
     assert [line.split(",")[0] for line in out.read_text().splitlines()] == ["testing_000.avi", "testing_001.avi"]
 
 
-def test_unknown_id_in_infer(tiny, tmp_path, capsys):
-    data, run_dir = tiny
+def test_unknown_id_in_infer(loaded_once, tmp_path, capsys):
+    data, run_dir = loaded_once
     ids = tmp_path / "ids.txt"
     ids.write_text("testing_000.avi\nno_such_video.avi\n")
     out = tmp_path / "out.txt"
@@ -490,8 +515,8 @@ def test_resume_with_another_hidden_size(tiny, tmp_path, capsys):
 # ---- output ----
 
 @pytest.mark.parametrize("cli", ["infer", "evaluate --json", "sampling --out", "release export"])
-def test_output_in_a_missing_folder(tiny, tmp_path, capsys, no_java, cli):
-    data, run_dir = tiny
+def test_output_in_a_missing_folder(loaded_once, tmp_path, capsys, no_java, cli):
+    data, run_dir = loaded_once
     target = tmp_path / "no" / "such" / "out"
     captions = tmp_path / "captions.txt"
     captions.write_text("".join(f"testing_{i:03d}.avi,a cat runs\n" for i in range(8)))
@@ -509,8 +534,8 @@ def test_output_in_a_missing_folder(tiny, tmp_path, capsys, no_java, cli):
 
 
 @pytest.mark.parametrize("cli", ["infer", "evaluate --json", "sampling --out"])
-def test_output_path_is_a_folder(tiny, tmp_path, capsys, no_java, cli):
-    data, run_dir = tiny
+def test_output_path_is_a_folder(loaded_once, tmp_path, capsys, no_java, cli):
+    data, run_dir = loaded_once
     folder = tmp_path / "a_folder"
     folder.mkdir()
     captions = tmp_path / "captions.txt"
@@ -526,9 +551,9 @@ def test_output_path_is_a_folder(tiny, tmp_path, capsys, no_java, cli):
     assert list(folder.iterdir()) == [] and no_temp_files(tmp_path)
 
 
-def test_output_without_write_permission(tiny, tmp_path, capsys, monkeypatch):
+def test_output_without_write_permission(loaded_once, tmp_path, capsys, monkeypatch):
     """As root, chmod 0o500 does not stop writes: the temp file's creation raises PermissionError instead."""
-    data, run_dir = tiny
+    data, run_dir = loaded_once
     out = tmp_path / "out.txt"
 
     real_open = os.open
@@ -544,8 +569,8 @@ def test_output_without_write_permission(tiny, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_replaced_whole(tiny, tmp_path, capsys):
-    data, run_dir = tiny
+def test_existing_output_is_replaced_whole(loaded_once, tmp_path, capsys):
+    data, run_dir = loaded_once
     out = tmp_path / "out.txt"
     out.write_text("old content\n" * 1000)
     code, _, err = run_cli(infer.main, [data / "testing_id.txt", out, "--checkpoint", run_dir], capsys)
@@ -569,8 +594,8 @@ def write_clip(path, frames, size=(48, 40)):
     (lambda path: path.write_bytes(b""), "empty file (0 bytes)"),
     (lambda path: path.write_text("this is a text file, not a video\n" * 40), "not a video OpenCV can open"),
 ], ids=["zero-byte", "text-named-avi"])
-def test_unreadable_clip(tiny, tmp_path, capsys, make, what):
-    _, run_dir = tiny
+def test_unreadable_clip(loaded_once, tmp_path, capsys, make, what):
+    _, run_dir = loaded_once
     clip = tmp_path / "clip.avi"
     make(clip)
     result = run_cli(infer.main, ["--video", clip, "--checkpoint", run_dir], capsys)
@@ -579,8 +604,8 @@ def test_unreadable_clip(tiny, tmp_path, capsys, make, what):
 
 
 @pytest.mark.parametrize("frames, size", [(1, (48, 40)), (3, (4000, 3000))], ids=["one-frame", "4000x3000"])
-def test_clip_that_works(tiny, tmp_path, capsys, frames, size):
-    _, run_dir = tiny
+def test_clip_that_works(loaded_once, tmp_path, capsys, frames, size):
+    _, run_dir = loaded_once
     clip = write_clip(tmp_path / "clip.avi", frames, size)
     code, out, err = run_cli(infer.main, ["--video", clip, "--checkpoint", run_dir], capsys)
     assert code == 0 and not shown_lines(err)
@@ -784,8 +809,8 @@ def full_disk(tmp_path, monkeypatch):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_disk_full_while_writing_captions(tiny, full_disk, capsys):
-    data, run_dir = tiny
+def test_disk_full_while_writing_captions(loaded_once, full_disk, capsys):
+    data, run_dir = loaded_once
     folder, fill = full_disk
     out = folder / "out.txt"
     out.write_text("old captions\n")

@@ -21,8 +21,9 @@ from util import run_folder
 from util.checkpoints import latest_checkpoint, read_state
 from util.data import sha256_of
 
-# 24 videos x 3 captions, batches of 24: 3 steps an epoch; VALIDATED holds one video out for validation. MeanPool,
-# whose training step compiles in half S2VT's time: these tests are about the run folder, not the model
+# 24 videos x 3 captions, batches of 24: 3 steps an epoch; VALIDATED validates on the data's own validation split,
+# else on one video held out. MeanPool, whose training step compiles in half S2VT's time: these tests are about the
+# run folder, not the model
 VALIDATED = ["--hidden", "8", "--frames", "6", "--batch-size", "24", "--learning-rate", "0.01", "--min-word-count", "1",
              "--model", "meanpool"]
 TINY = [*VALIDATED, "--val-fraction", "0"]
@@ -42,7 +43,7 @@ def folder_state(folder):
     return {p.relative_to(folder): (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
 
 
-def run_train(data, run_dir, *extra, flags=TINY):
+def run_train(data, run_dir, *extra, flags=VALIDATED):
     return train.main(["--data-dir", str(data), "--ckpt-dir", str(run_dir), *flags, *extra])
 
 
@@ -83,7 +84,7 @@ def test_a_second_train_py_into_a_folder_in_use_is_refused_and_the_first_run_is_
             time.sleep(0.05)
         first.send_signal(signal.SIGSTOP)
         capsys.readouterr()
-        assert run_train(data, run_dir, "--epochs", "3", "--hidden", "16") == 2
+        assert run_train(data, run_dir, "--epochs", "3", "--hidden", "16", flags=TINY) == 2
         out, err = capsys.readouterr()
         assert out == "", err[-3000:]
         (line,) = error_lines(err)
@@ -101,18 +102,41 @@ def test_a_second_train_py_into_a_folder_in_use_is_refused_and_the_first_run_is_
     assert sorted(os.listdir(tmp_path)) == ["data", "first.err", "run"]  # the second wrote nothing beside it
 
 
+def with_own_validation_split(data):
+    """The tiny data set with the test split as its validation_label.json and validation_data/feat."""
+    shutil.copy(data / "testing_label.json", data / "validation_label.json")
+    shutil.copytree(data / "testing_data" / "feat", data / "validation_data" / "feat")
+    return data
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """Tiny data and a run trained on it for one epoch, for the tests to copy: (data, run)."""
-    root = tmp_path_factory.mktemp("finished")
-    data, run_dir = write_tiny_mlds(root / "data"), root / "run"
-    assert run_train(data, run_dir, "--epochs", "1") == 0
-    return data, run_dir
+def default_named_runs(tmp_path_factory):
+    """(data, checkpoints): tiny data with a validation split of its own, and the runs that two train.py (main(), in
+    this process) started in the same second without --ckpt-dir trained on it for one epoch in checkpoints, under
+    default names. Each train.main costs seconds, however tiny the run: the other tests copy the first run."""
+    root = tmp_path_factory.mktemp("default_named")
+    data, checkpoints = with_own_validation_split(write_tiny_mlds(root / "data")), root / "checkpoints"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_folder, "DEFAULT_ROOT", checkpoints)
+        patch.setattr(run_folder, "time", SimpleNamespace(strftime=lambda form: "20250102-030405",
+                                                          monotonic=time.monotonic))  # one second
+        for _ in range(2):
+            assert train.main(["--data-dir", str(data), *VALIDATED, "--epochs", "1"]) == 0
+    return data, checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(default_named_runs):
+    """Tiny data with a validation split of its own and a run trained on it (VALIDATED) for one epoch, for the
+    tests to copy: (data, run)."""
+    data, checkpoints = default_named_runs
+    return data, checkpoints / sorted(os.listdir(checkpoints))[0]
 
 
 def copy_of(finished, folder):
-    """A copy of a module fixture's (data, run) in folder, for a test to change."""
-    return tuple(shutil.copytree(source, folder / source.name) for source in finished)
+    """A copy of a module fixture's (data, run) in folder/data and folder/run, for a test to change."""
+    data, run_dir = finished
+    return shutil.copytree(data, folder / "data"), shutil.copytree(run_dir, folder / "run")
 
 
 def test_resume_or_overwrite_into_a_folder_a_live_process_holds_is_refused(finished_run, tmp_path, capsys):
@@ -142,13 +166,8 @@ def test_a_lock_left_by_a_killed_process_does_not_block_resume(finished_run, tmp
     assert not lock.exists()
 
 
-def test_two_default_named_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
-    data, root = write_tiny_mlds(tmp_path / "data"), tmp_path / "checkpoints"
-    monkeypatch.setattr(run_folder, "DEFAULT_ROOT", root)
-    monkeypatch.setattr(run_folder, "time", SimpleNamespace(strftime=lambda form: "20250102-030405",
-                                                            monotonic=time.monotonic))  # one second
-    for _ in range(2):
-        assert train.main(["--data-dir", str(data), *TINY, "--epochs", "1"]) == 0
+def test_two_default_named_runs_started_in_the_same_second_get_folders_of_their_own(default_named_runs):
+    _, root = default_named_runs
     names = sorted(os.listdir(root))
     assert len(names) == 2 and all(re.fullmatch(r"20250102-030405-[0-9a-f]{6}", name) for name in names), names
     for name in names:
@@ -156,27 +175,11 @@ def test_two_default_named_runs_started_in_the_same_second_get_folders_of_their_
         assert list(pd.read_csv(root / name / "history.csv")["epoch"]) == [1]
 
 
-def with_own_validation_split(data):
-    """The tiny data set with the test split as its validation_label.json and validation_data/feat."""
-    shutil.copy(data / "testing_label.json", data / "validation_label.json")
-    shutil.copytree(data / "testing_data" / "feat", data / "validation_data" / "feat")
-    return data
-
-
-@pytest.fixture(scope="module")
-def validated_run(tmp_path_factory):
-    """Tiny data with a validation split of its own and a run trained on it for one epoch: (data, run)."""
-    root = tmp_path_factory.mktemp("validated")
-    data, run_dir = with_own_validation_split(write_tiny_mlds(root / "data")), root / "run"
-    assert run_train(data, run_dir, "--epochs", "1", flags=VALIDATED) == 0
-    return data, run_dir
-
-
 @pytest.mark.parametrize("labels", ["training_label.json", "validation_label.json"])
-def test_resume_refuses_changed_labels_naming_the_file(validated_run, tmp_path, capsys, labels):
+def test_resume_refuses_changed_labels_naming_the_file(finished_run, tmp_path, capsys, labels):
     """Same ids, same features, one caption changed: refused; a run older than the labels' record resumes as
     before."""
-    data, run_dir = copy_of(validated_run, tmp_path)
+    data, run_dir = copy_of(finished_run, tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["labels_sha256"] == {name: sha256_of(data / name)
                                        for name in ("training_label.json", "validation_label.json")}
@@ -185,11 +188,11 @@ def test_resume_refuses_changed_labels_naming_the_file(validated_run, tmp_path, 
     (data / labels).write_text(json.dumps(entries))
     before = folder_state(run_dir)
     capsys.readouterr()
-    assert run_train(data, run_dir, "--epochs", "1", "--resume", flags=VALIDATED) == 2
+    assert run_train(data, run_dir, "--epochs", "1", "--resume") == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert line.startswith(f"error: {data / labels}: not the labels the run in {run_dir} was trained on (sha256 "), line
     assert folder_state(run_dir) == before
 
     del config["labels_sha256"]  # as a run written before train.py recorded them
     (run_dir / "config.json").write_text(json.dumps(config))
-    assert run_train(data, run_dir, "--epochs", "1", "--resume", flags=VALIDATED) == 0
+    assert run_train(data, run_dir, "--epochs", "1", "--resume") == 0

@@ -131,6 +131,27 @@ def video_run(request, tmp_path_factory):
     return made_once(request, tmp_path_factory, "video_run", train_video_run)
 
 
+def load_runs_once(monkeypatch, loaded, only=None):
+    """From now on in this test, Captioner.load (infer.main's too) loads a run once per arguments (the run, its
+    matmul dtype and batch size, the fused runs and their weights) and hands that Captioner to every later call
+    asking the same: loading a run and compiling its decoder costs about a second a call. loaded: the store
+    {arguments: Captioner}, which a module fixture may keep from test to test; only: the one run folder shared
+    (other runs load anew)."""
+    from captioner import Captioner
+
+    load = Captioner.load
+
+    def load_once(checkpoint=None, matmul_dtype=None, batch_size=100, fuse=()):
+        if only is not None and (checkpoint is None or Path(checkpoint) != Path(only)):
+            return load(checkpoint, matmul_dtype, batch_size, fuse)
+        key = (checkpoint and Path(checkpoint), matmul_dtype, batch_size, tuple((Path(run), w) for run, w in fuse))
+        if key not in loaded:
+            loaded[key] = load(checkpoint, matmul_dtype, batch_size, fuse)
+        return loaded[key]
+
+    monkeypatch.setattr(Captioner, "load", staticmethod(load_once))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest -n (--dist loadgroup), each test file runs on one worker, so its module fixtures are made once;

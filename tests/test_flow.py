@@ -14,7 +14,7 @@ import extract_features
 import infer
 import train
 from captioner import Captioner
-from conftest import FEATURE_DIM, TINY_RUN_FLAGS, VIDEO_SETTINGS, decode_rgb, train_video_run
+from conftest import FEATURE_DIM, TINY_RUN_FLAGS, VIDEO_SETTINGS, decode_rgb, load_runs_once, train_video_run
 from test_beam import features, random_model, teacher_forced_log_prob
 from test_extract import FAST
 from test_model import VOCAB
@@ -184,19 +184,10 @@ def test_fusion_refuses_another_vocabulary_and_bad_weights():
 
 @pytest.fixture
 def loaded_once(monkeypatch):
-    """From now on in this test, Captioner.load (infer.main's too) loads a run once per arguments (the run, its
-    matmul dtype and batch size, the fused runs and their weights) and hands that Captioner to every later call
-    asking the same: loading two runs and compiling their fused decoder costs seconds a call. Arguments other than
-    a test's own Captioner.load's still load anew, so infer.main must ask for the same runs and weights."""
-    load, loaded = Captioner.load, {}
-
-    def load_once(checkpoint=None, matmul_dtype=None, batch_size=100, fuse=()):
-        key = (checkpoint and Path(checkpoint), matmul_dtype, batch_size, tuple((Path(run), w) for run, w in fuse))
-        if key not in loaded:
-            loaded[key] = load(checkpoint, matmul_dtype, batch_size, fuse)
-        return loaded[key]
-
-    monkeypatch.setattr(Captioner, "load", staticmethod(load_once))
+    """Captioner.load (infer.main's too) loads a run once per arguments in this test (conftest.load_runs_once):
+    loading two runs and compiling their fused decoder costs seconds a call. infer.main must ask for the same runs
+    and weights as the test's own Captioner.load to be handed its Captioner."""
+    load_runs_once(monkeypatch, {})
 
 
 @pytest.fixture

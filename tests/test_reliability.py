@@ -26,8 +26,8 @@ import extract_features
 import infer
 import sampling
 import train
-from captioner import Captioner
-from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, checkpoint_weights, optimizer_iterations, write_tiny_mlds
+from conftest import (FEATURE_DIM, ROOT, VIDEO_SETTINGS, checkpoint_weights, load_runs_once, optimizer_iterations,
+                      write_tiny_mlds)
 from tools import convert_run, release
 from util import backend, bleu, evaluate
 from util.checkpoints import latest_checkpoint, read_state
@@ -101,19 +101,10 @@ def tiny_captioners():
 
 @pytest.fixture
 def loaded_once(tiny, tiny_captioners, monkeypatch):
-    """tiny, its run loaded once for the module by Captioner.load (infer.main's), per arguments: loading the run
-    and compiling its decoder costs about a second a call, and the tests taking this fixture are about what
-    infer.main reads and writes, not how it loads a run (the checkpoint tests load changed copies, loaded anew)."""
-    run_dir, load = tiny[1], Captioner.load
-
-    def load_once(checkpoint=None, *args):
-        if checkpoint is None or Path(checkpoint) != run_dir:
-            return load(checkpoint, *args)
-        if repr(args) not in tiny_captioners:
-            tiny_captioners[repr(args)] = load(checkpoint, *args)
-        return tiny_captioners[repr(args)]
-
-    monkeypatch.setattr(Captioner, "load", staticmethod(load_once))
+    """tiny, its run loaded once for the module by Captioner.load (infer.main's), per arguments
+    (conftest.load_runs_once): the tests taking this fixture are about what infer.main reads and writes, not how it
+    loads a run (the checkpoint tests load changed copies, loaded anew)."""
+    load_runs_once(monkeypatch, tiny_captioners, only=tiny[1])
     return tiny
 
 

@@ -304,6 +304,26 @@ def check_tf_config():
                         f"into its list, not {task!r}")
 
 
+# seconds a worker may go without a heartbeat before TensorFlow's coordination service fails the run: its default,
+# 10, failed a two-worker run on a busy 2-core machine (both workers alive); a crashed worker is still found, later
+HEARTBEAT_TIMEOUT_S = 120
+
+
+def patient_coordination_service():
+    """The coordination service MultiWorkerMirroredStrategy would configure (it leaves one configured before it
+    alone), with HEARTBEAT_TIMEOUT_S; TensorFlow offers no public setting for it."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    spec = tf.distribute.cluster_resolver.TFConfigClusterResolver().cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_S * 1000)
+
+
 class Distribution:
     """Where training runs: one device, every local device (mirrored) or, on TensorFlow, several machines.
 
@@ -334,6 +354,7 @@ class Distribution:
             self.strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
         else:
             check_tf_config()
+            patient_coordination_service()
             self.strategy = tf.distribute.MultiWorkerMirroredStrategy()
         self.replicas = self.strategy.num_replicas_in_sync
         resolver = self.strategy.cluster_resolver

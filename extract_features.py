@@ -423,17 +423,18 @@ def main(argv=None):
         videos = list_videos(args.video_dir, args.ids, args.shard)
     make_folder(feat_dir)
     if extracted_before(feat_dir, videos, settings, output_path):
-        print(f"extracted 0, skipped {len(videos)} (already there), failed 0; features in {feat_dir}")
-        return 0
-    run_cnn, feature_dim = build_extractor(settings)
-    check_manifest(feat_dir, settings.manifest(feature_dim))
-    done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
-                                           on_clip=lambda path, features: save_atomic(output_path(path), features),
-                                           skip=lambda path: output_path(path).exists())
+        done, skipped, failures, fps = 0, len(videos), {}, None
+    else:
+        run_cnn, feature_dim = build_extractor(settings)
+        check_manifest(feat_dir, settings.manifest(feature_dim))
+        done, skipped, failures, fps = extract(videos, settings, run_cnn, args.batch_size,
+                                               on_clip=lambda path, features: save_atomic(output_path(path), features),
+                                               skip=lambda path: output_path(path).exists())
     if failures:
         write_text_atomic(failed_path, "".join(f"{name}\t{why}\n" for name, why in failures.items()))
     print(f"extracted {done}, skipped {skipped} (already there), failed {len(failures)}"
-          + (f" (see {failed_path})" if failures else "") + f"; {fps:.1f} frames/s; features in {feat_dir}")
+          + (f" (see {failed_path})" if failures else "") + (f"; {fps:.1f} frames/s" if fps is not None else "")
+          + f"; features in {feat_dir}")
     return 1 if failures else 0
 
 

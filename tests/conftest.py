@@ -1,4 +1,5 @@
 import fcntl
+import functools
 import json
 import os
 import sys
@@ -20,32 +21,43 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data" / "mlds_hw2_1"
 
-from util import backend  # noqa: E402 (needs ROOT on sys.path)
-
-# GPUs run float32 matmuls in TF32 (TensorFlow's default on Ampere and newer) or lower (JAX's default precision):
-# the tests compare in full float32 there too
-backend.full_float32_matmuls()
-
-import extract_features  # noqa: E402 (needs ROOT on sys.path)
-
 
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(request, tmp_path_factory):
-    """Eager JAX recompiles each scan at every call: reuse the programs compiled before, kept in pytest's cache
-    folder (.pytest_cache; pytest --cache-clear empties it) from one session to the next. The JAX child processes
-    of the tests (pytest included) inherit the folder through JAX's environment variables and share it."""
+def backend_settings(request, tmp_path_factory):
+    """Made in the processes that run tests, not in pytest -n's controller (which so never imports Keras and
+    TensorFlow). GPUs run float32 matmuls in TF32 (TensorFlow's default on Ampere and newer) or lower (JAX's
+    default precision): the tests compare in full float32 there too. Eager JAX recompiles each scan at every call:
+    reuse the programs compiled before, kept in pytest's cache folder (.pytest_cache; pytest --cache-clear empties
+    it) from one session to the next. The JAX child processes of the tests (pytest included) inherit the folder
+    through JAX's environment variables and share it."""
     folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if not folder:
         cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
         folder = cache.mkdir("xla_cache") if cache else tmp_path_factory.mktemp("xla_cache")
         os.environ.update(JAX_COMPILATION_CACHE_DIR=str(folder), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    from util import backend
+
+    backend.full_float32_matmuls()
     backend.cache_compilations(folder)
 
 
-# what extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1
-VIDEO_SETTINGS = extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
-                                                  weights="none", seed=0, random_weights="numpy", frames=6)
 FEATURE_DIM = 64
+
+
+@functools.cache
+def video_settings():
+    """What extract_features.py does with --weights none --layer block1_pool --image-size 32 --pool max --grids 1."""
+    import extract_features
+
+    return extract_features.FeatureSettings(layer="block1_pool", image_size=32, pool="max", grids=(1,),
+                                            weights="none", seed=0, random_weights="numpy", frames=6)
+
+
+def __getattr__(name):
+    """VIDEO_SETTINGS (`from conftest import VIDEO_SETTINGS`), made at first use: extract_features imports Keras."""
+    if name == "VIDEO_SETTINGS":
+        return video_settings()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @pytest.fixture
@@ -92,13 +104,13 @@ TINY_RUN_FLAGS = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--lea
                   "--min-word-count", "1", "--epochs", "6"]
 
 
-def train_video_run(root, settings=VIDEO_SETTINGS, seed=0):
+def train_video_run(root, settings=None, seed=0):
     """A tiny run trained on write_tiny_mlds features (drawn from seed) in root/data whose manifest claims
     `settings`, so that it captions raw clips: root/run."""
     import train
 
     data = write_tiny_mlds(Path(root) / "data", dim=FEATURE_DIM, seed=seed)
-    manifest = json.dumps(settings.manifest(FEATURE_DIM))
+    manifest = json.dumps((settings or video_settings()).manifest(FEATURE_DIM))
     for split in ("training", "testing"):
         (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
     run_dir = data.parent / "run"

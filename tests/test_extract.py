@@ -225,6 +225,10 @@ def test_random_weights_are_drawn_by_numpy_from_the_seed():
             assert not np.array_equal(value, different)
         else:
             assert not value.any() and not different.any()
+    # drawn a chunk at a time, the numbers of one whole draw, as the feature files made before drawing by chunks
+    whole = np.random.default_rng(5).uniform(-0.2, 0.2, (3, 10, 7)).astype("float32")
+    chunked = extract_features.uniform_float32(np.random.default_rng(5), 0.2, (3, 10, 7), chunk=16)
+    assert chunked.dtype == np.float32 and np.array_equal(chunked, whole)
 
 
 # extract_features.py --weights none in a child process under the other Keras backend

@@ -171,13 +171,14 @@ def pytest_collection_modifyitems(config, items):
     """Under pytest -n (--dist loadgroup), each test file runs on one worker, so its module fixtures are made once;
     test_backends.py's tests, child processes each, are shared out one by one. The files and tests holding a test
     marked slow go first (pyproject.toml keeps pytest-xdist from sorting the groups by size), so that no long test
-    starts last while the other workers have nothing left."""
+    starts last while the other workers have nothing left; then the other files, larger first, so that the last
+    file a worker takes (one ahead of need) is a small one."""
     if not under_xdist(config):
         return
     for item in items:
         if item.path.name != "test_backends.py":
             item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, -item.path.stat().st_size))
 
 
 def checkpoint_weights(checkpoint):

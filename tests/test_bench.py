@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +24,7 @@ def test_bench_prints_every_figure_as_json(monkeypatch, capsys):
     assert figures["cnn"] == "vgg16 fc2, batch 1"
 
 
+@pytest.mark.slow
 def test_feature_files_benchmark_scaled_down(tmp_path):
     """The MSR-VTT-size benchmark from the command line (bench.py --what feature-files, which times train.py in
     child processes) at the demo's feature size and 10 videos, in memory and from their files."""

@@ -106,7 +106,7 @@ TINY_RUN_FLAGS = ["--hidden", "16", "--frames", "6", "--batch-size", "8", "--lea
 
 def train_video_run(root, settings=None, seed=0):
     """A tiny run trained on write_tiny_mlds features (drawn from seed) in root/data whose manifest claims
-    `settings`, so that it captions raw clips: root/run."""
+    `settings` (VIDEO_SETTINGS when None), so that it captions raw clips: root/run."""
     import train
 
     data = write_tiny_mlds(Path(root) / "data", dim=FEATURE_DIM, seed=seed)

@@ -204,11 +204,11 @@ def optimizer_iterations(checkpoint):
         return int(file["0"][()])
 
 
-def decode_rgb(path):
-    """Every frame of a clip, full size, RGB."""
+def decode_rgb(path, limit=None):
+    """Every frame of a clip (or its first `limit`), full size, RGB."""
     capture = cv2.VideoCapture(str(path))
     frames = []
-    while (frame := capture.read())[0]:
+    while len(frames) != limit and (frame := capture.read())[0]:
         frames.append(frame[1][..., ::-1])
     capture.release()
     return np.stack(frames)

@@ -82,7 +82,7 @@ def test_videos_batched_with_beam_search_n_best_and_attention(captioner, clips, 
 def test_one_type_whatever_the_options(captioner, clips):
     """A Caption per video, whatever is asked for: one for one video, a list for several."""
     # (videos, frames, H, W, 3): the first 20 frames of two clips at one size
-    frames = np.stack([[cv2.resize(f, (64, 48)) for f in decode_rgb(clip)[:20]] for clip in clips[:2]])
+    frames = np.stack([[cv2.resize(f, (64, 48)) for f in decode_rgb(clip, 20)] for clip in clips[:2]])
     assert isinstance(captioner.caption(clips[0], beam_size=3), Caption)
     both = captioner.caption(frames)
     assert isinstance(both, list) and len(both) == 2 and all(isinstance(c, Caption) for c in both)

@@ -122,7 +122,7 @@ def test_checkpoint_without_feature_extractor_captions_features_only(captioner, 
 
 
 @pytest.mark.slow
-def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips, tmp_path):
+def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, captioner, clips, tmp_path):
     """A throwaway venv that sees this one's packages gets `pip install -e .`: it installs no module named model,
     train or util; a script in an unrelated folder with the checkout on PYTHONPATH imports the API, finds
     checkpoints/releases.json and captions a clip."""
@@ -157,4 +157,4 @@ def test_pip_install_editable_puts_no_generic_name_on_the_path(video_run, clips,
     found = json.loads(result.stdout.splitlines()[-1])
     assert found["module"] == str(ROOT / "captioner.py")
     assert "s2vt-demo" in found["releases"]  # checkpoints/releases.json, found beside util/, not in the cwd
-    assert found["caption"] == Captioner.load(video_run).caption(clips[0]).caption
+    assert found["caption"] == captioner.caption(clips[0]).caption  # the module's Captioner.load(video_run)

@@ -193,10 +193,6 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     decoders = [model.decoder(features, beam) for model, features, _ in members]
     weights = [weight for _, _, weight in members]
     first_rows = ops.arange(batch)[:, None] * beam  # (batch, 1)
-    first_ones = ops.arange(2 * beam) < beam  # (2*beam,)
-
-    def rank(log_probs, length):
-        return log_probs / ops.power(ops.cast(length, "float32"), length_penalty)
 
     def is_done(pool, live_scores):
         return search_done(pool["rank"], live_scores, max_len, length_penalty)
@@ -212,14 +208,8 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
         candidate_ids = ops.cast(candidate_ids, "int32")
         candidate_parents, candidate_words = candidate_ids // vocab, candidate_ids % vocab
         ends = candidate_words == EOS
-
-        finishing = ends & first_ones & (candidate_scores > NEG_INF) & ~is_done(pool, live_scores)[:, None]
-        arrivals = {"rank": ops.where(finishing, rank(candidate_scores, t + 1), NEG_INF),
-                    "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_ids), t, "int32"),
-                    "parent": candidate_parents}
-        _, kept = ops.top_k(ops.concatenate([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
-        pool = {name: backend.batch_gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
-
+        pool = _add_finished(pool, candidate_scores, candidate_parents, ends, ~is_done(pool, live_scores), t,
+                             length_penalty)
         live_scores, continuing = ops.top_k(ops.where(ends, NEG_INF, candidate_scores), beam)
         parents = backend.batch_gather(candidate_parents, continuing)  # (batch, beam)
         new_words = backend.batch_gather(candidate_words, continuing)
@@ -242,11 +232,29 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     # tokens, parents (max_len, batch, beam); attention (max_len, batch, beam, frames), by the beam extended
     live_scores, pool = end_state[2], end_state[3]
 
-    live = {"rank": rank(live_scores, steps), "log_prob": live_scores, "end": ops.full((batch, beam), steps - 1, "int32"),
+    live = {"rank": _rank(live_scores, steps, length_penalty), "log_prob": live_scores, "end": ops.full((batch, beam), steps - 1, "int32"),
             "parent": ops.take(parents, steps - 1, axis=0), "word": ops.take(tokens, steps - 1, axis=0)}
     best = _n_best(pool, live, n_best)
     words, attention = _backtrack(best, tokens, parents, attention)
     return words, best["rank"], best["log_prob"], attention[:, 0]
+
+
+def _rank(log_probs, length, length_penalty):
+    return log_probs / ops.power(ops.cast(length, "float32"), length_penalty)
+
+
+def _add_finished(pool, candidate_scores, candidate_parents, ends, searching, t, length_penalty):
+    """The finished pool after step t: of each video's 2*beam extensions (candidate_scores, candidate_parents,
+    ends: (batch, 2*beam), best first), those among the first beam that end in <EOS> join it while the video is
+    still searching ((batch,) bool), and it keeps its beam best by rank."""
+    beam = pool["rank"].shape[1]
+    first_ones = ops.arange(2 * beam) < beam  # (2*beam,)
+    finishing = ends & first_ones & (candidate_scores > NEG_INF) & searching[:, None]
+    arrivals = {"rank": ops.where(finishing, _rank(candidate_scores, t + 1, length_penalty), NEG_INF),
+                "log_prob": candidate_scores, "end": ops.full(ops.shape(candidate_scores), t, "int32"),
+                "parent": candidate_parents}
+    _, kept = ops.top_k(ops.concatenate([pool["rank"], arrivals["rank"]], 1), beam)  # (batch, beam)
+    return {name: backend.batch_gather(ops.concatenate([pool[name], arrivals[name]], 1), kept) for name in pool}
 
 
 def _n_best(pool, live, n_best):

@@ -232,8 +232,9 @@ def beam_search(members, beam_size, length_penalty, max_len, n_best=1, constrain
     # tokens, parents (max_len, batch, beam); attention (max_len, batch, beam, frames), by the beam extended
     live_scores, pool = end_state[2], end_state[3]
 
-    live = {"rank": _rank(live_scores, steps, length_penalty), "log_prob": live_scores, "end": ops.full((batch, beam), steps - 1, "int32"),
-            "parent": ops.take(parents, steps - 1, axis=0), "word": ops.take(tokens, steps - 1, axis=0)}
+    live = {"rank": _rank(live_scores, steps, length_penalty), "log_prob": live_scores,
+            "end": ops.full((batch, beam), steps - 1, "int32"), "parent": ops.take(parents, steps - 1, axis=0),
+            "word": ops.take(tokens, steps - 1, axis=0)}
     best = _n_best(pool, live, n_best)
     words, attention = _backtrack(best, tokens, parents, attention)
     return words, best["rank"], best["log_prob"], attention[:, 0]

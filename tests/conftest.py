@@ -1,5 +1,6 @@
 import fcntl
 import functools
+import gc
 import json
 import os
 import sys
@@ -10,6 +11,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# A test process holds about a million objects (TensorFlow, JAX, Keras and the graphs traced so far), which every full
+# garbage collection walks: at Python's default thresholds the collections took 4% of the CPU time of four test files
+# run in one process, at these 1%
+gc.set_threshold(50_000, 20, 100)
 # The tests' programs are tiny and most run once: compiling them (JAX's eager scans and loops) costs more than running
 # them, and XLA's LLVM optimisations and its CPU fusion emitters (MLIR) are most of that compile time (without the
 # emitters, a quarter less CPU time for the JAX runs of the neutral tests); the processes the tests start inherit this

@@ -11,10 +11,6 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# TensorFlow's oneDNN kernels build and JIT-compile a primitive for each new op shape, which the tests' tiny programs,
-# most run a few times, never pay back: without them, four TensorFlow test files took a tenth less CPU time (the
-# processes the tests start inherit this)
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # A test process holds about a million objects (TensorFlow, JAX, Keras and the graphs traced so far), which every full
 # garbage collection walks: at Python's default thresholds the collections took 4% of the CPU time of four test files
 # run in one process, at these 1%

@@ -274,6 +274,7 @@ def undecodable_frames(monkeypatch):
 
 def pytest_unconfigure(config):
     """pytest ends a session with five full garbage collections, each walking the million objects a test process
-    holds, to report objects whose deletion raised: collect once (reported alike), then freeze what is left."""
+    holds, to report objects whose deletion raised: collect once here (its errors are reported the same way), then
+    freeze what is left, so that pytest's collections walk only what finalizers make after that."""
     gc.collect()
     gc.freeze()

@@ -16,7 +16,7 @@ import pytest
 
 import infer
 import train
-from conftest import FEATURE_DIM, ROOT, VIDEO_SETTINGS, write_tiny_mlds
+from conftest import ROOT, write_tiny_mlds
 from model import ModelConfig, build_model, caption_loss
 from util import backend
 
@@ -54,11 +54,11 @@ print(json.dumps(results))
 """
 
 
-def mains_on(keras_backend, calls, env=None):
+def mains_on(keras_backend, calls):
     """[(exit status, stdout)] of each (module, argv) run through module.main(argv), in turn, in one child process
     on keras_backend: the command lines as their scripts run them, without a Keras start-up each."""
     calls = [[module, [str(a) for a in argv]] for module, argv in calls]
-    _, out, _ = run(keras_backend, ["-c", MAINS, ROOT, json.dumps(calls)], timeout=600, env=env)
+    _, out, _ = run(keras_backend, ["-c", MAINS, ROOT, json.dumps(calls)], timeout=600)
     return [tuple(result) for result in json.loads(out.strip().splitlines()[-1])]
 
 
@@ -191,7 +191,7 @@ def test_a_run_trained_on_one_backend_captions_byte_identically_on_the_other(tmp
         assert all(captions) and len(set(captions)) > 1  # real captions, told apart by the features
 
 
-# a `tensorflow` package that refuses to import, and logs who asked
+# a `tensorflow` package that refuses to import, and logs who asked in attempts.log beside it
 BLOCKER = '''
 import traceback
 with open(__file__.rsplit("/", 2)[0] + "/attempts.log", "a") as log:
@@ -204,33 +204,6 @@ def importer(stack):
     """The file whose import statement a logged stack records: its innermost frame outside importlib."""
     files = [f for f in re.findall(r'File "([^"]+)"', stack) if not f.startswith("<frozen")]
     return files[-1] if files else "?"
-
-
-@pytest.mark.slow
-def test_the_jax_path_trains_and_captions_without_tensorflow(tmp_path, mlds):
-    blocker = tmp_path / "blocked" / "tensorflow"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text(BLOCKER)
-    env = {"PYTHONPATH": str(tmp_path / "blocked")}
-    data = write_tiny_mlds(tmp_path / "data", dim=FEATURE_DIM)
-    manifest = json.dumps(VIDEO_SETTINGS.manifest(FEATURE_DIM))  # the features claim a CNN that clips can go through
-    for split in ("training", "testing"):
-        (data / f"{split}_data" / "feat" / "manifest.json").write_text(manifest)
-    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
-    clip = sorted((mlds / "testing_data" / "video").iterdir())[0]
-    results = mains_on("jax", [("train", ["--data-dir", data, "--ckpt-dir", run_dir, *TINY[:-4], "--epochs", "2"]),
-                               ("infer", [data / "testing_id.txt", out, "--checkpoint", run_dir, "--beam-size", "2"]),
-                               ("infer", ["--video", clip, "--checkpoint", run_dir])], env=env)
-    assert [code for code, _ in results] == [0, 0, 0], results
-    (_, trained), _, (_, captioned) = results
-    log = tmp_path / "attempts.log"
-    importers = [importer(stack) for stack in log.read_text().split("----")[:-1]] if log.exists() else []
-    ours = [path for path in importers if path.startswith(f"{ROOT}/") and "site-packages" not in path]
-    print(f"\nwithout TensorFlow: {trained.splitlines()[-1]}; {len(out.read_text().splitlines())} captions; "
-          f"{captioned.strip()}; tensorflow imported by {sorted(set(importers)) or 'nobody'}")
-    assert "trained 2 epochs" in trained and "jax" in trained
-    assert captioned.startswith(f"{clip},")
-    assert ours == []
 
 
 def test_requirement_files_pin_the_same_versions():
@@ -256,11 +229,23 @@ NOT_ON_JAX = "tests/test_captioner.py::test_pip_install_editable_puts_no_generic
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") == "jax", reason="this run is on JAX already")
-def test_the_backend_neutral_tests_pass_on_jax():
+def test_the_backend_neutral_tests_pass_on_jax_without_tensorflow(tmp_path):
+    """With TensorFlow unimportable: the JAX path trains, resumes, validates, captions feature files and clips
+    (test_roundtrip.py, test_validation.py, test_variants.py, test_captioner.py through train.main, infer.main and
+    Captioner), and no file of ours asks for TensorFlow."""
+    blocker = tmp_path / "blocked" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text(BLOCKER)
     code, out, err = run("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--deselect", NOT_ON_JAX,
-                                 *(f"tests/{name}" for name in NEUTRAL_TESTS)], timeout=900, check=False)
-    print(f"\nKERAS_BACKEND=jax pytest {' '.join(NEUTRAL_TESTS)}: {out.strip().splitlines()[-1]}")
+                                 *(f"tests/{name}" for name in NEUTRAL_TESTS)], timeout=900, check=False,
+                         env={"PYTHONPATH": str(tmp_path / "blocked")})
+    log = tmp_path / "blocked" / "attempts.log"
+    importers = [importer(stack) for stack in log.read_text().split("----")[:-1]] if log.exists() else []
+    ours = [path for path in importers if path.startswith(f"{ROOT}/") and "site-packages" not in path]
+    print(f"\nKERAS_BACKEND=jax pytest {' '.join(NEUTRAL_TESTS)}, TensorFlow blocked: {out.strip().splitlines()[-1]}; "
+          f"tensorflow asked for by {sorted(set(importers)) or 'nobody'}")
     assert code == 0, out[-5000:] + err[-2000:]
+    assert ours == []
 
 
 @pytest.mark.parametrize("command", [["train.py", "--data-dir", "nowhere"], ["infer.py", "ids.txt", "out.txt"]])

@@ -233,13 +233,13 @@ def test_the_backend_neutral_tests_pass_on_jax_without_tensorflow(tmp_path):
     """With TensorFlow unimportable: the JAX path trains, resumes, validates, captions feature files and clips
     (test_roundtrip.py, test_validation.py, test_variants.py, test_captioner.py through train.main, infer.main and
     Captioner), and no file of ours asks for TensorFlow."""
-    blocker = tmp_path / "blocked" / "tensorflow"
-    blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text(BLOCKER)
+    blocked = tmp_path / "blocked"
+    (blocked / "tensorflow").mkdir(parents=True)
+    (blocked / "tensorflow" / "__init__.py").write_text(BLOCKER)
     code, out, err = run("jax", ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "--deselect", NOT_ON_JAX,
                                  *(f"tests/{name}" for name in NEUTRAL_TESTS)], timeout=900, check=False,
-                         env={"PYTHONPATH": str(tmp_path / "blocked")})
-    log = tmp_path / "blocked" / "attempts.log"
+                         env={"PYTHONPATH": str(blocked)})
+    log = blocked / "attempts.log"
     importers = [importer(stack) for stack in log.read_text().split("----")[:-1]] if log.exists() else []
     ours = [path for path in importers if path.startswith(f"{ROOT}/") and "site-packages" not in path]
     print(f"\nKERAS_BACKEND=jax pytest {' '.join(NEUTRAL_TESTS)}, TensorFlow blocked: {out.strip().splitlines()[-1]}; "

@@ -17,7 +17,7 @@ import pytest
 
 import train
 from conftest import ROOT, write_tiny_mlds
-from util import run_folder
+from util import backend, run_folder
 from util.checkpoints import latest_checkpoint, read_state
 from util.data import sha256_of
 
@@ -196,3 +196,15 @@ def test_resume_refuses_changed_labels_naming_the_file(finished_run, tmp_path, c
     del config["labels_sha256"]  # as a run written before train.py recorded them
     (run_dir / "config.json").write_text(json.dumps(config))
     assert run_train(data, run_dir, "--epochs", "1", "--resume") == 0
+
+
+def test_each_epochs_tensorboard_scalars_are_on_disk_once_written(tmp_path):
+    """As its history.csv row is: a process killed, or one whose objects are left uncollected at exit, loses none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write = backend.summary_writer(tmp_path)
+    for epoch in (1, 2, 3):
+        write(epoch, {"train_loss": 3.0 / epoch, "val_loss": 4.0 / epoch})
+        events = EventAccumulator(str(tmp_path))
+        events.Reload()
+        assert [event.step for event in events.Tensors("val_loss")] == list(range(1, epoch + 1))
